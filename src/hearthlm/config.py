@@ -1,0 +1,88 @@
+"""Configuration dataclasses shared by loader, planner, engine and servers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer, in HF config terms."""
+
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    # sliding window per layer (None = full attention); len == num_layers
+    layer_windows: list[int | None] = field(default_factory=list)
+    # Gemma 2
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    embedding_scale: float | None = None
+    norm_offset: float = 0.0  # Gemma stores RMSNorm weight as (w - 1)
+    post_norms: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layer_windows:
+            self.layer_windows = [None] * self.num_layers
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return float(base) ** -0.5
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count from shapes alone (used by the planner and `hearth show`)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        mlp = 3 * h * self.intermediate_size
+        norms = (4 if self.post_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + norms) + emb + h
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = fraction of free memory
+    memory_fraction: float = 0.9  # of free memory (GPU) / available RAM share (CPU)
+    num_blocks: int | None = None  # explicit override (tests)
+    enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    stats_interval_s: float = 10.0

@@ -1,0 +1,42 @@
+"""Incremental detokenization with stop strings that never leak into the text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TextState:
+    text: str = ""
+    stop_checked: int = 0  # text offset up to which stop strings were searched
+    num_text_tokens: int = 0  # output tokens reflected in text (a final stop token is not)
+
+    def update(self, tokenizer, output_ids: list[int], skip_special: bool, stops: list[str],
+               include_stop: bool) -> str | None:
+        """Re-decode the output; return the stop string that ended it, if any (text is cut before it)."""
+        self.text = tokenizer.decode(output_ids[:self.num_text_tokens], skip_special_tokens=skip_special)
+        if not stops:
+            return None
+        longest = max(len(s) for s in stops)
+        begin = max(0, self.stop_checked - longest + 1)
+        hit, hit_at = None, len(self.text) + 1
+        for s in stops:
+            i = self.text.find(s, begin)
+            if i != -1 and i < hit_at:
+                hit, hit_at = s, i
+        self.stop_checked = len(self.text)
+        if hit is not None:
+            self.text = self.text[:hit_at + (len(hit) if include_stop else 0)]
+        return hit
+
+    def stable_text(self, stops: list[str], finished: bool) -> str:
+        """Text safe to stream: hold back a trailing replacement char and any possible stop-string prefix."""
+        if finished:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        hold = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[:len(text) - hold] if hold else text

@@ -1,0 +1,244 @@
+"""The synchronous engine: add requests, step (schedule -> run -> sample -> detokenize -> emit)."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import CapacityError, ContextLengthError, InvalidRequestError
+from ..loader import LoadedModel, load_model
+from ..runtime.runner import Batch, ModelRunner
+from ..runtime.sampler import SampleRequest
+from ..sampling import SamplingParams
+from .detokenizer import TextState
+from .kv_cache import KVCacheManager
+from .metrics import EngineStats
+from .scheduler import Scheduler
+from .sequence import CompletionOutput, RequestOutput, Sequence, SeqStatus
+
+log = logging.getLogger("hearthlm")
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    texts: list[TextState]
+    truncated_tokens: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finished: bool = False
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.loaded = loaded or load_model(config.model, config.dtype, self.device)
+        self.model_config = cfg = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        sched = config.scheduler
+        if sched.max_model_len > cfg.max_position_embeddings:
+            log.info("max_model_len %d exceeds the model's trained context %d; using %d", sched.max_model_len,
+                     cfg.max_position_embeddings, cfg.max_position_embeddings)
+            sched.max_model_len = cfg.max_position_embeddings
+        if not sched.enable_chunked_prefill:
+            sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_model_len)
+        windows = sorted(set(cfg.layer_windows), key=lambda w: (w is not None, w or 0))
+        self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device)
+        self.kv = KVCacheManager(cfg.layer_windows, config.cache.block_size, self.runner.num_blocks,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.kv)
+        self.requests: dict[str, RequestState] = {}
+        self.stats = EngineStats()
+        self._rng = random.Random(config.seed)
+        self._next_id = 0
+        full = self.runner.num_blocks[0] - 1
+        log.info("model %s (%s, %s) loaded in %.2fs on %s; KV cache %d blocks x %d = %d tokens (%.1f MiB)%s",
+                 self.loaded.path.name, cfg.architecture, self.loaded.quantization, self.loaded.load_seconds,
+                 self.device, full, config.cache.block_size, full * config.cache.block_size,
+                 self.runner.kv_cache_bytes / 2**20, "" if self.kv.enable_prefix_caching else "; prefix caching off")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return (self.runner.num_blocks[0] - 1) * self.config.cache.block_size
+
+    # ---- requests ----
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return f"req-{self._next_id}"
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty: send at least one character or token", param="prompt")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of token ids",
+                                      param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def fit_context(self, prompt_ids: list[int], params: SamplingParams, keep_prefix: int = 0) -> tuple[list[int], int]:
+        """Check prompt + max_tokens against max_model_len; left-truncate only when asked."""
+        limit = self.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(1, limit - len(prompt_ids))
+        if len(prompt_ids) + max_tokens <= limit:
+            return prompt_ids, 0
+        if params.truncate != "left":
+            raise ContextLengthError(len(prompt_ids), max_tokens, limit)
+        keep = limit - max_tokens
+        if keep <= keep_prefix:
+            raise InvalidRequestError(
+                f"max_tokens {max_tokens:,} leaves {max(0, keep):,} of max_model_len {limit:,} for the prompt, "
+                f"less than the {keep_prefix:,} kept tokens (system prompt): lower max_tokens", param="max_tokens")
+        dropped = len(prompt_ids) - keep
+        return prompt_ids[:keep_prefix] + prompt_ids[keep_prefix + dropped:], dropped
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, keep_prefix: int = 0, truncated: int = 0) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params must be a SamplingParams")
+        params.validate()
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_ids = self.tokenize_prompt(prompt)
+        prompt_ids, dropped = self.fit_context(prompt_ids, params, keep_prefix)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(prompt_ids)
+        total = len(prompt_ids) + params.max_tokens
+        if not self.kv.fits_ever(total, self.config.scheduler.max_num_batched_tokens):
+            raise CapacityError(
+                f"this request needs up to {total:,} tokens of KV cache but the pool holds "
+                f"{self.kv_capacity_tokens:,}: lower max_tokens or the prompt, or give the cache more memory "
+                "(--kv-cache-memory / --gpu-memory-utilization)", param="max_tokens")
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, list(prompt_ids), params, seed=hash((base_seed, i)),
+                           parent=seqs[0] if seqs else None)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = RequestState(request_id, prompt if isinstance(prompt, str) else None, prompt_ids,
+                                                 params, seqs, [TextState() for _ in seqs],
+                                                 truncated_tokens=truncated + dropped)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        state.finished = True
+        self.stats.finished(state, aborted=True)
+        return self._output(state)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ----
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        stop_ids_cache: dict[int, list[int]] = {}
+        batch = Batch([], [], [], [])
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            start = seq.num_computed_tokens
+            batch.token_ids.append(seq.all_ids[start:start + n])
+            batch.start_positions.append(start)
+            batch.block_tables.append(seq.block_tables)
+            if start + n == seq.num_tokens:
+                p = seq.params
+                key = id(p)
+                if key not in stop_ids_cache:
+                    stop_ids_cache[key] = ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
+                batch.sample.append(SampleRequest(p, seq.prompt_ids, seq.output_ids, seq.seed, stop_ids_cache[key]))
+            else:
+                batch.sample.append(None)
+        t0 = time.perf_counter()
+        result = self.runner.execute(batch)
+        self.stats.step(sched, time.perf_counter() - t0)
+        touched: dict[str, RequestState] = {}
+        results = iter(zip(result.token_ids, result.logprobs))
+        now = time.monotonic()
+        for seq, n, req in zip(sched.seqs, sched.num_new_tokens, batch.sample):
+            seq.num_computed_tokens += n
+            self.kv.commit(seq)
+            if req is None:
+                continue
+            token, logprobs = next(results)
+            state = self.requests[seq.request_id]
+            seq.output_ids.append(token)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
+            if state.first_token_time is None:
+                state.first_token_time = now
+            self._check_stop(seq, state, token, req.stop_ids)
+            touched[seq.request_id] = state
+        outputs = []
+        for state in touched.values():
+            if all(s.is_finished for s in state.seqs):
+                state.finished = True
+                del self.requests[state.request_id]
+                self.stats.finished(state)
+            outputs.append(self._output(state))
+        self.stats.maybe_log(self)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, state: RequestState, token: int, stop_ids: list[int]) -> None:
+        p = seq.params
+        text = state.texts[seq.index]
+        is_stop_token = token in stop_ids and len(seq.output_ids) > p.min_tokens - 1
+        if not is_stop_token:
+            text.num_text_tokens = len(seq.output_ids)
+        hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+        if is_stop_token:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif hit is not None and len(seq.output_ids) >= p.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", hit
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        outs = []
+        for seq, text in zip(state.seqs, state.texts):
+            finished = seq.is_finished
+            lps = seq.logprobs if seq.params.logprobs is not None else None
+            outs.append(CompletionOutput(
+                index=seq.index, text=text.stable_text(seq.params.stop, finished), token_ids=list(seq.output_ids),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=lps,
+                cumulative_logprob=sum(d[t] for d, t in zip(lps, seq.output_ids)) if lps else None))
+        ttft = (state.first_token_time - state.arrival) if state.first_token_time else None
+        return RequestOutput(state.request_id, state.prompt, state.prompt_ids, outs, finished=state.finished,
+                             num_cached_tokens=state.seqs[0].num_cached_tokens,
+                             truncated_tokens=state.truncated_tokens,
+                             metrics={"ttft_s": ttft, "arrival": state.arrival})

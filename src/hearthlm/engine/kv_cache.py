@@ -1,0 +1,188 @@
+"""Paged KV-cache bookkeeping: block pools, per-sequence block tables, prefix hashing, LRU reuse.
+
+Tensors live in the runner; this module only hands out block ids. Layers are split into groups
+by attention window: full-attention layers keep every block, sliding-window layers release the
+blocks that fall out of their window (their table slot is set to the reserved null block 0).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+NULL_BLOCK = 0
+
+
+class BlockPool:
+    """Reference-counted blocks with LRU reuse of freed blocks that still hold a cached prefix."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool):
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # blocks with ref 0, oldest first; block 0 is the null block and never handed out
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks - 1
+
+    def allocate(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict the cached prefix this block held
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def touch(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        if block == NULL_BLOCK:
+            return
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} released twice"
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
+    def lookup(self, h: int) -> int | None:
+        return self.hash_to_block.get(h)
+
+    def register(self, block: int, h: int) -> None:
+        if self.block_hash[block] is None and h not in self.hash_to_block:
+            self.block_hash[block] = h
+            self.hash_to_block[h] = block
+
+
+@dataclass
+class KVGroup:
+    window: int | None  # None = full attention
+    layers: list[int]
+    pool: BlockPool
+
+
+def chain_hash(parent: int | None, tokens: list[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class KVCacheManager:
+    def __init__(self, layer_windows: list[int | None], block_size: int, num_blocks_per_group: list[int],
+                 enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        windows = sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
+        # prefix reuse needs every block of the prefix; sliding groups drop them, so it is full-attention only
+        self.enable_prefix_caching = enable_prefix_caching and windows == [None]
+        self.groups = [
+            KVGroup(w, [i for i, lw in enumerate(layer_windows) if lw == w],
+                    BlockPool(n, self.enable_prefix_caching))
+            for w, n in zip(windows, num_blocks_per_group)
+        ]
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # prompt tokens found cached
+
+    # ---- sizing helpers ----
+    def blocks_needed(self, group: KVGroup, num_tokens: int, chunk: int) -> int:
+        """Blocks a sequence of num_tokens holds at its peak in this group."""
+        full = -(-num_tokens // self.block_size)
+        if group.window is None:
+            return full
+        return min(full, -(-(group.window + chunk) // self.block_size) + 1)
+
+    def fits_ever(self, num_tokens: int, chunk: int) -> bool:
+        return all(self.blocks_needed(g, num_tokens, chunk) <= g.pool.capacity for g in self.groups)
+
+    @property
+    def usage(self) -> float:
+        used = sum(g.pool.capacity - g.pool.num_free for g in self.groups)
+        return used / max(1, sum(g.pool.capacity for g in self.groups))
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def all_free(self) -> bool:
+        return all(g.pool.num_free == g.pool.capacity for g in self.groups)
+
+    # ---- per-sequence operations ----
+    def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
+        bs = self.block_size
+        ids = None
+        while (len(seq.block_hashes) + 1) * bs <= upto_tokens:
+            ids = ids or seq.all_ids
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(chain_hash(parent, ids[i * bs:(i + 1) * bs]))
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach cached blocks for the longest cached prefix; returns the number of tokens reused."""
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.groups]
+        if not self.enable_prefix_caching or seq.num_computed_tokens:
+            return 0
+        # at least one token must be computed to produce logits
+        self._update_hashes(seq, seq.num_tokens - 1)
+        pool, table = self.groups[0].pool, seq.block_tables[0]
+        for h in seq.block_hashes:
+            block = pool.lookup(h)
+            if block is None:
+                break
+            pool.touch(block)
+            table.append(block)
+        seq.num_computed_tokens = len(table) * self.block_size
+        self.prefix_queries += len(seq.prompt_ids)
+        self.prefix_hits += min(seq.num_computed_tokens, len(seq.prompt_ids))
+        seq.num_cached_tokens = seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Ensure blocks for the next num_new_tokens; False (nothing changed) if the pool is short."""
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.groups]
+        bs = self.block_size
+        end = seq.num_computed_tokens + num_new_tokens
+        needs = []
+        for g, table in zip(self.groups, seq.block_tables):
+            if g.window is not None:
+                self._release_outside_window(g, table, seq.num_computed_tokens)
+            needs.append(max(0, -(-end // bs) - len(table)))
+        if any(n > g.pool.num_free for n, g in zip(needs, self.groups)):
+            return False
+        for n, g, table in zip(needs, self.groups, seq.block_tables):
+            table.extend(g.pool.allocate() for _ in range(n))
+        return True
+
+    def _release_outside_window(self, g: KVGroup, table: list[int], first_query_pos: int) -> None:
+        # keys needed by the earliest query start at first_query_pos - window + 1
+        keep_from = max(0, first_query_pos - g.window + 1) // self.block_size
+        for i in range(min(keep_from, len(table))):
+            if table[i] != NULL_BLOCK:
+                g.pool.release(table[i])
+                table[i] = NULL_BLOCK
+
+    def commit(self, seq: Sequence) -> None:
+        """Publish the sequence's newly completed full blocks to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self._update_hashes(seq, seq.num_computed_tokens)
+        pool, table = self.groups[0].pool, seq.block_tables[0]
+        for i in range(min(len(seq.block_hashes), len(table))):
+            pool.register(table[i], seq.block_hashes[i])
+
+    def free(self, seq: Sequence) -> None:
+        # tail blocks go first into the LRU queue so they are evicted before the shared prefix
+        for g, table in zip(self.groups, seq.block_tables):
+            for block in reversed(table):
+                g.pool.release(block)
+        seq.block_tables = []

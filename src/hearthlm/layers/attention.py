@@ -1,0 +1,102 @@
+"""Paged attention: write new K/V through the slot mapping, attend through block tables.
+
+Two paths share one metadata object: the Triton kernels (CUDA) and this torch reference, which
+gathers each sequence's keys into a padded batch and runs one masked attention per sub-batch
+(decodes together, prefills together) so that no compute is spent on padding between them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SubBatch:
+    token_index: torch.Tensor  # [B, Qmax] index into the step's tokens (padding repeats a valid index)
+    valid_q: torch.Tensor  # [B, Qmax] bool
+    key_slots: torch.Tensor  # [B, Lmax] cache slot of each key position
+    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = attend
+
+
+@dataclass
+class GroupMeta:
+    """Per KV group (layers sharing a window and a block table)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    window: int | None
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (kernel path)
+    sub_batches: list[SubBatch] = field(default_factory=list)  # reference path
+
+
+@dataclass
+class AttentionMetadata:
+    groups: list[GroupMeta]
+    layer_group: list[int]  # layer index -> group index
+    seq_lens: torch.Tensor | None = None  # [B] int32, context incl. new tokens (kernel path)
+    cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32 (kernel path)
+    max_query_len: int = 0
+    use_kernels: bool = False
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # k, v: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, gm: GroupMeta,
+                        scale: float, softcap: float | None) -> torch.Tensor:
+    # q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]
+    num_heads, head_dim = q.shape[1:]
+    kv_heads = k_cache.shape[2]
+    k_flat = k_cache.view(-1, kv_heads, head_dim)
+    v_flat = v_cache.view(-1, kv_heads, head_dim)
+    out = torch.empty_like(q)
+    for sb in gm.sub_batches:
+        qp = q[sb.token_index].transpose(1, 2)  # [B, H, Qmax, D]
+        kp = k_flat[sb.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+        vp = v_flat[sb.key_slots].transpose(1, 2).to(q.dtype)
+        if softcap is None:
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sb.mask, scale=scale,
+                                                enable_gqa=num_heads != kv_heads)
+        else:
+            op = _softcapped_attention(qp, kp, vp, sb.mask, scale, softcap)
+        op = op.transpose(1, 2)  # [B, Qmax, H, D]
+        out[sb.token_index[sb.valid_q]] = op[sb.valid_q]
+    return out
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          scale: float, softcap: float) -> torch.Tensor:
+    # q: [B, H, Q, D], k/v: [B, KVH, L, D]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                    meta: AttentionMetadata, layer: int, scale: float, softcap: float | None) -> torch.Tensor:
+    """Store this step's K/V and attend over each sequence's cached context."""
+    gm = meta.groups[meta.layer_group[layer]]
+    k_cache, v_cache = kv_cache
+    if meta.use_kernels:
+        from ..kernels import paged_decode_attention, paged_prefill_attention, reshape_and_cache
+
+        reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
+        if meta.max_query_len == 1:
+            return paged_decode_attention(q, k_cache, v_cache, gm.block_tables, meta.seq_lens, scale,
+                                          softcap=softcap, window=gm.window)
+        return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, meta.cu_seqlens_q, meta.seq_lens,
+                                       scale, softcap=softcap, window=gm.window, max_seqlen_q=meta.max_query_len)
+    write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
+    return paged_attention_ref(q, k_cache, v_cache, gm, scale, softcap)

@@ -1,0 +1,139 @@
+"""Offline API, mirroring vLLM: LLM(...).generate / .chat / .stream."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from .config import CacheConfig, EngineConfig, SchedulerConfig
+from .engine.engine import LLMEngine
+from .errors import InvalidRequestError
+from .sampling import SamplingParams
+from .engine.sequence import RequestOutput
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0):
+        sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill)
+        cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
+                            enable_prefix_caching=enable_prefix_caching)
+        if max_model_len is None:
+            sched.max_model_len = 1 << 30  # clamped to the model's context by the engine
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,
+                                             scheduler=sched))
+        self.tokenizer = self.engine.tokenizer
+
+    def _params_list(self, params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise InvalidRequestError(f"got {len(params)} sampling params for {n} prompts")
+        return list(params)
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = self._params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(ids) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req", leave=False)
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+            for rid in ids:
+                if rid not in results:
+                    self.engine.abort_request(rid)
+        return [results[r] for r in ids]
+
+    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
+        """Token ids of the templated conversation; with truncate='left', oldest turns are dropped first.
+
+        Returns (prompt_ids, kept_prefix_tokens, dropped_tokens)."""
+        tok = self.tokenizer
+        encode = lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
+        ids = encode(messages)
+        if params.truncate != "left":
+            return ids, 0, 0
+        limit = self.engine.max_model_len - (params.max_tokens or 1)
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = messages[len(system):]
+        full = len(ids)
+        while len(ids) > limit and len(rest) > 1:
+            rest = rest[1:]
+            ids = encode(system + rest)
+        keep = len(encode(system)) if system else 0
+        if system:  # the template may prepend a default system prompt; keep exactly what the shortest form shares
+            keep = _common_prefix(ids, encode(system))
+        return ids, keep, full - len(ids)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        params = self._params_list(sampling_params, len(convs))
+        ids = []
+        try:
+            for conv, sp in zip(convs, params):
+                prompt_ids, keep, dropped = self.chat_prompt(conv, sp)
+                ids.append(self.engine.add_request(prompt_ids, sp, keep_prefix=keep, truncated=dropped))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one request as they are generated (n must be 1)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError("stream() supports n=1; use generate() for n > 1", param="n")
+        rid = self.engine.add_request(prompt, params)
+        sent = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort_request(rid)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

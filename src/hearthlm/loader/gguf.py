@@ -1,0 +1,107 @@
+"""GGUF files: metadata -> ModelConfig, tensors dequantized (vectorised) and renamed to HF names."""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError, UnsupportedModelError
+from .hf_config import config_from_gguf_metadata
+
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                   "Q5_K", "Q6_K"}
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GEMMA2_LAYER_NAMES = dict(_LAYER_NAMES, post_attention_norm="post_attention_layernorm",
+                           ffn_norm="pre_feedforward_layernorm", post_ffw_norm="post_feedforward_layernorm")
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _field_value(field) -> object:
+    try:
+        return field.contents()
+    except Exception:  # very old gguf versions
+        return field.parts[field.data[0]].tolist() if field.data else None
+
+
+class GGUFWeights:
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad files
+            raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is corrupt "
+                                 "or truncated: delete it and download it again") from None
+        self.metadata: dict[str, object] = {}
+        for key, field in self.reader.fields.items():
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                       "tokenizer.ggml.scores"):
+                self.metadata[key] = len(field.data)
+            else:
+                self.metadata[key] = _field_value(field)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.metadata["_has_output_weight"] = "output.weight" in self.tensors
+        self.arch = str(self.metadata.get("general.architecture"))
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise UnsupportedModelError(f"{path.name}: tensor {t.name} uses {t.tensor_type.name}, which is not "
+                                            f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+            end = t.data_offset + t.n_bytes
+            if end > self.reader.data.shape[0]:
+                raise ModelLoadError(f"{path} is truncated (tensor {t.name} ends at byte {end:,} but the file has "
+                                     f"{self.reader.data.shape[0]:,}): download it again")
+        layer_names = _GEMMA2_LAYER_NAMES if self.arch == "gemma2" else _LAYER_NAMES
+        self.name_map: dict[str, str] = {}
+        for name in self.tensors:
+            m = _BLK.match(name)
+            if m and m.group(2) in layer_names:
+                self.name_map[f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"] = name
+            else:
+                base, _, suffix = name.rpartition(".")
+                if base in _TOP_NAMES:
+                    self.name_map[f"{_TOP_NAMES[base]}.{suffix}"] = name
+
+    def config(self, name: str = "") -> ModelConfig:
+        return config_from_gguf_metadata(self.metadata, name=name or self.path.stem)
+
+    def dequantize(self, gguf_name: str) -> torch.Tensor:
+        import gguf
+
+        t = self.tensors[gguf_name]
+        shape = tuple(int(s) for s in reversed(t.shape))
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: tensor {gguf_name} cannot be decoded ({e}); the file is corrupt") from None
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+        with warnings.catch_warnings():  # F32 tensors stay read-only views of the mmap'd file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+
+    def freq_factors(self) -> torch.Tensor | None:
+        return self.dequantize("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
+
+    def get(self, hf_name: str, cfg: ModelConfig) -> torch.Tensor | None:
+        name = self.name_map.get(hf_name)
+        if name is None:
+            return None
+        w = self.dequantize(name)
+        if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
+            # llama.cpp permutes q/k rows for its interleaved rope; undo it for the HF rotate_half layout
+            heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        if self.arch == "gemma2" and hf_name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1 itself
+        return w

@@ -1,0 +1,162 @@
+"""ModelConfig from an HF `config.json` dict or from GGUF metadata, without touching weights."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import UnsupportedModelError
+
+# HF `architectures[0]` / `model_type` -> our family name
+HF_FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+
+
+def _eos_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
+    """Build a ModelConfig from the contents of an HF config.json."""
+    archs = d.get("architectures") or []
+    family = next((HF_FAMILIES[a] for a in archs if a in HF_FAMILIES), None) or MODEL_TYPES.get(d.get("model_type", ""))
+    if family is None:
+        raise UnsupportedModelError(
+            f"model architecture {archs or d.get('model_type')!r} is not supported; supported: "
+            f"{', '.join(sorted(HF_FAMILIES))}"
+        )
+    n_layers = int(d["num_hidden_layers"])
+    n_heads = int(d["num_attention_heads"])
+    hidden = int(d["hidden_size"])
+    head_dim = int(d.get("head_dim") or hidden // n_heads)
+    windows: list[int | None] = [None] * n_layers
+    sw = d.get("sliding_window")
+    if family in ("mistral", "qwen2", "qwen3") and sw and (family == "mistral" or d.get("use_sliding_window")):
+        max_window_layers = d.get("max_window_layers", n_layers) if family != "mistral" else 0
+        layer_types = d.get("layer_types")
+        for i in range(n_layers):
+            if layer_types:
+                windows[i] = int(sw) if layer_types[i] == "sliding_attention" else None
+            elif i >= max_window_layers or family == "mistral":
+                windows[i] = int(sw)
+    cfg = ModelConfig(
+        architecture=family,
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+        rope_scaling=_rope_scaling(d),
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", family == "gemma2")),
+        attention_bias=bool(d.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
+        hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
+        layer_windows=windows,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_eos_list(d.get("eos_token_id")),
+        name=name,
+    )
+    if family == "gemma2":
+        sw = int(d.get("sliding_window") or 4096)
+        layer_types = d.get("layer_types")
+        cfg.layer_windows = [
+            (sw if (layer_types[i] == "sliding_attention" if layer_types else i % 2 == 0) else None)
+            for i in range(n_layers)
+        ]
+        cfg.attn_logit_softcapping = d.get("attn_logit_softcapping")
+        cfg.final_logit_softcapping = d.get("final_logit_softcapping")
+        cfg.query_pre_attn_scalar = d.get("query_pre_attn_scalar")
+        cfg.embedding_scale = float(hidden) ** 0.5
+        cfg.norm_offset = 1.0
+        cfg.post_norms = True
+        cfg.hidden_act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+    return cfg
+
+
+def _rope_scaling(d: dict[str, Any]) -> dict | None:
+    rs = d.get("rope_scaling") or d.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3)")
+    return dict(rs, rope_type="llama3")
+
+
+# GGUF general.architecture -> family
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "mistral": "llama"}
+
+
+def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig:
+    """Build a ModelConfig from GGUF key/values (plain Python values, arrays as lists or lengths)."""
+    arch = md.get("general.architecture")
+    family = GGUF_FAMILIES.get(arch)
+    if family is None:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_FAMILIES))}"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return md.get(f"{arch}.{key}", default)
+
+    n_layers = int(get("block_count"))
+    n_heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // n_heads)
+    vocab = get("vocab_size")
+    if vocab is None:
+        tokens = md.get("tokenizer.ggml.tokens")
+        vocab = tokens if isinstance(tokens, int) else len(tokens)
+    n_kv = get("attention.head_count_kv", n_heads)
+    rope_scaling = None
+    if get("rope.scaling.type") not in (None, "none", "linear") or md.get(f"{arch}.rope.freq_factors") is not None:
+        pass
+    eos = md.get("tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        architecture=family,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=int(n_kv),
+        head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings=not md.get("_has_output_weight", True),
+        attention_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_list(eos),
+        name=name or str(md.get("general.name", "")),
+    )
+    sw = get("attention.sliding_window")
+    if family == "gemma2":
+        sw = int(sw or 4096)
+        cfg.layer_windows = [sw if i % 2 == 0 else None for i in range(n_layers)]
+        cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+        cfg.final_logit_softcapping = get("final_logit_softcapping")
+        cfg.query_pre_attn_scalar = float(head_dim)
+        cfg.embedding_scale = float(hidden) ** 0.5
+        cfg.norm_offset = 0.0  # llama.cpp's converter already adds 1 to Gemma norms
+        cfg.post_norms = True
+        cfg.hidden_act = "gelu_pytorch_tanh"
+    elif sw:
+        cfg.layer_windows = [int(sw)] * n_layers
+    return cfg

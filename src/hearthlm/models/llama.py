@@ -1,0 +1,121 @@
+"""Llama-style decoder: Llama 2/3.x, SmolLM, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Weights are looked up by their HF names; q/k/v and gate/up are fused at load.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..layers.activation import gated_act
+from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers.linear import Linear
+from ..layers.norm import rms_norm
+from ..layers.rotary import Rotary, apply_rotary
+
+WeightGetter = Callable[[str], "torch.Tensor | None"]
+
+
+def require(get: WeightGetter, name: str) -> torch.Tensor:
+    w = get(name)
+    if w is None:
+        raise ModelLoadError(f"weight {name!r} is missing from the checkpoint: the file is incomplete or "
+                             "belongs to another architecture; re-download the model")
+    return w
+
+
+class LlamaLayer:
+    gemma = False
+
+    def __init__(self, cfg: ModelConfig, idx: int, get: WeightGetter):
+        p = f"model.layers.{idx}."
+        self.cfg, self.idx = cfg, idx
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        att = p + "self_attn."
+        self.qkv = Linear.fused([require(get, att + f"{n}_proj.weight") for n in "qkv"],
+                                [get(att + f"{n}_proj.bias") for n in "qkv"])
+        self.o = Linear(require(get, att + "o_proj.weight"), get(att + "o_proj.bias"))
+        self.q_norm = get(att + "q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = get(att + "k_norm.weight") if cfg.qk_norm else None
+        self.gate_up = Linear.fused([require(get, p + "mlp.gate_proj.weight"), require(get, p + "mlp.up_proj.weight")])
+        self.down = Linear(require(get, p + "mlp.down_proj.weight"))
+        self.input_norm = require(get, p + "input_layernorm.weight")
+        self.post_attn_norm = require(get, p + "post_attention_layernorm.weight")
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, w, self.cfg.rms_norm_eps, gemma=self.gemma)
+
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                  kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # h: [num_tokens, hidden]
+        cfg = self.cfg
+        n = h.shape[0]
+        q, k, v = self.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, cfg.num_heads, cfg.head_dim)
+        k = k.view(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
+        return self.o(o.reshape(n, self.q_size))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(gated_act(self.gate_up(h), self.cfg.hidden_act))
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = h + self.attention(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.norm(h, self.post_attn_norm))
+
+
+class LlamaModel:
+    layer_cls = LlamaLayer
+
+    def __init__(self, cfg: ModelConfig, get: WeightGetter, device: torch.device,
+                 freq_factors: torch.Tensor | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.embed = require(get, "model.embed_tokens.weight")
+        self.layers = [self.layer_cls(cfg, i, get) for i in range(cfg.num_layers)]
+        self.final_norm = require(get, "model.norm.weight")
+        lm_head = get("lm_head.weight")
+        self.lm_head = lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device, freq_factors)
+        self.dtype = self.embed.dtype
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(input_ids, self.embed)
+        if self.cfg.embedding_scale:
+            h = h * torch.tensor(self.cfg.embedding_scale, dtype=h.dtype)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, meta, kv_caches[i])
+        return rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32
+        logits = F.linear(hidden, self.lm_head).float()
+        cap = self.cfg.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        out = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            out += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+            out += [t for lin in vars(layer).values() if isinstance(lin, Linear)
+                    for t in (lin.weight, lin.bias) if t is not None]
+        return out

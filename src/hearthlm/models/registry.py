@@ -1,0 +1,17 @@
+"""Family name -> model class."""
+from __future__ import annotations
+
+from ..errors import UnsupportedModelError
+from .gemma2 import Gemma2Model
+from .llama import LlamaModel
+
+MODEL_CLASSES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel, "qwen3": LlamaModel,
+                 "gemma2": Gemma2Model}
+
+
+def model_class(family: str) -> type[LlamaModel]:
+    try:
+        return MODEL_CLASSES[family]
+    except KeyError:
+        raise UnsupportedModelError(f"no model implementation for family {family!r}; supported: "
+                                    f"{', '.join(sorted(MODEL_CLASSES))}") from None
