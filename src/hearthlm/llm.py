@@ -72,27 +72,6 @@ class LLM:
                     self.engine.abort_request(rid)
         return [results[r] for r in ids]
 
-    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
-        """Token ids of the templated conversation; with truncate='left', oldest turns are dropped first.
-
-        Returns (prompt_ids, kept_prefix_tokens, dropped_tokens)."""
-        tok = self.tokenizer
-        encode = lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
-        ids = encode(messages)
-        if params.truncate != "left":
-            return ids, 0, 0
-        limit = self.engine.max_model_len - (params.max_tokens or 1)
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        rest = messages[len(system):]
-        full = len(ids)
-        while len(ids) > limit and len(rest) > 1:
-            rest = rest[1:]
-            ids = encode(system + rest)
-        keep = len(encode(system)) if system else 0
-        if system:  # the template may prepend a default system prompt; keep exactly what the shortest form shares
-            keep = _common_prefix(ids, encode(system))
-        return ids, keep, full - len(ids)
-
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         convs = messages if messages and isinstance(messages[0], list) else [messages]
@@ -100,7 +79,7 @@ class LLM:
         ids = []
         try:
             for conv, sp in zip(convs, params):
-                prompt_ids, keep, dropped = self.chat_prompt(conv, sp)
+                prompt_ids, keep, dropped = self.engine.chat_prompt(conv, sp)
                 ids.append(self.engine.add_request(prompt_ids, sp, keep_prefix=keep, truncated=dropped))
         except Exception:
             for rid in ids:
@@ -129,11 +108,3 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

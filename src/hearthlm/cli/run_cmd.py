@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     def answer(text: str) -> None:
         history.append({"role": "user", "content": text})
-        ids, keep, dropped = llm.chat_prompt(history, params)
+        ids, keep, dropped = llm.engine.chat_prompt(history, params)
         reply = []
         for delta in llm.stream(ids, params):
             reply.append(delta)

@@ -115,6 +115,27 @@ class LLMEngine:
         dropped = len(prompt_ids) - keep
         return prompt_ids[:keep_prefix] + prompt_ids[keep_prefix + dropped:], dropped
 
+    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
+        """Token ids of the templated conversation; with truncate='left', oldest turns are dropped first.
+
+        Returns (prompt_ids, kept_prefix_tokens, dropped_tokens)."""
+        tok = self.tokenizer
+        encode = lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
+        ids = encode(messages)
+        if params.truncate != "left":
+            return ids, 0, 0
+        limit = self.max_model_len - (params.max_tokens or 1)
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = messages[len(system):]
+        full = len(ids)
+        while len(ids) > limit and len(rest) > 1:
+            rest = rest[1:]
+            ids = encode(system + rest)
+        keep = len(encode(system)) if system else 0
+        if system:  # the template may prepend a default system prompt; keep exactly what the shortest form shares
+            keep = _common_prefix(ids, encode(system))
+        return ids, keep, full - len(ids)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, keep_prefix: int = 0, truncated: int = 0) -> str:
         params = params or SamplingParams()
@@ -242,3 +263,12 @@ class LLMEngine:
                              num_cached_tokens=state.seqs[0].num_cached_tokens,
                              truncated_tokens=state.truncated_tokens,
                              metrics={"ttft_s": ttft, "arrival": state.arrival})
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -10,6 +10,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
+from .gguf_header import GGUFFile
 from .hf_config import config_from_gguf_metadata
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
@@ -27,41 +28,21 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _field_value(field) -> object:
-    try:
-        return field.contents()
-    except Exception:  # very old gguf versions
-        return field.parts[field.data[0]].tolist() if field.data else None
-
-
 class GGUFWeights:
     def __init__(self, path: Path):
         import gguf
 
         self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad files
-            raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is corrupt "
-                                 "or truncated: delete it and download it again") from None
-        self.metadata: dict[str, object] = {}
-        for key, field in self.reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                       "tokenizer.ggml.scores"):
-                self.metadata[key] = len(field.data)
-            else:
-                self.metadata[key] = _field_value(field)
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.file = GGUFFile(path)
+        self.metadata = dict(self.file.metadata)
+        self.tensors = self.file.tensors
         self.metadata["_has_output_weight"] = "output.weight" in self.tensors
         self.arch = str(self.metadata.get("general.architecture"))
-        for t in self.reader.tensors:
-            if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise UnsupportedModelError(f"{path.name}: tensor {t.name} uses {t.tensor_type.name}, which is not "
+        for t in self.tensors.values():
+            type_name = gguf.GGMLQuantizationType(t.ggml_type).name
+            if type_name not in SUPPORTED_TYPES:
+                raise UnsupportedModelError(f"{path.name}: tensor {t.name} uses {type_name}, which is not "
                                             f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-            end = t.data_offset + t.n_bytes
-            if end > self.reader.data.shape[0]:
-                raise ModelLoadError(f"{path} is truncated (tensor {t.name} ends at byte {end:,} but the file has "
-                                     f"{self.reader.data.shape[0]:,}): download it again")
         layer_names = _GEMMA2_LAYER_NAMES if self.arch == "gemma2" else _LAYER_NAMES
         self.name_map: dict[str, str] = {}
         for name in self.tensors:
@@ -73,6 +54,13 @@ class GGUFWeights:
                 if base in _TOP_NAMES:
                     self.name_map[f"{_TOP_NAMES[base]}.{suffix}"] = name
 
+    @property
+    def quantization(self) -> str:
+        import gguf
+
+        return "/".join(sorted({gguf.GGMLQuantizationType(t.ggml_type).name for t in self.tensors.values()
+                                if len(t.shape) > 1}))
+
     def config(self, name: str = "") -> ModelConfig:
         return config_from_gguf_metadata(self.metadata, name=name or self.path.stem)
 
@@ -80,9 +68,9 @@ class GGUFWeights:
         import gguf
 
         t = self.tensors[gguf_name]
-        shape = tuple(int(s) for s in reversed(t.shape))
+        shape = t.shape
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = gguf.quants.dequantize(self.file.raw(gguf_name), gguf.GGMLQuantizationType(t.ggml_type))
         except Exception as e:
             raise ModelLoadError(f"{self.path}: tensor {gguf_name} cannot be decoded ({e}); the file is corrupt") from None
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)

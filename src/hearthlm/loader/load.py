@@ -86,9 +86,8 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
             raise ModelLoadError(f"{path} is not a .gguf file or a model directory")
         weights = GGUFWeights(path)
         cfg = weights.config()
-        tokenizer = tokenizer_from_gguf(path, cfg.eos_token_ids)
-        types = sorted({t.tensor_type.name for t in weights.reader.tensors if len(t.shape) > 1})
-        quant = "/".join(types)
+        tokenizer = tokenizer_from_gguf(weights.metadata, cfg.eos_token_ids)
+        quant = weights.quantization
         freq = weights.freq_factors()
         net = model_class(cfg.architecture)(cfg, lambda n: convert(weights.get(n, cfg)), device, freq_factors=freq)
     else:

@@ -70,15 +70,33 @@ def tokenizer_from_dir(model_dir: Path, eos_token_ids: list[int]) -> Tokenizer:
     return Tokenizer(tok, eos_token_ids)
 
 
-def tokenizer_from_gguf(path: Path, eos_token_ids: list[int]) -> Tokenizer:
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+_GGUF_TOKENIZER_KEYS = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens", "scores": "scores",
+                        "token_type": "token_type", "merges": "merges", "bos_token_id": "bos_token_id",
+                        "eos_token_id": "eos_token_id", "unknown_token_id": "unk_token_id",
+                        "padding_token_id": "pad_token_id", "add_space_prefix": "add_prefix_space"}
 
+
+def tokenizer_from_gguf(metadata: dict, eos_token_ids: list[int]) -> Tokenizer:
+    """Build the tokenizer GGUF metadata describes (transformers' GGUF converters do the vocabulary work)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    tok_dict = {name: metadata[f"tokenizer.ggml.{key}"] for key, name in _GGUF_TOKENIZER_KEYS.items()
+                if f"tokenizer.ggml.{key}" in metadata}
+    tokens = tok_dict.get("tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ModelLoadError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    config: dict = {"chat_template": metadata.get("tokenizer.chat_template"),
+                    "add_bos_token": metadata.get("tokenizer.ggml.add_bos_token",
+                                                  tok_dict.get("tokenizer_type") == "llama"),
+                    "add_eos_token": metadata.get("tokenizer.ggml.add_eos_token")}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                      ("pad_token", "pad_token_id")):
+        if tok_dict.get(key) is not None and 0 <= tok_dict[key] < len(tokens):
+            config[name] = tokens[tok_dict[key]]
     try:
-        arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
-        backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+        backend, _ = convert_gguf_tokenizer(str(metadata.get("general.architecture")), tok_dict)
     except Exception as e:
-        raise ModelLoadError(f"cannot build a tokenizer from the metadata of {path} ({e})") from None
-    kwargs = {k: v for k, v in tok_config.items() if v is not None}
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+        raise ModelLoadError(f"cannot build a tokenizer from the GGUF metadata ({e})") from None
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in config.items() if v is not None})
     return Tokenizer(tok, eos_token_ids)
