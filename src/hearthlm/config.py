@@ -31,7 +31,6 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     query_pre_attn_scalar: float | None = None
     embedding_scale: float | None = None
-    norm_offset: float = 0.0  # Gemma stores RMSNorm weight as (w - 1)
     post_norms: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)

@@ -79,7 +79,6 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg.final_logit_softcapping = d.get("final_logit_softcapping")
         cfg.query_pre_attn_scalar = d.get("query_pre_attn_scalar")
         cfg.embedding_scale = float(hidden) ** 0.5
-        cfg.norm_offset = 1.0
         cfg.post_norms = True
         cfg.hidden_act = d.get("hidden_activation") or "gelu_pytorch_tanh"
     return cfg
@@ -122,9 +121,6 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         tokens = md.get("tokenizer.ggml.tokens")
         vocab = tokens if isinstance(tokens, int) else len(tokens)
     n_kv = get("attention.head_count_kv", n_heads)
-    rope_scaling = None
-    if get("rope.scaling.type") not in (None, "none", "linear") or md.get(f"{arch}.rope.freq_factors") is not None:
-        pass
     eos = md.get("tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(
         architecture=family,
@@ -137,9 +133,9 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
+        rope_scaling=None,  # Llama-3 scaling arrives as the rope_freqs tensor (see loader.gguf)
         max_position_embeddings=int(get("context_length", 4096)),
-        tie_word_embeddings=not md.get("_has_output_weight", True),
+        tie_word_embeddings=not md.get("_has_output_weight", True),  # set by the reader from the tensor list
         attention_bias=family == "qwen2",
         qk_norm=family == "qwen3",
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
@@ -152,9 +148,9 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         cfg.layer_windows = [sw if i % 2 == 0 else None for i in range(n_layers)]
         cfg.attn_logit_softcapping = get("attn_logit_softcapping")
         cfg.final_logit_softcapping = get("final_logit_softcapping")
-        cfg.query_pre_attn_scalar = float(head_dim)
+        # llama.cpp: Gemma-2 27B (46 layers) scales by hidden/heads, the others by head_dim
+        cfg.query_pre_attn_scalar = float(hidden // n_heads if n_layers == 46 else head_dim)
         cfg.embedding_scale = float(hidden) ** 0.5
-        cfg.norm_offset = 0.0  # llama.cpp's converter already adds 1 to Gemma norms
         cfg.post_norms = True
         cfg.hidden_act = "gelu_pytorch_tanh"
     elif sw:

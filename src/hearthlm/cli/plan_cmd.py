@@ -1,0 +1,207 @@
+"""`hearth plan`: will this model fit, with what context and concurrency, and if not, what to change.
+
+Exit codes: 0 the plan runs, 2 it does not (advice printed), 1 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import HearthError
+from ..plan.advice import Advice, advise
+from ..plan.memory import (
+    DEVICE_PRESETS,
+    KV_DTYPE_BYTES,
+    QUANTS,
+    MemoryPlan,
+    device_spec,
+    gib,
+    make_plan,
+    normalize_quant,
+    system_memory_bytes,
+)
+from ..plan.presets import PRESETS
+from ..plan.sources import ModelSource, resolve_model
+
+VERDICT_TEXT = {
+    "kv_spills": "weights fit, the KV cache for the requested context x concurrency does not",
+    "partial_offload": "not all blocks fit on the device",
+    "does_not_fit": "does not fit",
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `plan` on an argparse subparsers object; dispatch with `args.func(args)`."""
+    p = subparsers.add_parser(
+        "plan", help="memory plan: weights, KV cache, activations; will it fit?",
+        description="Compute the memory plan of a model before loading anything: weights, KV cache per token "
+                    "and for ctx x concurrency, activations, overhead; the verdict, the limits, and advice. "
+                    "Exit code 0 when it fits, 2 when it does not, 1 for bad input.")
+    p.add_argument("model", nargs="?", default="smollm2",
+                   help=f"HF model directory, .gguf file, 'smollm2' (embedded GGUF, default) or a preset: "
+                        f"{', '.join(PRESETS)}")
+    p.add_argument("--quant", help=f"weight format (default: the file's): {', '.join(QUANTS)}")
+    p.add_argument("--ctx", help="tokens per sequence, e.g. 8192 or 128k (default: min(8192, model max))")
+    p.add_argument("--concurrency", default="1", help="sequences decoding together (default 1)")
+    p.add_argument("--kv-cache-dtype", default="auto", help=f"{'|'.join(KV_DTYPE_BYTES)} (default auto = bf16)")
+    p.add_argument("--gpu-memory-utilization", default="0.9", help="fraction of device memory to use (0.9)")
+    p.add_argument("--gpu-layers", help="N|auto: blocks on the device, llama.cpp's -ngl (default: all)")
+    p.add_argument("--max-num-batched-tokens", default="2048", help="tokens per forward (2048)")
+    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_PRESETS)}|cpu|auto|<GiB> (default auto)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def _tokens(value: str, flag: str) -> int:
+    """'131072', '131,072', '128k', '1m' -> int; ValueError naming the flag."""
+    v = str(value).strip().lower().replace(",", "").replace("_", "")
+    mult = {"k": 1024, "m": 1024**2}.get(v[-1:], 1)
+    try:
+        n = int(float(v[:-1] if mult > 1 else v) * mult)
+    except ValueError:
+        raise ValueError(f"{flag} must be a whole number such as 8192 or 128k, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{flag} must be >= 1, got {value!r}")
+    return n
+
+
+def _gpu_layers(value: Any) -> int | str | None:
+    """None (all blocks), 'auto', or a block count >= 0; ValueError otherwise."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None if value is None else "auto"
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"--gpu-layers must be a block count such as 20, or 'auto', got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"--gpu-layers must be >= 0, got {value!r}")
+    return n
+
+
+def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
+    """Resolve the model and device from `args` and make the plan (raises HearthError / ValueError)."""
+    src = resolve_model(args.model)
+    quant, weights = src.quant, src.weights
+    if getattr(args, "quant", None):
+        quant = normalize_quant(args.quant)
+        if quant != src.quant:
+            weights = None
+    ctx = _tokens(args.ctx, "--ctx") if getattr(args, "ctx", None) else min(8192, src.cfg.max_position_embeddings)
+    try:
+        util = float(getattr(args, "gpu_memory_utilization", 0.9))
+    except ValueError:
+        raise ValueError(f"--gpu-memory-utilization must be a number in (0, 1], got {args.gpu_memory_utilization!r}") from None
+    gpu_layers = _gpu_layers(getattr(args, "gpu_layers", None))
+    device = device_spec(str(getattr(args, "device", "auto")))
+    plan = make_plan(
+        src.cfg, quant, ctx, _tokens(getattr(args, "concurrency", 1), "--concurrency"),
+        str(getattr(args, "kv_cache_dtype", "auto")), device, util, gpu_layers,
+        _tokens(getattr(args, "max_num_batched_tokens", 2048), "--max-num-batched-tokens"),
+        weights=weights, host_bytes=system_memory_bytes() if device.kind == "gpu" else None)
+    if src.weights is not None and weights is None:
+        plan.warnings = [w for w in plan.warnings if not w.startswith("weights estimated")]
+        plan.warnings.append(f"the file stores {src.quant}; weights for {quant} are estimated from the config")
+    return src, plan
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        src, plan = build_plan(args)
+    except (HearthError, ValueError) as e:
+        print(f"hearth plan: error: {e}", file=sys.stderr)
+        return 1
+    advice = advise(src.cfg, plan)
+    if getattr(args, "json", False):
+        out = {**plan.to_dict(), "source": {"kind": src.kind, "path": src.path}, "num_params": src.cfg.num_params,
+               "advice": [asdict(a) for a in advice]}
+        print(json.dumps(out, indent=2))
+    else:
+        _print_human(src, plan, advice)
+    return 0 if plan.ok else 2
+
+
+def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
+    cfg = src.cfg
+    how_w = (f"exact, from the {src.kind.upper()} tensor headers" if plan.weights_exact
+             else f"{cfg.num_params / 1e9:.2f} B params at {plan.quant} (estimate)")
+    windows = sorted({w for w in cfg.layer_windows if w is not None})
+    kv_how = (f"{plan.kv_bytes_per_token + plan.kv_scale_bytes_per_token:,} B/token x {plan.ctx:,} tokens x "
+              f"{plan.concurrency} seq ({plan.kv_dtype}: {KV_DTYPE_BYTES[plan.kv_dtype]} B/elem)")
+    if windows:
+        kv_how += f"; {sum(w is not None for w in cfg.layer_windows)} sliding layers capped at {windows[0]:,}"
+    rows = [
+        ("weights", gib(plan.weights_bytes), how_w),
+        ("KV cache", gib(plan.kv_bytes), kv_how),
+        ("activations", gib(plan.activation_bytes),
+         f"{plan.max_num_batched_tokens:,} batched tokens, {min(plan.concurrency, plan.max_num_batched_tokens)} logit rows"),
+        ("overhead", gib(plan.overhead_bytes), "CUDA context + allocator" if plan.device.kind == "gpu" else "runtime"),
+        ("total", gib(plan.total_bytes), "everything on the device"),
+        ("usable", gib(plan.usable_bytes),
+         f"{plan.device.name}: {gib(plan.device.memory_bytes)} x {plan.gpu_memory_utilization:g}"),
+    ]
+    if plan.verdict == "partial_offload":
+        rows += [(f"on device ({plan.gpu_layers}/{plan.num_layers} blocks)", gib(plan.device_total_bytes),
+                  f"weights {gib(plan.device_weights_bytes)} + KV {gib(plan.device_kv_bytes)} + act + overhead"),
+                 ("in RAM (offloaded)", gib(plan.host_bytes), "offloaded blocks + their KV")]
+    return rows
+
+
+def _verdict_line(plan: MemoryPlan) -> str:
+    why = VERDICT_TEXT.get(plan.verdict, "")
+    if plan.verdict == "fits":
+        why = f"{gib(plan.total_bytes)} of {gib(plan.usable_bytes)} usable, {gib(plan.usable_bytes - plan.total_bytes)} free"
+    line = f"verdict: {plan.verdict} ({why})"
+    if plan.verdict == "partial_offload":
+        line += (f": --gpu-layers {plan.gpu_layers} of {plan.num_layers}, {plan.cpu_weight_read_fraction:.0%} of "
+                 f"weight reads from RAM, ~{plan.slowdown:.1f}x slower decode")
+    if plan.verdict != "does_not_fit":
+        line += (f"\nmax context at concurrency {plan.concurrency}: {plan.max_context:,} tokens; "
+                 f"max concurrency at ctx {plan.ctx:,}: {plan.max_concurrency}")
+    return line
+
+
+def _advice_lines(plan: MemoryPlan, advice: list[Advice]) -> list[str]:
+    if not advice:
+        return []
+    head = "to make it fit" if not plan.ok else "to go further"
+    lines = [f"advice ({head}, cheapest first):"]
+    lines += [f"  {i}. {a.text}  [cost: {a.cost}]" for i, a in enumerate(advice, 1)]
+    return lines
+
+
+def _print_human(src: ModelSource, plan: MemoryPlan, advice: list[Advice]) -> None:
+    title = (f"hearth plan: {src.cfg.name or src.path} ({src.kind}), {plan.quant} weights, "
+             f"{plan.num_layers} blocks, device {plan.device.name} "
+             f"({plan.device.bandwidth_bytes_per_s / 1e12:.2f} TB/s)")
+    rows = _rows(src, plan)
+    tail = [_verdict_line(plan)] + [f"warning: {w}" for w in plan.warnings] + _advice_lines(plan, advice)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        width = max(len(r[0]) for r in rows)
+        print(title)
+        for name, size, how in rows:
+            print(f"  {name:<{width}}  {size:>14}  {how}")
+        print("\n".join(tail))
+        return
+    table = Table()
+    table.add_column("item")
+    table.add_column("size", justify="right")
+    table.add_column("how")
+    for name, size, how in rows:
+        table.add_row(name, size, how, style="bold" if name in ("total", "usable") else None)
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    console.print(title, markup=False)
+    console.print(table)
+    color = {"fits": "green", "kv_spills": "yellow", "partial_offload": "yellow"}.get(plan.verdict, "red")
+    console.print(tail[0], style=color, markup=False)
+    for line in tail[1:]:
+        console.print(line, markup=False)
+
+
+__all__ = ["add_parser", "build_plan", "run"]

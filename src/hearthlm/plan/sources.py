@@ -1,0 +1,113 @@
+"""Read just enough of a model to plan it: config + tensor byte sizes, from headers only, never tensor data."""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ..loader.hf_config import config_from_gguf_metadata, config_from_hf_dict
+from .memory import WeightBytes, weights_bytes_from_tensors
+from .presets import PRESETS, preset_config
+
+SMOLLM2_ALIAS = "smollm2"
+
+_HF_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+_ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F8_E4M3": "fp8", "F8_E5M2": "fp8", "I8": "int8"}
+
+
+@dataclass
+class ModelSource:
+    cfg: ModelConfig
+    weights: WeightBytes | None  # exact sizes when the files were read
+    quant: str  # the quantization the files (or the preset's checkpoint) are stored in
+    kind: str  # "preset" | "gguf" | "hf"
+    path: str | None = None
+
+
+def smollm2_path() -> Path:
+    """The embedded default GGUF, or ModelNotFoundError saying how to install it."""
+    from ..loader import default_model_path
+
+    return default_model_path()
+
+
+def read_gguf(path: str | Path) -> ModelSource:
+    """Config from GGUF key/values, exact sizes from its tensor table (header only, no tensor data)."""
+    from gguf import LlamaFileType
+
+    from ..loader.gguf import GGUFWeights
+
+    weights = GGUFWeights(Path(path))
+    cfg = weights.config(name=Path(path).name)
+    tensors = [(t.name, t.nbytes) for t in weights.tensors.values()]
+    try:
+        quant = LlamaFileType(int(weights.metadata.get("general.file_type"))).name
+        quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except (TypeError, ValueError):
+        quant = "gguf"
+    return ModelSource(cfg, weights_bytes_from_tensors(tensors), quant, "gguf", str(path))
+
+
+def safetensors_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file: u64 little-endian length, then that many bytes of JSON."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 * 1024**2:
+            raise ModelLoadError(f"{path}: safetensors header of {n:,} bytes is not plausible; is the file corrupt?")
+        return json.loads(f.read(n))
+
+
+def read_hf_dir(path: str | Path) -> ModelSource:
+    """config.json plus exact tensor sizes from the safetensors headers (data_offsets end - begin)."""
+    root = Path(path)
+    try:
+        d = json.loads((root / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {root / 'config.json'}: {e}") from e
+    cfg = config_from_hf_dict(d, name=root.name)
+    tensors: list[tuple[str, int]] = []
+    dtype_bytes: dict[str, int] = {}
+    for shard in sorted(root.glob("*.safetensors")):
+        for name, info in safetensors_header(shard).items():
+            if name != "__metadata__":
+                nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+                tensors.append((name, nbytes))
+                dtype_bytes[info["dtype"]] = dtype_bytes.get(info["dtype"], 0) + nbytes
+    qc = d.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":
+        quant = "fp8"
+    elif qc.get("bits") in (4, 8) or qc.get("quant_method") in ("awq", "gptq"):
+        quant = "int8" if qc.get("bits") == 8 else "int4"
+    elif dtype_bytes:
+        quant = _ST_DTYPES.get(max(dtype_bytes, key=dtype_bytes.__getitem__), "bf16")
+    else:
+        quant = _HF_DTYPES.get(str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"), "bf16")
+    weights = weights_bytes_from_tensors(tensors) if tensors else None
+    if weights is not None and len(weights.layer_bytes) != cfg.num_layers:
+        weights = None  # names we cannot map to blocks (e.g. a multimodal checkpoint): estimate instead
+    return ModelSource(cfg, weights, quant, "hf", str(root))
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """`spec` is a preset name, the `smollm2` alias, a .gguf file, or a directory with config.json."""
+    key = spec.strip().lower()
+    if key in PRESETS:
+        return ModelSource(preset_config(key), None, "bf16", "preset")
+    if key == SMOLLM2_ALIAS:
+        return read_gguf(smollm2_path())
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return read_gguf(p)
+    if p.is_dir() and (p / "config.json").is_file():
+        return read_hf_dir(p)
+    if p.is_dir():
+        raise ModelNotFoundError(f"{p} has no config.json: pass an HF model directory, a .gguf file, or a preset")
+    if p.exists():
+        raise InvalidRequestError(f"{p} is not a .gguf file or a model directory", param="model")
+    raise ModelNotFoundError(
+        f"model {spec!r} not found: pass a directory with config.json, a .gguf file, the '{SMOLLM2_ALIAS}' "
+        f"alias, or a preset ({', '.join(PRESETS)})")
