@@ -66,6 +66,7 @@ class CacheConfig:
     num_blocks: int | None = None  # explicit override (tests)
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"
+    cuda_graphs: bool = True  # decode steps replay captured graphs on CUDA
 
 
 @dataclass

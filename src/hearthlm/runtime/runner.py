@@ -90,8 +90,14 @@ class ModelRunner:
             for g in self.layer_group
         ]
         self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.graphs = None
+        if self.use_kernels and cache.cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-sched.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, windows, self.layer_group,
+                                       min(sched.max_num_seqs, 256), max_blocks, device)
+            self.graphs.capture()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -162,14 +168,35 @@ class ModelRunner:
         return SubBatch(token_index.to(dev), valid_q.to(dev), key_slots.to(dev), mask[:, None].to(dev))
 
     # ---- execution ----
+    def _graph_decode(self, batch: Batch) -> torch.Tensor | None:
+        """Logits via a captured CUDA graph when every sequence decodes one token, else None."""
+        if self.graphs is None or any(len(t) != 1 for t in batch.token_ids):
+            return None
+        widths = [max(len(bt[g]) for bt in batch.block_tables) for g in range(len(self.windows))]
+        if not self.graphs.can_run(len(batch.token_ids), max(widths)):
+            return None
+        bs = self.block_size
+        pos = torch.tensor(batch.start_positions, dtype=torch.long)
+        tables = []
+        for g, w in enumerate(widths):
+            t = torch.zeros(len(pos), max(1, w), dtype=torch.int32)
+            for i, bt in enumerate(batch.block_tables):
+                t[i, :len(bt[g])] = torch.tensor(bt[g], dtype=torch.int32)
+            tables.append(t)
+        slots = [t[torch.arange(len(pos)), pos // bs].long() * bs + pos % bs for t in tables]
+        ids = torch.tensor([t[0] for t in batch.token_ids], dtype=torch.long)
+        return self.graphs.run(ids, pos, (pos + 1).to(torch.int32), slots, tables)
+
     @torch.inference_mode()
     def execute(self, batch: Batch) -> SampleResult:
-        input_ids, positions, meta, sample_rows = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         reqs = [s for s in batch.sample if s is not None]
-        if not reqs:
-            return SampleResult([], [])
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self._graph_decode(batch)
+        if logits is None:
+            input_ids, positions, meta, sample_rows = self.prepare(batch)
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            if not reqs:
+                return SampleResult([], [])
+            logits = self.model.compute_logits(hidden[sample_rows])
         return sample(logits, reqs)
 
     @torch.inference_mode()

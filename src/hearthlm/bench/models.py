@@ -1,0 +1,55 @@
+"""Random-weight models of real shapes (no download): one HF model, shared weights with ours."""
+from __future__ import annotations
+
+import torch
+
+from ..loader import LoadedModel
+from ..loader.hf_config import config_from_hf_dict
+from ..models.registry import model_class
+
+
+def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size: int = 49152):
+    """(hf_model, LoadedModel) sharing the same random weights; the tokenizer is the embedded model's."""
+    import transformers
+
+    from ..loader import default_model_path
+    from ..loader.gguf import GGUFWeights
+    from ..loader.tokenizer import tokenizer_from_gguf
+    from ..plan.presets import HF_CONFIGS
+
+    d = dict(HF_CONFIGS[preset], vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    hf_cfg = transformers.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    state = hf.state_dict()
+    cfg = config_from_hf_dict(d, name=f"{preset}-random")
+    net = model_class(cfg.architecture)(cfg, lambda n: state.get(n), device)
+    tok = tokenizer_from_gguf(GGUFWeights(default_model_path()).metadata, [2])
+    loaded = LoadedModel(cfg, net, tok, default_model_path(), str(dtype).replace("torch.", ""), 0.0)
+    return hf, loaded
+
+
+def weight_bytes(loaded: LoadedModel) -> int:
+    seen, total = set(), 0
+    for t in loaded.model.weight_tensors():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)

@@ -1,0 +1,133 @@
+"""`hearth bench`: latency (batch-1 and batched decode, achieved bandwidth) and throughput workloads,
+with an HF transformers baseline measured in the same process on the same device."""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure decode latency/throughput against an HF baseline")
+    p.add_argument("mode", choices=["latency", "throughput"])
+    p.add_argument("--preset", default="llama-3.2-1b", help="random weights of a real shape (see hearth plan)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="latency: batch sizes")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-requests", type=int, default=256, help="throughput: requests")
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    p.add_argument("--hf-max-batch", type=int, default=16, help="HF baseline: largest batch it is run at")
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=run)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import LLM, SamplingParams
+    from ..bench.models import build_pair, copy_bandwidth, weight_bytes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    hf, loaded = build_pair(args.preset, dtype, device)
+    llm = LLM(loaded=loaded, device=str(device), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=8192)
+    print(f"# hearth bench {args.mode} --preset {args.preset}: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}; engine ready in {time.perf_counter() - t0:.1f}s")
+    rng = random.Random(0)
+    vocab = loaded.config.vocab_size
+    wbytes = weight_bytes(loaded)
+    if args.mode == "latency":
+        peak = copy_bandwidth(device) if device.type == "cuda" else None
+        print("| batch | hearthlm tok/s | achieved GB/s (weights+KV) | HF tok/s | ratio |\n|---|---|---|---|---|")
+        for bs in args.batch:
+            prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(bs)]
+            sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+            # time decode only: prefill alone first, then the full run; the difference is output_len - 1 steps
+            _sync()
+            t = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+            _sync()
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            _sync()
+            decode = time.perf_counter() - t - prefill
+            tps = bs * (args.output_len - 1) / decode
+            kv_bytes = bs * (args.input_len + args.output_len / 2) * 2 * loaded.config.num_layers * \
+                loaded.config.num_kv_heads * loaded.config.head_dim * torch.empty((), dtype=dtype).element_size()
+            gbs = (wbytes + kv_bytes) * (args.output_len - 1) / decode / 1e9
+            hf_tps = _hf_decode(hf, prompts, args.output_len, device) if args.baseline == "hf" and bs <= args.hf_max_batch else None
+            print(f"| {bs} | {tps:,.0f} | {gbs:,.0f}" + (f" ({100 * gbs * 1e9 / peak:.0f}% of copy {peak / 1e12:.2f} TB/s)" if peak else "")
+                  + f" | {hf_tps:,.1f} | {tps / hf_tps:.1f}x |" if hf_tps else f" | - | - |")
+        return 0
+    lens = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len))
+            for _ in range(args.num_requests)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(i)] for i, _ in lens]
+    sps = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lens]
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    _sync()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    _sync()
+    dt = time.perf_counter() - t
+    out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
+    total = out_tok + sum(len(p) for p in prompts)
+    print(f"| engine | requests | output tok/s | total tok/s |\n|---|---|---|---|")
+    print(f"| hearthlm | {len(prompts)} | {out_tok / dt:,.0f} | {total / dt:,.0f} |")
+    if args.baseline == "hf":
+        hf_out = _hf_throughput(hf, prompts, [o for _, o in lens], device, args.hf_max_batch)
+        print(f"| HF transformers generate (static batches of {args.hf_max_batch}) | {len(prompts)} | {hf_out:,.0f} | - |")
+        print(f"ratio (output tok/s): {out_tok / dt / hf_out:.1f}x")
+    return 0
+
+
+def _hf_decode(hf, prompts, output_len: int, device) -> float:
+    import torch
+
+    ids = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        hf.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+        _sync()
+        t = time.perf_counter()
+        hf.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1, pad_token_id=0)
+        _sync()
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(ids, do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
+        _sync()
+    return len(prompts) * (output_len - 1) / (time.perf_counter() - t - prefill)
+
+
+def _hf_throughput(hf, prompts, out_lens, device, batch: int) -> float:
+    """HF generate over static batches (left-padded), counting only the requested output tokens."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]):] = 1
+            n = max(out_lens[i] for i in idx)
+            hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    _sync()
+    return sum(out_lens) / (time.perf_counter() - t)
