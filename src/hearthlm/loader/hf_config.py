@@ -91,9 +91,9 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in (None, "default"):
         return None
-    if kind != "llama3":
-        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3)")
-    return dict(rs, rope_type="llama3")
+    if kind not in ("llama3", "linear"):
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3, linear)")
+    return dict(rs, rope_type=kind)
 
 
 # GGUF general.architecture -> family

@@ -1,0 +1,25 @@
+"""GPU kernels (Triton) with a torch reference each; public names dispatch on the tensors' device.
+
+Triton runs when the inputs are CUDA tensors and triton imports; otherwise the `*_ref` version runs
+(CPU is a first-class target). HEARTHLM_KERNELS=torch forces the references everywhere.
+"""
+from ._triton_utils import HAS_TRITON
+from .activation import gelu_tanh_and_mul, silu_and_mul
+from .cache_write import reshape_and_cache
+from .paged_attention import paged_decode_attention
+from .prefill_attention import paged_prefill_attention
+from .rmsnorm import rms_norm
+from .rope import apply_rope_, build_cos_sin_cache, rope_inv_freq
+
+__all__ = [
+    "HAS_TRITON",
+    "apply_rope_",
+    "build_cos_sin_cache",
+    "gelu_tanh_and_mul",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "reshape_and_cache",
+    "rms_norm",
+    "rope_inv_freq",
+    "silu_and_mul",
+]

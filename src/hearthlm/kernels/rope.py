@@ -1,0 +1,124 @@
+"""Rotary embeddings, neox / HF rotate_half layout, applied in place from a cos|sin cache.
+
+cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * inv_freq)], shape [max_pos, head_dim] fp32.
+For x = [x1 | x2] (halves of head_dim): out = [x1 cos - x2 sin | x2 cos + x1 sin], computed in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton_utils import HAS_TRITON, next_pow2, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate(x_ptr, tok, stride_t, stride_h, num_heads, cos, sin,
+                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        offs_h = tl.arange(0, BLOCK_H)[:, None]
+        offs_i = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (offs_h < num_heads) & (offs_i < HALF)
+        p1 = x_ptr + tok * stride_t + offs_h * stride_h + offs_i
+        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+                     num_q_heads, num_k_heads,
+                     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        offs_i = tl.arange(0, BLOCK_HALF)[None, :]
+        c_mask = offs_i < HALF
+        cos = tl.load(cache_ptr + pos * stride_cache + offs_i, mask=c_mask, other=0.0)
+        sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_i, mask=c_mask, other=0.0)
+        _rotate(q_ptr, tok, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+        _rotate(k_ptr, tok, stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
+                  inv_freq_divisors: torch.Tensor | None = None) -> torch.Tensor:
+    """inv_freq [head_dim // 2] fp32, exactly as HF computes it (default, linear, llama3).
+
+    inv_freq_divisors: GGUF `rope_freqs` tensor (llama.cpp's form of Llama-3 scaling): inv_freq / divisors,
+    applied instead of rope_scaling.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if inv_freq_divisors is not None:
+        return inv_freq / inv_freq_divisors.float().cpu()
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if rope_type == "llama3":  # mirrors transformers' _compute_llama3_parameters line by line
+        factor = rope_scaling["factor"]
+        low_freq_factor = rope_scaling["low_freq_factor"]
+        high_freq_factor = rope_scaling["high_freq_factor"]
+        old_context_len = rope_scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    raise NotImplementedError(
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3); "
+        "use a model without it or add it to hearthlm/kernels/rope.py")
+
+
+def build_cos_sin_cache(head_dim: int, max_pos: int, theta: float, rope_scaling: dict | None = None,
+                        inv_freq_divisors: torch.Tensor | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """-> [max_pos, head_dim] fp32: cos(p * inv_freq) in the first half, sin in the second (HF values)."""
+    inv_freq = rope_inv_freq(head_dim, theta, rope_scaling, inv_freq_divisors)
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [max_pos, head_dim/2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
+def apply_rope_ref_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim] (both rotated in place)
+    # positions: [num_tokens] int; cos_sin_cache: [max_pos, head_dim] fp32
+    half = cos_sin_cache.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x.copy_(rotated.to(x.dtype))
+
+
+def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                       cos_sin_cache: torch.Tensor) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert cos_sin_cache.shape[-1] == head_dim and k.shape[-1] == head_dim, "rotary_dim must equal head_dim"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous()
+    assert cos_sin_cache.dtype == torch.float32
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rope_kernel[(num_tokens,)](
+        q, k, positions, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        num_heads, num_kv_heads,
+        HALF=half, BLOCK_HQ=next_pow2(num_heads), BLOCK_HK=next_pow2(num_kv_heads),
+        BLOCK_HALF=next_pow2(half), num_warps=4,
+    )
+
+
+def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Rotate q and k in place (rotate_half style). q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+    if use_triton(q):
+        apply_rope_triton_(q, k, positions, cos_sin_cache)
+    else:
+        apply_rope_ref_(q, k, positions, cos_sin_cache)

@@ -1,0 +1,110 @@
+"""Fixtures for kernel tests: gpu-marker skipping, a paged-batch builder, naive dense attention."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import hearthlm  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+class PagedBatch:
+    """Contiguous per-sequence K/V plus the same data scattered into a paged cache.
+
+    Block ids are a random permutation (non-contiguous, out of order); unowned cache slots hold noise
+    so that reading outside a sequence's blocks shows up as an error; tables are padded with 0.
+    """
+
+    def __init__(self, seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: str, seed: int = 0, spare_blocks: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+        num_blocks = sum(blocks_per_seq) + spare_blocks
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k_cache = torch.randn(shape, generator=g).to(dtype)  # built on CPU, moved once
+        v_cache = torch.randn(shape, generator=g).to(dtype)
+        perm = torch.randperm(num_blocks, generator=g)
+        tables = torch.zeros(len(seq_lens), max(blocks_per_seq + [1]) + 2, dtype=torch.int32)
+        self.k: list[torch.Tensor] = []  # [seq_len, num_kv_heads, head_dim] each
+        self.v: list[torch.Tensor] = []
+        used = 0
+        for i, n in enumerate(seq_lens):
+            ids = perm[used:used + blocks_per_seq[i]]
+            used += blocks_per_seq[i]
+            tables[i, :len(ids)] = ids.to(torch.int32)
+            k = torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype)
+            v = torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype)
+            pos = torch.arange(n)
+            slots = ids[pos // block_size] * block_size + pos % block_size
+            k_cache.view(-1, num_kv_heads, head_dim)[slots] = k
+            v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
+            self.k.append(k.to(device))
+            self.v.append(v.to(device))
+        self.k_cache, self.v_cache = k_cache.to(device), v_cache.to(device)
+        self.block_tables = tables.to(device)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                    softcap: float | None, window: int | None) -> torch.Tensor:
+    """Naive float64 attention for one sequence. q: [Lq, H, D]; k, v: [T, KVH, D] -> [Lq, H, D] fp64."""
+    group = q.shape[1] // k.shape[1]
+    kd = k.double().repeat_interleave(group, dim=1)
+    vd = v.double().repeat_interleave(group, dim=1)
+    s = torch.einsum("qhd,thd->hqt", q.double(), kd) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    k_pos = torch.arange(k.shape[0], device=q.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqt,thd->qhd", torch.softmax(s, dim=-1), vd)
+
+
+@pytest.fixture
+def dense() -> Callable[..., torch.Tensor]:
+    return dense_attention
+
+
+def decode_case_fn(seq_lens: list[int], num_heads: int = 8, num_kv_heads: int = 2, head_dim: int = 32,
+                   block_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   seed: int = 0) -> tuple[PagedBatch, torch.Tensor]:
+    pb = PagedBatch(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=g).to(dtype).to(device)
+    return pb, q
+
+
+def prefill_case_fn(seq_lens: list[int], q_lens: list[int], num_heads: int = 8, num_kv_heads: int = 2,
+                    head_dim: int = 32, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu", seed: int = 0) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    pb = PagedBatch(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype).to(device)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(device)
+    return pb, q, cu
+
+
+@pytest.fixture
+def decode_case() -> Callable[..., tuple[PagedBatch, torch.Tensor]]:
+    """(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device) -> (batch, q [S, H, D])."""
+    return decode_case_fn
+
+
+@pytest.fixture
+def prefill_case() -> Callable[..., tuple[PagedBatch, torch.Tensor, torch.Tensor]]:
+    """(seq_lens, q_lens, ...) -> (batch, q [sum(q_lens), H, D], cu_seqlens_q [S + 1] int32)."""
+    return prefill_case_fn

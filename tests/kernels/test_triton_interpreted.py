@@ -1,0 +1,86 @@
+"""Triton kernels vs torch references under TRITON_INTERPRET=1 (CPU, small shapes).
+
+@triton.jit (and triton.language's own jit helpers) choose interpreter vs compiler when triton is
+imported, so these cases run only in a process that set TRITON_INTERPRET=1 first;
+test_triton_interpreter_subprocess.py starts such a process from a plain CPU run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not triton.knobs.runtime.interpret or torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 on a CPU machine (run via the subprocess test)", allow_module_level=True)
+
+from hearthlm.kernels import activation, cache_write, rmsnorm, rope
+from hearthlm.kernels import paged_attention as pa
+from hearthlm.kernels import prefill_attention as pf
+
+
+@pytest.mark.parametrize("softcap,window,num_splits", [(None, None, 1), (None, None, 3), (5.0, 21, None)])
+def test_decode(decode_case, softcap, window, num_splits):
+    pb, q = decode_case([1, 30, 75], num_heads=6, num_kv_heads=2, block_size=12)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, pb.seq_lens, 0.2, softcap, window)
+    want = pa.paged_decode_attention_ref(*args)
+    got = pa.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_fp16_zero_length(decode_case):
+    pb, q = decode_case([40, 9], dtype=torch.float16)
+    seq_lens = torch.tensor([40, 0], dtype=torch.int32)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, seq_lens, 0.2)
+    got = pa.paged_decode_attention_triton(*args, num_splits=2, block_n=16)
+    torch.testing.assert_close(got, pa.paged_decode_attention_ref(*args), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (5.0, 9)])
+def test_prefill_mixed_q_len(prefill_case, softcap, window):
+    pb, q, cu = prefill_case([21, 30, 45], [21, 1, 13], num_heads=6, num_kv_heads=2, block_size=12)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, cu, pb.seq_lens, 0.2, softcap, window)
+    want = pf.paged_prefill_attention_ref(*args)
+    got = pf.paged_prefill_attention_triton(*args, block_m=16, block_n=16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_write():
+    k_cache, v_cache = torch.zeros(2, 4, 4, 2, 8).unbind(0)
+    kv = torch.randn(5, 3, 2, 8)
+    k, v = kv[:, 0], kv[:, 2]  # strided views, like slices of a fused qkv output
+    slots = torch.tensor([3, -1, 0, 15, 6])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    cache_write.reshape_and_cache_ref(k, v, want_k, want_v, slots)
+    cache_write.reshape_and_cache_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm(gemma):
+    x, res = torch.randn(2, 5, 40).to(torch.float16).unbind(0)
+    w = torch.randn(40).to(torch.float16)
+    kw = {"weight_offset": 1.0 if gemma else 0.0, "gemma_style": gemma}
+    out, new_res = rmsnorm.rms_norm_triton(x, w, 1e-6, residual=res, **kw)
+    want, want_res = rmsnorm.rms_norm_ref(x, w, 1e-6, residual=res, **kw)
+    assert torch.equal(new_res, want_res)
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(rmsnorm.rms_norm_triton(x, w, 1e-6, **kw), rmsnorm.rms_norm_ref(x, w, 1e-6, **kw),
+                               atol=2e-3, rtol=2e-3)
+
+
+def test_rope():
+    cache = rope.build_cos_sin_cache(16, 64, 10000.0)
+    qkv = torch.randn(7, 6, 16)
+    q, k = qkv[:, :4], qkv[:, 4:]  # strided views
+    pos = torch.tensor([0, 5, 63, 2, 2, 10, 40])
+    q2, k2 = q.clone(), k.clone()
+    rope.apply_rope_ref_(q2, k2, pos, cache)
+    rope.apply_rope_triton_(q, k, pos, cache)
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(k, k2)
+
+
+def test_activations():
+    x = torch.randn(3, 2, 2 * 1100)  # inter = 1100 spans two 1024-wide program tiles
+    torch.testing.assert_close(activation.silu_and_mul_triton(x), activation.silu_and_mul_ref(x))
+    torch.testing.assert_close(activation.gelu_tanh_and_mul_triton(x), activation.gelu_tanh_and_mul_ref(x))
