@@ -1,22 +1,22 @@
-"""Model store under $HEARTH_HOME (default ~/.hearth): pulled models, aliases."""
+"""Model store under $HEARTH_HOME (default ~/.hearth): pull, list, show, rm, aliases.
+
+Layout: models/<name with / and : as -->/ holds an HF directory or one .gguf plus hearth-manifest.json
+(source, revision, sha256 and size of each file, pull time). The embedded default answers to smollm2,
+smollm2:135m and default.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .catalog import DEFAULT_NAME, ModelInfo, find_dir, list_models, remove, show_model, verify
+from .layout import ChecksumError, ProgressCb, hearth_home, model_entry
+from .pull import pull
 
-def hearth_home() -> Path:
-    return Path(os.environ.get("HEARTH_HOME", "~/.hearth")).expanduser()
+__all__ = ["hearth_home", "resolve_in_store", "list_models", "show_model", "pull", "remove", "verify",
+           "ModelInfo", "ChecksumError", "ProgressCb", "DEFAULT_NAME"]
 
 
 def resolve_in_store(name: str) -> Path | None:
-    """Path of a pulled model by store name, or None."""
-    models = hearth_home() / "models"
-    for candidate in (models / name, models / name.replace("/", "--")):
-        if candidate.is_dir():
-            ggufs = sorted(candidate.glob("*.gguf"))
-            if (candidate / "config.json").exists():
-                return candidate
-            if len(ggufs) == 1:
-                return ggufs[0]
-    return None
+    """Path of a pulled model by store name (the .gguf file or the HF directory), or None."""
+    d = find_dir(name)
+    return model_entry(d) if d is not None else None

@@ -1,0 +1,50 @@
+"""Tiny model files for store tests: a few-KB GGUF and an HF directory (no real weights needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+
+
+def make_tiny_gguf(path: Path, name: str = "tiny") -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_string("general.license", "mit")
+    w.add_token_list([f"t{i}" for i in range(100)])  # longer than 64: stored as a length
+    w.add_chat_template(TEMPLATE)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((100, 8), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def make_tiny_hf_dir(path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100, hidden_size=8,
+               intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+               max_position_embeddings=512, torch_dtype="bfloat16", tie_word_embeddings=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    (path / "notes.txt").write_text("not part of a model")
+    save_file({"model.embed_tokens.weight": np.zeros((100, 8), dtype=np.float32)}, str(path / "model.safetensors"))
+    return path
