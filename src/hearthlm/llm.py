@@ -60,7 +60,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generate", unit="req", leave=False)
         try:
             while len(results) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(emit_unfinished=False):
                     if out.finished:
                         results[out.request_id] = out
                         if bar:

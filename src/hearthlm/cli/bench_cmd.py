@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
                 loaded.config.num_kv_heads * loaded.config.head_dim * torch.empty((), dtype=dtype).element_size()
             gbs = (wbytes + kv_bytes) * (args.output_len - 1) / decode / 1e9
             hf_tps = _hf_decode(hf, prompts, args.output_len, device) if args.baseline == "hf" and bs <= args.hf_max_batch else None
-            print(f"| {bs} | {tps:,.0f} | {gbs:,.0f}" + (f" ({100 * gbs * 1e9 / peak:.0f}% of copy {peak / 1e12:.2f} TB/s)" if peak else "")
-                  + f" | {hf_tps:,.1f} | {tps / hf_tps:.1f}x |" if hf_tps else f" | - | - |")
+            bw = f"{gbs:,.0f}" + (f" ({100 * gbs * 1e9 / peak:.0f}% of copy {peak / 1e12:.2f} TB/s)" if peak else "")
+            base = f"{hf_tps:,.1f} | {tps / hf_tps:.1f}x" if hf_tps else "- | -"
+            print(f"| {bs} | {tps:,.0f} | {bw} | {base} |")
         return 0
     lens = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len))
             for _ in range(args.num_requests)]

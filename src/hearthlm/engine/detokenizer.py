@@ -8,12 +8,17 @@ from dataclasses import dataclass
 class TextState:
     text: str = ""
     stop_checked: int = 0  # text offset up to which stop strings were searched
-    num_text_tokens: int = 0  # output tokens reflected in text (a final stop token is not)
+    num_text_tokens: int = 0  # output tokens that belong in the text (a final stop token does not)
+    decoded_tokens: int = -1  # num_text_tokens when text was last decoded
+    stopped: bool = False  # text was cut at a stop string; never re-decode
 
     def update(self, tokenizer, output_ids: list[int], skip_special: bool, stops: list[str],
                include_stop: bool) -> str | None:
-        """Re-decode the output; return the stop string that ended it, if any (text is cut before it)."""
+        """Re-decode the output if it grew; return the stop string that ended it, if any (text is cut before it)."""
+        if self.stopped or self.decoded_tokens == self.num_text_tokens:
+            return None
         self.text = tokenizer.decode(output_ids[:self.num_text_tokens], skip_special_tokens=skip_special)
+        self.decoded_tokens = self.num_text_tokens
         if not stops:
             return None
         longest = max(len(s) for s in stops)
@@ -26,6 +31,7 @@ class TextState:
         self.stop_checked = len(self.text)
         if hit is not None:
             self.text = self.text[:hit_at + (len(hit) if include_stop else 0)]
+            self.stopped = True
         return hit
 
     def stable_text(self, stops: list[str], finished: bool) -> str:

@@ -184,7 +184,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- stepping ----
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
+        """One engine iteration; returns outputs of requests that advanced (only finished ones when
+        emit_unfinished is False, which skips per-step detokenization for offline batches)."""
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -192,7 +194,10 @@ class LLMEngine:
         batch = Batch([], [], [], [])
         for seq, n in zip(sched.seqs, sched.num_new_tokens):
             start = seq.num_computed_tokens
-            batch.token_ids.append(seq.all_ids[start:start + n])
+            if n == 1 and start == seq.num_tokens - 1:
+                batch.token_ids.append([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]])
+            else:
+                batch.token_ids.append(seq.all_ids[start:start + n])
             batch.start_positions.append(start)
             batch.block_tables.append(seq.block_tables)
             if start + n == seq.num_tokens:
@@ -229,7 +234,8 @@ class LLMEngine:
                 state.finished = True
                 del self.requests[state.request_id]
                 self.stats.finished(state)
-            outputs.append(self._output(state))
+            if state.finished or emit_unfinished:
+                outputs.append(self._output(state))
         self.stats.maybe_log(self)
         return outputs
 
@@ -239,7 +245,9 @@ class LLMEngine:
         is_stop_token = token in stop_ids and len(seq.output_ids) > p.min_tokens - 1
         if not is_stop_token:
             text.num_text_tokens = len(seq.output_ids)
-        hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+        hit = None
+        if p.stop:  # otherwise text is decoded only when an output is built
+            hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
         if is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif hit is not None and len(seq.output_ids) >= p.min_tokens:
@@ -253,6 +261,8 @@ class LLMEngine:
         outs = []
         for seq, text in zip(state.seqs, state.texts):
             finished = seq.is_finished
+            text.update(self.tokenizer, seq.output_ids, seq.params.skip_special_tokens, seq.params.stop,
+                        seq.params.include_stop_str_in_output)
             lps = seq.logprobs if seq.params.logprobs is not None else None
             outs.append(CompletionOutput(
                 index=seq.index, text=text.stable_text(seq.params.stop, finished), token_ids=list(seq.output_ids),

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import kernels as K
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..layers.activation import gated_act
@@ -73,6 +74,28 @@ class LlamaLayer:
         h = h + self.attention(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)
         return h + self.mlp(self.norm(h, self.post_attn_norm))
 
+    def fused(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+              cos_sin: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPU path with fused kernels: residual add inside RMSNorm, in-place RoPE, fused SiLU*mul.
+        h: [num_tokens, hidden] (this layer's input delta) -> (delta, residual stream)."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        if residual is None:
+            x, residual = K.rms_norm(h, self.input_norm, eps), h
+        else:
+            x, residual = K.rms_norm(h, self.input_norm, eps, residual=residual)
+        n = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
+        K.apply_rope_(q, k, positions, cos_sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
+        x, residual = K.rms_norm(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual=residual)
+        return self.down(K.silu_and_mul(self.gate_up(x))), residual
+
 
 class LlamaModel:
     layer_cls = LlamaLayer
@@ -88,6 +111,10 @@ class LlamaModel:
         self.lm_head = lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device, freq_factors)
         self.dtype = self.embed.dtype
+        self.cos_sin = None
+        if device.type == "cuda" and not self.layer_cls.gemma and cfg.hidden_act == "silu":
+            self.cos_sin = K.build_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                                 cfg.rope_scaling, freq_factors, device=device)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed)
@@ -99,6 +126,11 @@ class LlamaModel:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
         h = self.embed_tokens(input_ids)
+        if meta.use_kernels and self.cos_sin is not None:
+            residual = None
+            for i, layer in enumerate(self.layers):
+                h, residual = layer.fused(h, residual, positions, self.cos_sin, meta, kv_caches[i])
+            return K.rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, residual=residual)[0]
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, meta, kv_caches[i])

@@ -177,12 +177,8 @@ class ModelRunner:
             return None
         bs = self.block_size
         pos = torch.tensor(batch.start_positions, dtype=torch.long)
-        tables = []
-        for g, w in enumerate(widths):
-            t = torch.zeros(len(pos), max(1, w), dtype=torch.int32)
-            for i, bt in enumerate(batch.block_tables):
-                t[i, :len(bt[g])] = torch.tensor(bt[g], dtype=torch.int32)
-            tables.append(t)
+        tables = [torch.tensor([bt[g] + [0] * (w - len(bt[g])) for bt in batch.block_tables], dtype=torch.int32)
+                  for g, w in enumerate(widths)]
         slots = [t[torch.arange(len(pos)), pos // bs].long() * bs + pos % bs for t in tables]
         ids = torch.tensor([t[0] for t in batch.token_ids], dtype=torch.long)
         return self.graphs.run(ids, pos, (pos + 1).to(torch.int32), slots, tables)
