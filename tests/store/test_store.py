@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hearthlm.errors import InvalidRequestError, ModelNotFoundError
+from hearthlm.loader.gguf_header import GGUFFile
 from hearthlm.store import (ChecksumError, list_models, pull, remove, resolve_in_store, show_model, verify)
-from hearthlm.store.gguf_header import read_gguf_header
 from hearthlm.store.layout import MANIFEST, models_dir
 
 from .fixtures import TEMPLATE, make_tiny_gguf, make_tiny_hf_dir
@@ -114,10 +114,14 @@ def test_gguf_header_matches_reader(tmp_path):
     import gguf
 
     path = make_tiny_gguf(tmp_path / "h.gguf")
-    ours, theirs = read_gguf_header(path), gguf.GGUFReader(str(path))
+    ours, theirs = GGUFFile(path, skip_arrays={"tokenizer.ggml.tokens"}), gguf.GGUFReader(str(path))
     assert ours.metadata["tokenizer.ggml.tokens"] == 100
     assert ours.metadata["general.license"] == "mit" and ours.metadata["llama.context_length"] == 256
-    assert [(n, s) for n, s, _ in ours.tensors] == [(t.name, [int(x) for x in t.shape]) for t in theirs.tensors]
+    assert [(t.name, list(reversed(t.shape))) for t in ours.tensors.values()] == \
+        [(t.name, [int(x) for x in t.shape]) for t in theirs.tensors]
+    full = GGUFFile(path)  # default: arrays decoded in full; skipping one leaves every other key the same
+    assert len(full.metadata.pop("tokenizer.ggml.tokens")) == 100
+    assert full.metadata == {k: v for k, v in ours.metadata.items() if k != "tokenizer.ggml.tokens"}
 
 
 def test_http_pull_resumes_with_range(tmp_path):

@@ -8,23 +8,16 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HearthError
-from ..plan.advice import Advice, advise
-from ..plan.memory import (
-    DEVICE_PRESETS,
-    KV_DTYPE_BYTES,
-    QUANTS,
-    MemoryPlan,
-    device_spec,
-    gib,
-    make_plan,
-    normalize_quant,
-    system_memory_bytes,
-)
-from ..plan.presets import PRESETS
-from ..plan.sources import ModelSource, resolve_model
+
+# hearthlm.plan is imported inside the functions: it reaches torch through hearthlm.loader, and building the
+# `hearth` parser (every subcommand) must not pay for that
+if TYPE_CHECKING:
+    from ..plan.advice import Advice
+    from ..plan.memory import MemoryPlan
+    from ..plan.sources import ModelSource
 
 VERDICT_TEXT = {
     "kv_spills": "weights fit, the KV cache for the requested context x concurrency does not",
@@ -33,24 +26,38 @@ VERDICT_TEXT = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills {presets}, {quants}, {kv_dtypes}, {devices} in help strings when help is printed, not when built."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        if "{" not in text:
+            return text
+        from ..plan.memory import DEVICE_PRESETS, KV_DTYPE_BYTES, QUANTS
+        from ..plan.presets import PRESETS
+
+        return text.format(presets=", ".join(PRESETS), quants=", ".join(QUANTS), kv_dtypes="|".join(KV_DTYPE_BYTES),
+                           devices="|".join(DEVICE_PRESETS))
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `plan` on an argparse subparsers object; dispatch with `args.func(args)`."""
     p = subparsers.add_parser(
-        "plan", help="memory plan: weights, KV cache, activations; will it fit?",
+        "plan", help="memory plan: weights, KV cache, activations; will it fit?", formatter_class=_HelpFormatter,
         description="Compute the memory plan of a model before loading anything: weights, KV cache per token "
                     "and for ctx x concurrency, activations, overhead; the verdict, the limits, and advice. "
                     "Exit code 0 when it fits, 2 when it does not, 1 for bad input.")
     p.add_argument("model", nargs="?", default="smollm2",
-                   help=f"HF model directory, .gguf file, 'smollm2' (embedded GGUF, default) or a preset: "
-                        f"{', '.join(PRESETS)}")
-    p.add_argument("--quant", help=f"weight format (default: the file's): {', '.join(QUANTS)}")
+                   help="HF model directory, .gguf file, 'smollm2' (embedded GGUF, default) or a preset: "
+                        "{presets}")
+    p.add_argument("--quant", help="weight format (default: the file's): {quants}")
     p.add_argument("--ctx", help="tokens per sequence, e.g. 8192 or 128k (default: min(8192, model max))")
     p.add_argument("--concurrency", default="1", help="sequences decoding together (default 1)")
-    p.add_argument("--kv-cache-dtype", default="auto", help=f"{'|'.join(KV_DTYPE_BYTES)} (default auto = bf16)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="{kv_dtypes} (default auto = bf16)")
     p.add_argument("--gpu-memory-utilization", default="0.9", help="fraction of device memory to use (0.9)")
     p.add_argument("--gpu-layers", help="N|auto: blocks on the device, llama.cpp's -ngl (default: all)")
     p.add_argument("--max-num-batched-tokens", default="2048", help="tokens per forward (2048)")
-    p.add_argument("--device", default="auto", help=f"{'|'.join(DEVICE_PRESETS)}|cpu|auto|<GiB> (default auto)")
+    p.add_argument("--device", default="auto", help="{devices}|cpu|auto|<GiB> (default auto)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -84,6 +91,9 @@ def _gpu_layers(value: Any) -> int | str | None:
 
 def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     """Resolve the model and device from `args` and make the plan (raises HearthError / ValueError)."""
+    from ..plan.memory import device_spec, make_plan, normalize_quant, system_memory_bytes
+    from ..plan.sources import resolve_model
+
     src = resolve_model(args.model)
     quant, weights = src.quant, src.weights
     if getattr(args, "quant", None):
@@ -109,6 +119,8 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..plan.advice import advise
+
     try:
         src, plan = build_plan(args)
     except (HearthError, ValueError) as e:
@@ -125,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
+    from ..plan.memory import KV_DTYPE_BYTES, gib
+
     cfg = src.cfg
     how_w = (f"exact, from the {src.kind.upper()} tensor headers" if plan.weights_exact
              else f"{cfg.num_params / 1e9:.2f} B params at {plan.quant} (estimate)")
@@ -151,6 +165,8 @@ def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
 
 
 def _verdict_line(plan: MemoryPlan) -> str:
+    from ..plan.memory import gib
+
     why = VERDICT_TEXT.get(plan.verdict, "")
     if plan.verdict == "fits":
         why = f"{gib(plan.total_bytes)} of {gib(plan.usable_bytes)} usable, {gib(plan.usable_bytes - plan.total_bytes)} free"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,14 @@ class TensorInfo:
 
 
 class GGUFFile:
-    def __init__(self, path: Path):
+    """`skip_arrays`: metadata keys whose array values are skipped and recorded as their length (an int), e.g.
+    `{"tokenizer.ggml.tokens"}` when only the vocabulary size is needed; other keys are decoded as usual."""
+
+    def __init__(self, path: Path, skip_arrays: Container[str] = ()):
         import gguf
 
         self.path = path
+        self.skip_arrays = skip_arrays
         try:
             with open(path, "rb") as f:
                 self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -76,6 +81,22 @@ class GGUFFile:
             return arr.tolist()
         return self._read(_SCALARS[vtype])
 
+    def _skip_array(self) -> int:
+        """Step over an array value without decoding it; its length."""
+        etype, count = self._read("<I"), self._read("<Q")
+        if etype == STRING:
+            for _ in range(count):
+                n = self._read("<Q")  # not `self.pos += self._read(...)`: that adds to the pos before the read
+                self.pos += n
+        elif etype == ARRAY:
+            for _ in range(count):
+                self._skip_array()
+        else:
+            self.pos += count * np.dtype(_NUMPY[etype]).itemsize
+        if self.pos > len(self.buf):
+            raise ValueError("array runs past the end of the file")
+        return count
+
     def _parse(self, gguf) -> None:
         if self.buf[:4] != GGUF_MAGIC:
             raise ValueError("missing GGUF magic bytes")
@@ -87,7 +108,8 @@ class GGUFFile:
         self.metadata: dict[str, object] = {}
         for _ in range(n_kv):
             key = self._string()
-            self.metadata[key] = self._value(self._read("<I"))
+            vtype = self._read("<I")
+            self.metadata[key] = self._skip_array() if vtype == ARRAY and key in self.skip_arrays else self._value(vtype)
         raw = []
         for _ in range(n_tensors):
             name = self._string()

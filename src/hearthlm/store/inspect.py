@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HearthError
-from .gguf_header import gguf_quantization, read_gguf_header
 from .layout import dir_size
+
+# long tokenizer arrays: only the vocabulary size (the length of tokens) is needed to describe a model
+_SKIP_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                          "tokenizer.ggml.token_type"})
 
 
 def human_count(n: int | None) -> str | None:
@@ -41,24 +44,46 @@ def _readme_license(directory: Path) -> str | None:
 
 
 def _describe_gguf(path: Path) -> dict[str, Any]:
+    from ..loader.gguf_header import GGUFFile
     from ..loader.hf_config import config_from_gguf_metadata
 
-    header = read_gguf_header(path)
-    md = header.metadata
+    gguf_file = GGUFFile(path, skip_arrays=_SKIP_ARRAYS)
+    tensors = list(gguf_file.tensors.values())
+    md = dict(gguf_file.metadata, _has_output_weight="output.weight" in gguf_file.tensors)
     try:
         cfg = config_from_gguf_metadata(md, name=path.stem)
     except (HearthError, KeyError, TypeError, ValueError):
         cfg = None
-    exact = sum(_prod(shape) for _, shape, _ in header.tensors)
+    exact = sum(_prod(t.shape) for t in tensors)
     return {"format": "gguf", "architecture": str(md.get("general.architecture", "unknown")),
-            "parameters": cfg.num_params if cfg else exact, "quantization": gguf_quantization(header),
+            "parameters": cfg.num_params if cfg else exact, "quantization": gguf_quantization(md, tensors),
             "context_length": cfg.max_position_embeddings if cfg else None,
             "embedding_length": cfg.hidden_size if cfg else None, "num_layers": cfg.num_layers if cfg else None,
             "chat_template": md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str)
             else None, "license": md.get("general.license"), "size_bytes": path.stat().st_size}
 
 
-def _prod(shape: list[int]) -> int:
+def gguf_quantization(metadata: dict[str, Any], tensors: list[Any]) -> str:
+    """`general.file_type` as llama.cpp names it (Q4_K_M, Q8_0, F16), else the most common matrix type."""
+    import gguf
+
+    ftype = metadata.get("general.file_type")
+    if isinstance(ftype, int):
+        try:
+            return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    types = [t.ggml_type for t in tensors if len(t.shape) > 1]
+    if not types:
+        return "unknown"
+    common = max(set(types), key=types.count)
+    try:
+        return gguf.GGMLQuantizationType(common).name
+    except ValueError:
+        return f"type{common}"
+
+
+def _prod(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
