@@ -90,7 +90,7 @@ class LlamaLayer:
         k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
-            q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
+            q, k = K.rms_norm(q, self.q_norm, eps).view_as(q), K.rms_norm(k, self.k_norm, eps).view_as(k)
         K.apply_rope_(q, k, positions, cos_sin)
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
         x, residual = K.rms_norm(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual=residual)

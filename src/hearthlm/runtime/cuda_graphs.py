@@ -1,7 +1,9 @@
 """CUDA graphs for decode steps: one graph per batch size of a ladder, padded to the next size.
 
-Static buffers hold the step's inputs; padded rows write nowhere (slot -1) and attend to nothing
-(seq_len 0). Graphs share one memory pool; capture runs once at start-up.
+All graph inputs live in two device buffers (int64: ids, positions, slots per group; int32: seq_lens,
+block tables per group) mirrored by pinned host buffers, so a step costs a few async copies and one
+replay. Padded rows write nowhere (slot -1) and attend to nothing (seq_len 0). Each graph also emits
+the greedy argmax so greedy batches copy back only token ids.
 """
 from __future__ import annotations
 
@@ -21,41 +23,51 @@ def batch_ladder(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, windows: list[int | None], layer_group: list[int], max_bs: int,
-                 max_blocks: int, device: torch.device):
+                 max_blocks: int, block_size: int, device: torch.device):
         self.model, self.kv_caches = model, kv_caches
         self.sizes = batch_ladder(max_bs)
-        self.max_blocks = max_blocks
-        n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.slots = [torch.full((n,), -1, dtype=torch.long, device=device) for _ in windows]
-        self.tables = [torch.zeros(n, max_blocks, dtype=torch.int32, device=device) for _ in windows]
+        self.max_blocks, self.block_size = max_blocks, block_size
         self.windows, self.layer_group = windows, layer_group
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        n, g = self.sizes[-1], len(windows)
+        self.n = n
+        self.dev_i64 = torch.zeros((2 + g) * n, dtype=torch.long, device=device)
+        self.dev_i32 = torch.zeros(n + g * n * max_blocks, dtype=torch.int32, device=device)
+        self.host_i64 = torch.zeros_like(self.dev_i64, device="cpu").pin_memory()
+        self.host_i32 = torch.zeros_like(self.dev_i32, device="cpu").pin_memory()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
-                  for s, t, w in zip(self.slots, self.tables, self.windows)]
-        return AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=self.seq_lens[:bs],
-                                 max_query_len=1, use_kernels=True)
+    def _views(self, buf64: torch.Tensor, buf32: torch.Tensor):
+        n, mb = self.n, self.max_blocks
+        ids, pos = buf64[:n], buf64[n:2 * n]
+        slots = [buf64[(2 + g) * n:(3 + g) * n] for g in range(len(self.windows))]
+        seq_lens = buf32[:n]
+        tables = [buf32[n + g * n * mb:n + (g + 1) * n * mb].view(n, mb) for g in range(len(self.windows))]
+        return ids, pos, slots, seq_lens, tables
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches)
-        return self.model.compute_logits(hidden)
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, pos, slots, seq_lens, tables = self._views(self.dev_i64, self.dev_i32)
+        groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
+                  for s, t, w in zip(slots, tables, self.windows)]
+        meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
+                                 max_query_len=1, use_kernels=True)
+        logits = self.model.compute_logits(self.model.forward(ids[:bs], pos[:bs], meta, self.kv_caches))
+        return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def capture(self) -> None:
+        _, _, slots, _, _ = self._views(self.dev_i64, self.dev_i32)
+        for s in slots:
+            s.fill_(-1)
         for bs in reversed(self.sizes):
             self._forward(bs)  # warm-up: compiles Triton kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(bs)
+                logits, tokens = self._forward(bs)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[bs] = (graph, out)
+            self.graphs[bs] = (graph, logits, tokens)
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
@@ -63,20 +75,29 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1] and max_blocks_needed <= self.max_blocks
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-            slots: list[torch.Tensor], tables: list[torch.Tensor]) -> torch.Tensor:
-        """Inputs are CPU tensors for the real rows; returns logits [num_seqs, vocab]."""
-        bs_real = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= bs_real)
-        self.input_ids[:bs_real].copy_(input_ids, non_blocking=True)
-        self.positions[:bs_real].copy_(positions, non_blocking=True)
-        self.seq_lens[:bs_real].copy_(seq_lens, non_blocking=True)
-        self.seq_lens[bs_real:bs].zero_()
-        for g in range(len(self.slots)):
-            self.slots[g][:bs_real].copy_(slots[g], non_blocking=True)
-            self.slots[g][bs_real:bs].fill_(-1)
-            width = tables[g].shape[1]
-            self.tables[g][:bs_real, :width].copy_(tables[g], non_blocking=True)
-        graph, out = self.graphs[bs]
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[list[int]]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for len(token_ids) sequences -> (logits [B, vocab], greedy tokens [B]) on device."""
+        b = len(token_ids)
+        bs = next(s for s in self.sizes if s >= b)
+        n, mb, blk = self.n, self.max_blocks, self.block_size
+        ids, pos, slots, seq_lens, tables = self._views(self.host_i64, self.host_i32)
+        ids[:b] = torch.tensor(token_ids)
+        p = torch.tensor(positions)
+        pos[:b] = p
+        seq_lens[:b] = p + 1
+        seq_lens[b:bs] = 0
+        for g in range(len(self.windows)):
+            width = max(len(bt[g]) for bt in block_tables)
+            t = torch.tensor([bt[g] + [0] * (width - len(bt[g])) for bt in block_tables], dtype=torch.int32)
+            tables[g][:b, :width] = t
+            slots[g][:b] = t[torch.arange(b), p // blk].long() * blk + p % blk
+            slots[g][b:bs] = -1
+        self.dev_i64.copy_(self.host_i64, non_blocking=True)
+        self.dev_i32[:bs].copy_(self.host_i32[:bs], non_blocking=True)
+        for g in range(len(self.windows)):
+            lo = n + g * n * mb
+            self.dev_i32[lo:lo + bs * mb].copy_(self.host_i32[lo:lo + bs * mb], non_blocking=True)
+        graph, logits, tokens = self.graphs[bs]
         graph.replay()
-        return out[:bs_real]
+        return logits[:b], tokens[:b]

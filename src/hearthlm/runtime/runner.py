@@ -96,7 +96,7 @@ class ModelRunner:
 
             max_blocks = -(-sched.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, windows, self.layer_group,
-                                       min(sched.max_num_seqs, 256), max_blocks, device)
+                                       min(sched.max_num_seqs, 256), max_blocks, self.block_size, device)
             self.graphs.capture()
 
     @property
@@ -168,26 +168,25 @@ class ModelRunner:
         return SubBatch(token_index.to(dev), valid_q.to(dev), key_slots.to(dev), mask[:, None].to(dev))
 
     # ---- execution ----
-    def _graph_decode(self, batch: Batch) -> torch.Tensor | None:
-        """Logits via a captured CUDA graph when every sequence decodes one token, else None."""
+    def _graph_decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, greedy tokens) via a captured CUDA graph when every sequence decodes one token."""
         if self.graphs is None or any(len(t) != 1 for t in batch.token_ids):
             return None
-        widths = [max(len(bt[g]) for bt in batch.block_tables) for g in range(len(self.windows))]
-        if not self.graphs.can_run(len(batch.token_ids), max(widths)):
+        width = max(len(bt[g]) for bt in batch.block_tables for g in range(len(self.windows)))
+        if not self.graphs.can_run(len(batch.token_ids), width):
             return None
-        bs = self.block_size
-        pos = torch.tensor(batch.start_positions, dtype=torch.long)
-        tables = [torch.tensor([bt[g] + [0] * (w - len(bt[g])) for bt in batch.block_tables], dtype=torch.int32)
-                  for g, w in enumerate(widths)]
-        slots = [t[torch.arange(len(pos)), pos // bs].long() * bs + pos % bs for t in tables]
-        ids = torch.tensor([t[0] for t in batch.token_ids], dtype=torch.long)
-        return self.graphs.run(ids, pos, (pos + 1).to(torch.int32), slots, tables)
+        return self.graphs.run([t[0] for t in batch.token_ids], batch.start_positions, batch.block_tables)
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> SampleResult:
         reqs = [s for s in batch.sample if s is not None]
-        logits = self._graph_decode(batch)
-        if logits is None:
+        graph_out = self._graph_decode(batch)
+        if graph_out is not None:
+            logits, greedy = graph_out
+            if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+                   and not r.params.min_tokens for r in reqs):
+                return SampleResult(greedy.tolist(), [None] * len(reqs))
+        else:
             input_ids, positions, meta, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
             if not reqs:
