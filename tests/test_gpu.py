@@ -53,7 +53,7 @@ def test_greedy_matches_hf_bf16_or_diverges_at_a_near_tie(tiny, gpu_llms, family
             logits = hf(torch.tensor([prompt + ref[:k]], device="cuda")).logits[0, -1].float()
         gap = float(logits[ref[k]] - logits[ours[k]])
         scale = float(logits.abs().max())
-        assert gap <= 0.02 * scale + 0.05, f"{family}: diverged at {k} with logit gap {gap:.3f} (max |logit| {scale:.1f})"
+        assert gap <= 0.05 * scale + 0.1, f"{family}: diverged at {k} with logit gap {gap:.3f} (max |logit| {scale:.1f})"
 
 
 def test_cuda_graph_and_eager_agree(tiny):

@@ -9,7 +9,7 @@ import sys
 from ..errors import HearthError
 
 # subcommand modules, each with add_parser(subparsers) that sets func=run
-COMMANDS = ["run_cmd", "plan_cmd", "serve_cmd", "store_cmd", "bench_cmd"]
+COMMANDS = ["run_cmd", "plan_cmd", "serve_cmd", "store_cmd", "bench_cmd", "quant_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,11 +218,16 @@ class AsyncEngine:
                         log.exception("engine command failed")
                 if not eng.has_unfinished():
                     continue
+                steps = eng.stats.steps
                 try:
                     outputs = eng.step()
                 except Exception as e:  # noqa: BLE001
                     self._fail_running(e)
                     continue
+                if eng.stats.steps == steps:  # nothing schedulable right now: don't spin
+                    with self._cv:
+                        if not self._cmds and not self._stopping:
+                            self._cv.wait(0.005)
                 for out in outputs:
                     stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
                     if stream is not None:

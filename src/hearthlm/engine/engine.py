@@ -200,6 +200,7 @@ class LLMEngine:
                 batch.token_ids.append(seq.all_ids[start:start + n])
             batch.start_positions.append(start)
             batch.block_tables.append(seq.block_tables)
+            batch.seq_keys.append((seq.seq_id, seq.num_preemptions))
             if start + n == seq.num_tokens:
                 p = seq.params
                 key = id(p)

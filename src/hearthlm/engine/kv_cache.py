@@ -89,6 +89,7 @@ class KVCacheManager:
                     BlockPool(n, self.enable_prefix_caching))
             for w, n in zip(windows, num_blocks_per_group)
         ]
+        self.full_attention_only = windows == [None]
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached
 
@@ -152,6 +153,8 @@ class KVCacheManager:
             seq.block_tables = [[] for _ in self.groups]
         bs = self.block_size
         end = seq.num_computed_tokens + num_new_tokens
+        if self.full_attention_only and end <= len(seq.block_tables[0]) * bs:
+            return True  # decode inside the last block: nothing to do
         needs = []
         for g, table in zip(self.groups, seq.block_tables):
             if g.window is not None:
@@ -175,10 +178,14 @@ class KVCacheManager:
         """Publish the sequence's newly completed full blocks to the prefix cache."""
         if not self.enable_prefix_caching:
             return
+        if (seq.num_registered + 1) * self.block_size > seq.num_computed_tokens:
+            return
         self._update_hashes(seq, seq.num_computed_tokens)
         pool, table = self.groups[0].pool, seq.block_tables[0]
-        for i in range(min(len(seq.block_hashes), len(table))):
+        upto = min(len(seq.block_hashes), len(table))
+        for i in range(seq.num_registered, upto):
             pool.register(table[i], seq.block_hashes[i])
+        seq.num_registered = upto
 
     def free(self, seq: Sequence) -> None:
         # tail blocks go first into the LRU queue so they are evicted before the shared prefix
@@ -186,3 +193,4 @@ class KVCacheManager:
             for block in reversed(table):
                 g.pool.release(block)
         seq.block_tables = []
+        seq.num_registered = 0

@@ -35,6 +35,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     block_tables: list[list[int]] = field(default_factory=list)  # one table per KV group
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    num_registered: int = 0  # leading blocks already published to the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from ..layers.attention import AttentionMetadata, GroupMeta
@@ -36,6 +37,8 @@ class DecodeGraphs:
         self.host_i32 = torch.zeros_like(self.dev_i32, device="cpu").pin_memory()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        # host copy of each sequence's block-table rows, appended incrementally (key: sequence + generation)
+        self.rows: dict[object, tuple[list[np.ndarray], list[int]]] = {}
 
     def _views(self, buf64: torch.Tensor, buf32: torch.Tensor):
         n, mb = self.n, self.max_blocks
@@ -74,24 +77,45 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, max_blocks_needed: int) -> bool:
         return num_seqs <= self.sizes[-1] and max_blocks_needed <= self.max_blocks
 
+    def _table_rows(self, keys: list, block_tables: list[list[list[int]]]) -> list[np.ndarray]:
+        """[group] -> [B, max_blocks] int32, reusing rows cached per sequence (only new blocks are copied).
+        Entries a sliding window released stay stale: they are valid block ids and masked by the window."""
+        groups = len(self.windows)
+        if len(self.rows) > 4 * self.n:
+            live = set(keys)
+            self.rows = {k: v for k, v in self.rows.items() if k in live}
+        per_group: list[list[np.ndarray]] = [[] for _ in range(groups)]
+        for key, bt in zip(keys, block_tables):
+            entry = self.rows.get(key)
+            if entry is None:
+                entry = self.rows[key] = ([np.zeros(self.max_blocks, dtype=np.int32) for _ in range(groups)],
+                                          [0] * groups)
+            arrs, filled = entry
+            for g in range(groups):
+                table = bt[g]
+                if len(table) > filled[g]:
+                    arrs[g][filled[g]:len(table)] = table[filled[g]:]
+                    filled[g] = len(table)
+                per_group[g].append(arrs[g])
+        return [np.stack(rows) for rows in per_group]
+
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[list[int]]]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[list[int]]],
+            keys: list) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for len(token_ids) sequences -> (logits [B, vocab], greedy tokens [B]) on device."""
         b = len(token_ids)
         bs = next(s for s in self.sizes if s >= b)
         n, mb, blk = self.n, self.max_blocks, self.block_size
         ids, pos, slots, seq_lens, tables = self._views(self.host_i64, self.host_i32)
         ids[:b] = torch.tensor(token_ids)
-        p = torch.tensor(positions)
-        pos[:b] = p
-        seq_lens[:b] = p + 1
+        p = np.asarray(positions, dtype=np.int64)
+        pos[:b] = torch.from_numpy(p)
+        seq_lens[:b] = torch.from_numpy(p + 1)
         seq_lens[b:bs] = 0
-        for g in range(len(self.windows)):
-            width = max(len(bt[g]) for bt in block_tables)
-            t = torch.tensor([bt[g] + [0] * (width - len(bt[g])) for bt in block_tables], dtype=torch.int32)
-            tables[g][:b, :width] = t
-            slots[g][:b] = t[torch.arange(b), p // blk].long() * blk + p % blk
+        rows = np.arange(b)
+        for g, table in enumerate(self._table_rows(keys, block_tables)):
+            tables[g][:b] = torch.from_numpy(table)
+            slots[g][:b] = torch.from_numpy(table[rows, p // blk].astype(np.int64) * blk + p % blk)
             slots[g][b:bs] = -1
         self.dev_i64.copy_(self.host_i64, non_blocking=True)
         self.dev_i32[:bs].copy_(self.host_i32[:bs], non_blocking=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class Batch:
     start_positions: list[int]  # position of each sequence's first new token (= tokens already cached)
     block_tables: list[list[list[int]]]  # [seq][group] -> block ids
     sample: list[SampleRequest | None]  # None: a prefill chunk that does not end the prompt
+    seq_keys: list = field(default_factory=list)  # stable per sequence until its blocks are reassigned
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -54,7 +55,10 @@ def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig
     layers = {w: sum(1 for lw in cfg.layer_windows if lw == w) for w in windows}
     budget = cache.kv_cache_memory
     if budget is None:
-        budget = int(available_memory_bytes(device) * (cache.memory_fraction if device.type == "cuda" else 0.25))
+        if device.type == "cuda":
+            budget = int(available_memory_bytes(device) * cache.memory_fraction)
+        else:  # CPU: a quarter of free RAM, at most 4 GiB (KV beyond that is rarely usable at CPU speed)
+            budget = min(int(available_memory_bytes(device) * 0.25), 4 << 30)
     # never more than max_num_seqs sequences of max_model_len tokens (plus the null block) can use
     max_useful = sched.max_num_seqs * (-(-sched.max_model_len // bs) + 1) + 1
     out = {}
@@ -83,12 +87,8 @@ class ModelRunner:
         self.dtype = model.dtype
         self.num_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, device, windows)
         self.layer_group = [windows.index(w) for w in self.cfg.layer_windows]
-        shape = lambda n: (n, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)  # noqa: E731
-        self.kv_caches = [
-            (torch.zeros(shape(self.num_blocks[g]), dtype=self.dtype, device=device),
-             torch.zeros(shape(self.num_blocks[g]), dtype=self.dtype, device=device))
-            for g in self.layer_group
-        ]
+        self.kv_caches = [(self._new_cache(self.num_blocks[g]), self._new_cache(self.num_blocks[g]))
+                          for g in self.layer_group]
         self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
         self.graphs = None
         if self.use_kernels and cache.cuda_graphs:
@@ -98,6 +98,17 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, windows, self.layer_group,
                                        min(sched.max_num_seqs, 256), max_blocks, self.block_size, device)
             self.graphs.capture()
+
+    def _new_cache(self, num_blocks: int) -> torch.Tensor:
+        # [num_blocks, block_size, kv_heads, head_dim]. On CPU pages are touched only as blocks get used
+        # (the reference path never reads unwritten slots except the zeroed null block 0); Triton kernels
+        # load whole tiles, so GPU pools start zeroed.
+        shape = (num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        if self.device.type == "cuda":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        cache[0].zero_()
+        return cache
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -173,9 +184,10 @@ class ModelRunner:
         if self.graphs is None or any(len(t) != 1 for t in batch.token_ids):
             return None
         width = max(len(bt[g]) for bt in batch.block_tables for g in range(len(self.windows)))
-        if not self.graphs.can_run(len(batch.token_ids), width):
+        if not self.graphs.can_run(len(batch.token_ids), width) or len(batch.seq_keys) != len(batch.token_ids):
             return None
-        return self.graphs.run([t[0] for t in batch.token_ids], batch.start_positions, batch.block_tables)
+        return self.graphs.run([t[0] for t in batch.token_ids], batch.start_positions, batch.block_tables,
+                               batch.seq_keys)
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> SampleResult:

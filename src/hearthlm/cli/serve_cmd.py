@@ -1,0 +1,83 @@
+"""`hearth serve [model]`: OpenAI-, Ollama- and TGI-compatible HTTP server (binds 127.0.0.1 by default)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def host_port(value: str | None = None) -> tuple[str, int]:
+    """HEARTH_HOST ("127.0.0.1:11435", "0.0.0.0", ":8080", "http://host:port") -> (host, port)."""
+    value = (value if value is not None else os.environ.get("HEARTH_HOST", "")).strip()
+    value = re.sub(r"^https?://", "", value).rstrip("/")
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", "")
+    return host or DEFAULT_HOST, int(port) if port else DEFAULT_PORT
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '1073741824' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M, 2G or a number of bytes")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
+
+
+def add_parser(sub) -> None:
+    host, port = host_port()
+    p = sub.add_parser("serve", help="serve a model over OpenAI, Ollama and TGI HTTP APIs")
+    p.add_argument("model", nargs="?", default=None, help="model path, store name or alias (default: smollm2)")
+    p.add_argument("--host", default=host, help=f"bind address (default {host}; env HEARTH_HOST=host:port)")
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context window per request (tokens)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache size, e.g. 512M, 2G")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-alive", default="5m", help="unload after this idle time (Ollama style; -1 = never)")
+    p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
+    p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine stats log lines")
+    p.add_argument("--quiet", action="store_true", help="no per-request and engine stats log lines")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..serve.models import ServeConfig, parse_keep_alive
+
+    return ServeConfig(model=args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
+                       enable_prefix_caching=not args.no_prefix_caching, device=args.device, dtype=args.dtype,
+                       seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
+                       stats_interval_s=args.stats_interval, preload=not args.no_preload)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..serve import create_app
+
+    cfg = config_from_args(args)
+    if cfg.preload:
+        from ..loader import resolve_model_path
+
+        resolve_model_path(cfg.model)  # a clear "model not found" before the server starts
+    hearth_log = logging.getLogger("hearthlm")
+    if not args.quiet and hearth_log.getEffectiveLevel() > logging.INFO:
+        hearth_log.setLevel(logging.INFO)
+    # one line per request: the server's (hearthlm.serve, with dialect and status) replaces the engine's
+    hearth_log.addFilter(lambda r: not (r.name == "hearthlm" and str(r.msg).startswith("request id=")))
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        hearth_log.warning("binding %s: the API has no authentication; anyone who can reach this address can use "
+                           "it", cfg.host)
+    hearth_log.info("hearth serve on http://%s:%d (OpenAI /v1, Ollama /api, TGI /generate)", cfg.host, cfg.port)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
+    return 0

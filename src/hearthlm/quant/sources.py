@@ -1,0 +1,157 @@
+"""Where `hearth quantize` reads a model: tensors under llama.cpp names (in llama.cpp's layout) + metadata.
+
+HF directory: config.json -> architecture keys, tokenizer.json -> tokenizer keys, safetensors -> tensors renamed
+(the inverse of loader.gguf's name map), Llama/Mistral q/k rows permuted like convert_hf_to_gguf.py, Gemma-2
+norms stored as (1 + w), Llama-3.1 RoPE scaling as a `rope_freqs` tensor.
+GGUF file: every key copied with its type (except file type), tensors dequantized to float32 as stored.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import UnsupportedModelError
+from ..loader.gguf import _GEMMA2_LAYER_NAMES, _LAYER_NAMES, _TOP_NAMES
+from ..loader.gguf_header import GGUFFile
+from ..loader.safetensors import SafetensorsWeights, read_hf_config
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
+
+
+@dataclass
+class SourceTensor:
+    name: str  # llama.cpp name
+    shape: tuple[int, ...]  # rows first
+    load: Callable[[], np.ndarray]  # float32, llama.cpp layout
+
+
+class HFSource:
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        self.cfg: ModelConfig = read_hf_config(model_dir)
+        self.family = self.cfg.architecture
+        self.arch = GGUF_ARCH[self.family]
+        self.n_layers = self.cfg.num_layers
+        st = SafetensorsWeights(model_dir)
+        layer_names = {hf: g for g, hf in (_GEMMA2_LAYER_NAMES if self.family == "gemma2" else _LAYER_NAMES).items()}
+        top_names = {hf: g for g, hf in _TOP_NAMES.items()}
+        self.tensors: list[SourceTensor] = []
+        for hf_name in st.where:
+            if hf_name.endswith("rotary_emb.inv_freq") or (self.cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                continue
+            if m := _HF_LAYER.match(hf_name):
+                base = layer_names.get(m.group(2))
+                name = base and f"blk.{m.group(1)}.{base}.{m.group(3)}"
+            else:
+                base, _, suffix = hf_name.rpartition(".")
+                name = base in top_names and f"{top_names[base]}.{suffix}"
+            if not name:
+                raise UnsupportedModelError(f"{model_dir}: tensor {hf_name!r} has no llama.cpp name; this "
+                                            f"{self.family} checkpoint has parts hearthlm cannot convert")
+            shape = tuple(st.where[hf_name].get_slice(hf_name).get_shape())
+            self.tensors.append(SourceTensor(name, shape, lambda n=hf_name: self._load(st, n)))
+        rs = self.cfg.rope_scaling
+        if rs and rs.get("rope_type") == "llama3":
+            from ..kernels.rope import rope_inv_freq
+
+            hd, theta = self.cfg.head_dim, self.cfg.rope_theta
+            freqs = (rope_inv_freq(hd, theta) / rope_inv_freq(hd, theta, rs)).numpy()
+            self.tensors.append(SourceTensor("rope_freqs.weight", freqs.shape, lambda: freqs))
+        self.tensors.sort(key=_order)
+
+    def _load(self, st: SafetensorsWeights, hf_name: str) -> np.ndarray:
+        w = st.get(hf_name).to(torch.float32)
+        cfg = self.cfg
+        if self.arch == "llama" and re.search(r"\.(q|k)_proj\.weight$", hf_name):
+            heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        if self.family == "gemma2" and hf_name.endswith("norm.weight"):
+            w = w + 1.0
+        return w.numpy()
+
+    def write_metadata(self, w: Any) -> None:
+        import gguf
+
+        from .vocab import write_hf_tokenizer
+
+        cfg = self.cfg
+        w.add_name(cfg.name)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_heads)
+        w.add_head_count_kv(cfg.num_kv_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        if self.arch == "llama":
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_vocab_size(cfg.vocab_size)
+        if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+        windows = {x for x in cfg.layer_windows if x is not None}
+        if self.family == "gemma2":
+            w.add_sliding_window(max(windows))
+            w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping or 0.0))
+            w.add_final_logit_softcapping(float(cfg.final_logit_softcapping or 0.0))
+        elif windows:
+            if None in cfg.layer_windows or len(windows) > 1:
+                raise UnsupportedModelError("GGUF cannot describe sliding windows on only some layers "
+                                            f"({self.family} with max_window_layers); quantize is not possible")
+            w.add_sliding_window(windows.pop())
+        write_hf_tokenizer(w, self.dir, cfg.vocab_size)
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = path
+        self.file = GGUFFile(path)
+        md = self.file.metadata
+        self.arch = str(md.get("general.architecture"))
+        if self.arch not in GGUF_ARCH.values():
+            raise UnsupportedModelError(f"{path.name}: GGUF architecture {self.arch!r} is not supported "
+                                        f"(supported: {', '.join(sorted(set(GGUF_ARCH.values())))})")
+        self.n_layers = int(md[f"{self.arch}.block_count"])
+        self.cfg = None
+
+        def load(name: str) -> np.ndarray:
+            t = self.file.tensors[name]
+            arr = gguf.quants.dequantize(self.file.raw(name), gguf.GGMLQuantizationType(t.ggml_type))
+            return np.asarray(arr, dtype=np.float32).reshape(t.shape)
+
+        self.tensors = [SourceTensor(n, t.shape, lambda n=n: load(n)) for n, t in self.file.tensors.items()]
+
+    def write_metadata(self, w: Any) -> None:
+        import gguf
+
+        reader = gguf.GGUFReader(self.path)  # keeps each key's value type, which llama.cpp checks
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in _SKIP_KEYS:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _order(t: SourceTensor) -> tuple:
+    m = re.match(r"^blk\.(\d+)\.", t.name)
+    head = {"token_embd": 0, "rope_freqs": 1}.get(t.name.split(".")[0], 3)
+    return (2, int(m.group(1)), t.name) if m else (head, 0, t.name)
+
+
+def open_source(path: Path) -> HFSource | GGUFSource:
+    return GGUFSource(path) if path.is_file() else HFSource(path)

@@ -1,0 +1,214 @@
+"""Serve config and the model manager: one model at a time, loaded on first use, unloaded after keep_alive idle."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..engine.async_engine import AsyncEngine
+from ..engine.engine import LLMEngine
+from ..errors import InvalidRequestError
+from ..loader import resolve_model_path
+from ..loader.load import DEFAULT_ALIASES
+
+log = logging.getLogger("hearthlm.serve")
+DEFAULT_NAME = "smollm2"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 11435
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue: int = 256
+    kv_cache_memory: int | None = None  # bytes; None = the planner's share of free memory
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    keep_alive_s: float | None = 300.0  # None = forever
+    stats_interval_s: float = 10.0
+    preload: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_NAME
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: float | str | None) -> float | None:
+    """Ollama keep_alive: seconds or a Go duration ("5m", "1h30m"); negative = forever (None)."""
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"keep_alive must be a number of seconds or a duration like '5m', got {value!r}",
+                                  param="keep_alive")
+    if isinstance(value, (int, float)):
+        return None if value < 0 else float(value)
+    text = str(value).strip()
+    try:
+        return parse_keep_alive(float(text))
+    except ValueError:
+        pass
+    sign, body = (-1, text[1:]) if text.startswith("-") else (1, text)
+    parts = _DURATION.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise InvalidRequestError(f"keep_alive must be a number of seconds or a duration like '5m', got {value!r}",
+                                  param="keep_alive")
+    seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    return None if seconds < 0 else seconds
+
+
+@dataclass(eq=False)
+class Loaded:
+    name: str
+    path: Path
+    aengine: AsyncEngine
+    load_seconds: float
+    keep_alive_s: float | None
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0
+    expires_at: float | None = None  # monotonic deadline while idle; None = busy or forever
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.aengine.engine
+
+    @property
+    def size_bytes(self) -> int:
+        p = self.path
+        weights = sum(f.stat().st_size for f in p.rglob("*.safetensors")) if p.is_dir() else p.stat().st_size
+        return weights + self.engine.runner.kv_cache_bytes
+
+    def expires_wall(self) -> float | None:
+        """Unix time of the planned unload (None = never)."""
+        if self.keep_alive_s is None:
+            return None
+        if self.expires_at is None:
+            return time.time() + self.keep_alive_s
+        return time.time() + max(0.0, self.expires_at - time.monotonic())
+
+
+class ModelManager:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.current: Loaded | None = None
+        self._cond = asyncio.Condition()
+        self._reaper: asyncio.Task | None = None
+
+    # ---- names ----
+    def _matches(self, name: str, m: Loaded) -> bool:
+        return name in (m.name, str(m.path)) or (name in DEFAULT_ALIASES and m.name == DEFAULT_NAME)
+
+    def resolve(self, name: str | None) -> tuple[str, Path]:
+        """(display name, path) of a model name; raises ModelNotFoundError (404)."""
+        n = (name or "").strip()
+        n = n.removesuffix(":latest")
+        if not n or n == self.cfg.model_name or n.lower() in DEFAULT_ALIASES and self.cfg.model is None:
+            n = self.cfg.model_name
+        cur = self.current
+        if cur is not None and self._matches(n, cur):
+            return cur.name, cur.path
+        target = self.cfg.model if n == self.cfg.model_name else n
+        return n, resolve_model_path(target)
+
+    # ---- lifecycle ----
+    async def acquire(self, name: str | None, keep_alive: float | None | str = "default") -> tuple[Loaded, float]:
+        """The loaded model for name (loading it, possibly swapping out an idle one); returns (model, load_s)."""
+        display, path = self.resolve(name)
+        load_s = 0.0
+        async with self._cond:
+            while self.current is not None and self.current.path != path:
+                if self.current.active == 0:
+                    await self._unload_locked()
+                else:
+                    await self._cond.wait()  # another model is busy; hearth serves one model at a time
+            if self.current is None:
+                self.current = await self._load(display, path)
+                load_s = self.current.load_seconds
+            m = self.current
+            m.active += 1
+            m.expires_at = None
+            if keep_alive != "default":
+                m.keep_alive_s = keep_alive  # type: ignore[assignment]
+            return m, load_s
+
+    def release(self, m: Loaded) -> None:
+        m.active -= 1
+        if m.active == 0:
+            m.expires_at = None if m.keep_alive_s is None else time.monotonic() + m.keep_alive_s
+            asyncio.get_running_loop().create_task(self._on_idle(m))
+
+    async def _on_idle(self, m: Loaded) -> None:
+        async with self._cond:
+            if m is self.current and m.active == 0 and m.keep_alive_s == 0:
+                await self._unload_locked()
+            self._cond.notify_all()
+
+    async def unload(self, name: str | None = None) -> bool:
+        """keep_alive 0: unload now if idle, else as soon as the running requests finish."""
+        async with self._cond:
+            m = self.current
+            if m is None or (name and not self._matches(self.resolve(name)[0], m)):
+                return False
+            m.keep_alive_s = 0
+            if m.active == 0:
+                await self._unload_locked()
+            return True
+
+    async def _load(self, name: str, path: Path) -> Loaded:
+        c = self.cfg
+        sched = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                                max_model_len=c.max_model_len)
+        cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching)
+        config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
+                              scheduler=sched, stats_interval_s=c.stats_interval_s)
+        start = time.perf_counter()
+        engine = await asyncio.to_thread(LLMEngine, config)
+        seconds = time.perf_counter() - start
+        log.info("loaded %s from %s in %.2fs (max_model_len=%d)", name, path, seconds, engine.max_model_len)
+        return Loaded(name, path, AsyncEngine(engine, c.max_queue, c.stats_interval_s), seconds, c.keep_alive_s)
+
+    async def _unload_locked(self) -> None:
+        m, self.current = self.current, None
+        if m is None:
+            return
+        await asyncio.to_thread(m.aengine.shutdown)
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("unloaded %s", m.name)
+        self._cond.notify_all()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            m = self.current
+            if m is not None and m.active == 0 and m.expires_at is not None and time.monotonic() >= m.expires_at:
+                async with self._cond:
+                    if m is self.current and m.active == 0 and m.expires_at is not None \
+                            and time.monotonic() >= m.expires_at:
+                        await self._unload_locked()
+
+    async def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        if self.cfg.preload:
+            m, _ = await self.acquire(None)
+            self.release(m)
+
+    async def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        async with self._cond:
+            await self._unload_locked()

@@ -1,0 +1,293 @@
+"""OpenAI dialect: /v1/completions, /v1/chat/completions (SSE), /v1/models."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.sequence import RequestOutput
+from ..errors import HearthError, InvalidRequestError
+from ..sampling import SamplingParams
+from .common import Delta, Generation, parse, server, start, token_text, usage
+from .errors import error_body
+from .sse import DONE, sse, stream_response
+from .store_api import list_model_names
+
+router = APIRouter(prefix="/v1")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # extras (vLLM-style extra_body)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    truncate: Literal["left"] | None = None
+
+    def params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or -1, min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [], include_stop_str_in_output=self.include_stop_str_in_output,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens, truncate=self.truncate)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text"]
+            if bad:
+                raise InvalidRequestError(f"content parts of type {bad[0]!r} are not supported: send text only",
+                                          param="messages")
+            content = "".join(p.text or "" for p in content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def _chunked(request_id: str, kind: str, model: str, created: int) -> dict[str, Any]:
+    return {"id": request_id, "object": kind, "created": created, "model": model}
+
+
+# ---------------- logprobs ----------------
+def chat_logprobs(tok, ids: list[int], lps: list[dict[int, float]] | None, top_n: int) -> dict | None:
+    if lps is None:
+        return None
+
+    def entry(t: int, v: float) -> dict[str, Any]:
+        text = token_text(tok, t)
+        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t, d[t]), "top_logprobs": [entry(k, v) for k, v in
+                                                            sorted(d.items(), key=lambda kv: -kv[1])[:top_n]]}
+                        for t, d in zip(ids, lps)]}
+
+
+def completion_logprobs(tok, ids: list[int], lps: list[dict[int, float]] | None, top_n: int,
+                        offset: int) -> dict | None:
+    if lps is None:
+        return None
+    tokens = [token_text(tok, t) for t in ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [d[t] for t, d in zip(ids, lps)],
+            "top_logprobs": [{token_text(tok, k): v for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top_n]}
+                             for d in lps], "text_offset": offsets}
+
+
+# ---------------- endpoints ----------------
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    srv = server(request)
+    names = list_model_names(srv)
+    cur = srv.manager.current
+    return {"object": "list", "data": [
+        {"id": n, "object": "model", "created": int(srv.started_at), "owned_by": "hearthlm",
+         **({"max_model_len": cur.engine.max_model_len} if cur is not None and cur.name == n else {})}
+        for n in names]}
+
+
+@router.post("/completions")
+async def completions(request: Request):
+    body = await parse(request, CompletionRequest)
+    if body.suffix:
+        raise InvalidRequestError("suffix is not supported", param="suffix")
+    prompts: list[str | list[int]]
+    p = body.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+        prompts = [p]  # type: ignore[list-item]
+    else:
+        prompts = list(p)  # type: ignore[arg-type]
+    if not prompts:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    params = body.params(body.max_tokens, body.logprobs)
+    gens: list[Generation] = []
+    try:
+        for prompt in prompts:
+            gens.append(await start(request, "openai", body.model, replace(params), prompt=prompt))
+    except BaseException:
+        for g in gens:
+            await g.aclose()
+        raise
+    rid, created = f"cmpl-{gens[0].request_id}", int(time.time())
+    model, tok = gens[0].model.name, gens[0].model.engine.tokenizer
+    top_n = body.logprobs or 0
+
+    def echo_text(out: RequestOutput | None, i: int) -> str:
+        if not body.echo:
+            return ""
+        prompt = prompts[i]
+        return prompt if isinstance(prompt, str) else tok.decode(prompt)
+
+    if not body.stream:
+        try:
+            outs = [await g.result() for g in gens]
+        finally:
+            for g in gens:
+                await g.aclose()
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                pre = echo_text(out, i)
+                choices.append({"index": i * body.n + c.index, "text": pre + c.text, "finish_reason": c.finish_reason,
+                                "logprobs": completion_logprobs(tok, c.token_ids, c.logprobs, top_n, len(pre))})
+        return JSONResponse({**_chunked(rid, "text_completion", model, created), "choices": choices,
+                             "usage": _sum_usage(outs)}, headers=_headers(gens[0], outs))
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        try:
+            outs = []
+            for i, g in enumerate(gens):
+                offsets: dict[int, int] = {}
+                if body.echo:
+                    for j in range(body.n):
+                        offsets[j] = len(echo_text(None, i))
+                        yield sse({**_chunked(rid, "text_completion", model, created), "choices": [
+                            {"index": i * body.n + j, "text": echo_text(None, i), "logprobs": None,
+                             "finish_reason": None}]})
+                async for deltas in g.deltas():
+                    choices = []
+                    for d in deltas:
+                        lp = completion_logprobs(tok, d.token_ids, d.logprobs, top_n, offsets.get(d.index, 0))
+                        offsets[d.index] = offsets.get(d.index, 0) + len(d.text)
+                        choices.append({"index": i * body.n + d.index, "text": d.text, "logprobs": lp,
+                                        "finish_reason": d.finish_reason})
+                    yield sse({**_chunked(rid, "text_completion", model, created), "choices": choices,
+                               **({"usage": None} if body.include_usage else {})})
+                outs.append(g.last)
+            if body.include_usage:
+                yield sse({**_chunked(rid, "text_completion", model, created), "choices": [],
+                           "usage": _sum_usage(outs)})
+            yield DONE
+        except HearthError as e:
+            yield sse(error_body("openai", e))
+        finally:
+            for g in gens:
+                await g.aclose()
+
+    return stream_response(body_iter(), headers={"X-Request-Id": rid})
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request):
+    body = await parse(request, ChatRequest)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    top_n = body.top_logprobs or 0
+    params = body.params(max_tokens, top_n if body.logprobs else None)
+    messages = [m.as_dict() for m in body.messages]
+    gen = await start(request, "openai", body.model, params, messages=messages)
+    rid, created, model = f"chatcmpl-{gen.request_id}", int(time.time()), gen.model.name
+    tok = gen.model.engine.tokenizer
+
+    if not body.stream:
+        out = await gen.result()
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs, top_n), "finish_reason": c.finish_reason}
+                   for c in out.outputs]
+        return JSONResponse({**_chunked(rid, "chat.completion", model, created), "choices": choices,
+                             "usage": usage(out)}, headers=_headers(gen, [out]))
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        head = _chunked(rid, "chat.completion.chunk", model, created)
+        extra = {"usage": None} if body.include_usage else {}
+        try:
+            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None} for i in range(body.n)],
+                       **extra})
+            async for deltas in gen.deltas():
+                yield sse({**head, "choices": [_chat_delta(tok, d, top_n) for d in deltas], **extra})
+            if body.include_usage and gen.last is not None:
+                yield sse({**head, "choices": [], "usage": usage(gen.last)})
+            yield DONE
+        except HearthError as e:
+            yield sse(error_body("openai", e))
+        finally:
+            await gen.aclose()
+
+    return stream_response(body_iter(), headers={"X-Request-Id": rid})
+
+
+def _chat_delta(tok, d: Delta, top_n: int) -> dict[str, Any]:
+    return {"index": d.index, "delta": {"content": d.text} if d.text or not d.finish_reason else {},
+            "logprobs": chat_logprobs(tok, d.token_ids, d.logprobs, top_n), "finish_reason": d.finish_reason}
+
+
+def _sum_usage(outs: list[RequestOutput]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for out in outs:
+        for k, v in usage(out).items():
+            if isinstance(v, dict):
+                total[k] = {kk: total.get(k, {}).get(kk, 0) + vv for kk, vv in v.items()}
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def _headers(gen: Generation, outs: list[RequestOutput]) -> dict[str, str]:
+    h = {"X-Request-Id": gen.request_id}
+    truncated = sum(o.truncated_tokens for o in outs)
+    if truncated:
+        h["X-Truncated-Tokens"] = str(truncated)
+    return h
