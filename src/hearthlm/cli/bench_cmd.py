@@ -9,7 +9,7 @@ import time
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure decode latency/throughput against an HF baseline")
-    p.add_argument("mode", choices=["latency", "throughput"])
+    p.add_argument("mode", choices=["latency", "throughput", "prefix", "serving", "coldstart"])
     p.add_argument("--preset", default="llama-3.2-1b", help="random weights of a real shape (see hearth plan)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="latency: batch sizes")
     p.add_argument("--input-len", type=int, default=128)
@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     p.add_argument("--hf-max-batch", type=int, default=16, help="HF baseline: largest batch it is run at")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt tokens")
+    p.add_argument("--url", default=None, help="serving: server base URL (default HEARTH_HOST or 127.0.0.1:11435)")
+    p.add_argument("--concurrency", type=int, default=16, help="serving: concurrent clients")
+    p.add_argument("--model", default=None, help="serving: model name; coldstart: saved model directory")
     p.set_defaults(func=run)
 
 
@@ -33,6 +37,14 @@ def _sync() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.mode == "serving":
+        from ..bench.serving import run_serving
+
+        return run_serving(args)
+    if args.mode == "coldstart":
+        from ..bench.coldstart import run_coldstart
+
+        return run_coldstart(args)
     import torch
 
     from .. import LLM, SamplingParams
@@ -75,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             base = f"{hf_tps:,.1f} | {tps / hf_tps:.1f}x" if hf_tps else "- | -"
             print(f"| {bs} | {tps:,.0f} | {bw} | {base} |")
         return 0
+    if args.mode == "prefix":
+        return _prefix(args, loaded, rng)
     lens = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len))
             for _ in range(args.num_requests)]
     prompts = [[rng.randrange(3, vocab) for _ in range(i)] for i, _ in lens]
@@ -132,3 +146,31 @@ def _hf_throughput(hf, prompts, out_lens, device, batch: int) -> float:
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     _sync()
     return sum(out_lens) / (time.perf_counter() - t)
+
+
+def _prefix(args, loaded, rng) -> int:
+    """Mean TTFT of N requests sharing a long system prompt, with and without prefix caching."""
+    import statistics
+
+    from .. import LLM, SamplingParams
+
+    vocab = loaded.config.vocab_size
+    shared = [rng.randrange(3, vocab) for _ in range(args.prefix_len)]
+    prompts = [shared + [rng.randrange(3, vocab) for _ in range(32)] for _ in range(args.num_requests)]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    print("| prefix caching | requests | mean TTFT ms | p50 TTFT ms | prefix hit rate |\n|---|---|---|---|---|")
+    means = {}
+    for caching in (False, True):
+        llm = LLM(loaded=loaded, device=str(loaded.model.device), max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, enable_prefix_caching=caching)
+        llm.generate([shared[:64] + [5]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+        # the first request pays for the prefix; the rest arrive once it is cached (as in a chat service)
+        llm.generate(prompts[:1], sp, use_tqdm=False)
+        outs = llm.generate(prompts[1:], sp, use_tqdm=False)
+        ttfts = [o.metrics["ttft_s"] * 1000 for o in outs]
+        means[caching] = statistics.mean(ttfts)
+        print(f"| {'on' if caching else 'off'} | {len(outs)} | {means[caching]:,.1f} | "
+              f"{statistics.median(ttfts):,.1f} | {100 * llm.engine.kv.prefix_hit_rate:.0f}% |")
+        del llm
+    print(f"TTFT ratio (off / on): {means[False] / means[True]:.1f}x")
+    return 0
