@@ -2,6 +2,10 @@
 # The GPU numbers in BENCHMARKS.md: run from the repo root on a CUDA machine. Logs go to ${OUT:-.}.
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # server dependencies carried as wheels onto machines without a package index
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 OUT=${OUT:-.}
 B="python3 -m hearthlm.cli.main bench"
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee $OUT/versions.log
