@@ -86,3 +86,35 @@ def test_logprobs_match_hf_log_softmax(tiny, engine_for):
         assert set(top.indices.tolist()) <= set(lp)
         for t, v in lp.items():
             assert abs(v - float(ref[step, t])) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama31", "qwen3"])
+def test_kernel_path_matches_hf_on_cpu(tiny, family):
+    """The GPU code path (fused norms, in-place RoPE, paged kernels) run with its torch references on CPU."""
+    import torch
+
+    from hearthlm.kernels import build_cos_sin_cache
+    from hearthlm.loader import load_model
+    from hearthlm.runtime.runner import Batch
+
+    from .conftest import _engines
+
+    key = ("kernel-path", family)
+    if key not in _engines:
+        from hearthlm import LLM
+
+        _engines[key] = LLM(loaded=load_model(tiny.path(family), "float32", "cpu"), device="cpu",
+                            max_model_len=256, max_num_seqs=4)
+    eng = _engines[key].engine
+    cfg = eng.model_config
+    model = eng.runner.model
+    model.cos_sin = build_cos_sin_cache(cfg.head_dim, 256, cfg.rope_theta, cfg.rope_scaling)
+    prompt = prompts_of(1, [37], seed=30)[0]
+    eng.runner.use_kernels = True
+    try:
+        logits = eng.runner.logits_for(Batch([prompt], [0], [[[1, 2, 3]]], [None]))
+    finally:
+        eng.runner.use_kernels = False
+        model.cos_sin = None
+    ref = tiny.logits(family, prompt)
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4)

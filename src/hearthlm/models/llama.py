@@ -51,15 +51,19 @@ class LlamaLayer:
     def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w, self.cfg.rms_norm_eps, gemma=self.gemma)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [num_tokens, hidden] -> q [T, heads, head_dim], k/v [T, kv_heads, head_dim] (views of one buffer)
+        cfg, n = self.cfg, x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
+                v.view(n, cfg.num_kv_heads, cfg.head_dim))
+
     def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                   kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # h: [num_tokens, hidden]
         cfg = self.cfg
         n = h.shape[0]
-        q, k, v = self.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, cfg.num_heads, cfg.head_dim)
-        k = k.view(n, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.project_qkv(h)
         if self.q_norm is not None:
             q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -85,10 +89,7 @@ class LlamaLayer:
         else:
             x, residual = K.rms_norm(h, self.input_norm, eps, residual=residual)
         n = x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.project_qkv(x)
         if self.q_norm is not None:
             q, k = K.rms_norm(q, self.q_norm, eps).view_as(q), K.rms_norm(k, self.k_norm, eps).view_as(k)
         K.apply_rope_(q, k, positions, cos_sin)
