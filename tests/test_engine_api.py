@@ -152,3 +152,13 @@ def test_abort_during_chunked_prefill_and_preemption_leaves_no_leak(engine_for):
     for rid in ids:
         eng.abort_request(rid)
     assert not eng.has_unfinished() and eng.kv.all_free()
+
+
+@needs_default_model
+def test_stop_strings_wait_for_min_tokens(smol):
+    base = smol.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
+    stop = base.text[2:6]
+    out = smol.generate(["The capital of France is"],
+                        SamplingParams(temperature=0, max_tokens=24, stop=[stop], min_tokens=12))[0].outputs[0]
+    assert len(out.token_ids) >= 12
+    assert out.text.startswith(base.text[:6])  # the early occurrence was not cut

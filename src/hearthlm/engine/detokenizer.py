@@ -20,6 +20,7 @@ class TextState:
         self.text = tokenizer.decode(output_ids[:self.num_text_tokens], skip_special_tokens=skip_special)
         self.decoded_tokens = self.num_text_tokens
         if not stops:
+            self.stop_checked = len(self.text)
             return None
         longest = max(len(s) for s in stops)
         begin = max(0, self.stop_checked - longest + 1)

@@ -253,15 +253,17 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, state: RequestState, token: int, stop_ids: list[int]) -> None:
         p = seq.params
         text = state.texts[seq.index]
-        is_stop_token = token in stop_ids and len(seq.output_ids) > p.min_tokens - 1
+        is_stop_token = token in stop_ids  # the sampler masks these until min_tokens is reached
         if not is_stop_token:
             text.num_text_tokens = len(seq.output_ids)
         hit = None
         if p.stop:  # otherwise text is decoded only when an output is built
-            hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output)
+            # stop strings count only once min_tokens are out; text before that is never searched again
+            hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens,
+                              p.stop if len(seq.output_ids) >= p.min_tokens else [], p.include_stop_str_in_output)
         if is_stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif hit is not None and len(seq.output_ids) >= p.min_tokens:
+        elif hit is not None:
             seq.finish_reason, seq.stop_reason = "stop", hit
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
