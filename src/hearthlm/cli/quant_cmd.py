@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
                                    "dequantized weights) to a GGUF file that llama.cpp, transformers and hearthlm "
                                    "read. K-quant mixes follow llama.cpp (see hearthlm/quant/formats.py).")
     q.add_argument("model", help="HF model directory, .gguf file, store name or 'smollm2'")
-    q.add_argument("--to", required=True, choices=TARGET_NAMES, metavar="TYPE", help="|".join(TARGET_NAMES))
+    q.add_argument("--to", required=True, metavar="TYPE", help="|".join(TARGET_NAMES))
     q.add_argument("-o", "--output", required=True, help="output .gguf path")
     q.set_defaults(func=run_quantize)
 
@@ -54,13 +54,15 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     out = Path(args.output).expanduser()
     try:
+        if args.to.lower() not in TARGET_NAMES:
+            raise ValueError(f"--to {args.to!r} is not a known type: choose one of {', '.join(TARGET_NAMES)}")
         model = resolve_model_path(args.model)
         if not out.parent.is_dir():
             raise FileNotFoundError(f"output directory {out.parent} does not exist: create it first")
         tty = sys.stderr.isatty()
         progress = (lambda i, n, name, t: print(f"\r[{i + 1}/{n}] {name} -> {t}\033[K", end="", file=sys.stderr)) \
             if tty else None
-        report = quantize_model(model, args.to, out, progress)
+        report = quantize_model(model, args.to.lower(), out, progress)
         if tty:
             print(file=sys.stderr)
     except (HearthError, ValueError, OSError) as e:

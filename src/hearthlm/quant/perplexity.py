@@ -55,13 +55,28 @@ def plan_windows(n_tokens: int, ctx: int, stride: int, llama_compat: bool = Fals
     return out
 
 
+def window_logits(llm, windows: list[list[int]]) -> list[torch.Tensor]:
+    """Logits [len(w), vocab] of every position of each token window, each in fresh KV blocks (freed after)."""
+    eng = llm.engine
+    bs = eng.kv.block_size
+    tables = [[[g.pool.allocate() for _ in range(-(-len(w) // bs))] for g in eng.kv.groups] for w in windows]
+    try:
+        logits = eng.runner.logits_for(Batch(windows, [0] * len(windows), tables, [None] * len(windows)))
+    finally:
+        for seq in tables:
+            for g, table in zip(eng.kv.groups, seq):
+                for block in table:
+                    g.pool.release(block)
+    return list(logits.split([len(w) for w in windows]))
+
+
 def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: int = 1,
                llama_compat: bool = False, max_windows: int | None = None, bos_id: int | None = None
                ) -> PerplexityResult:
     """Perplexity of token ids under `llm` (an LLM; its KV pool must hold `batch` windows of `ctx` tokens)."""
     eng = llm.engine
     max_len = eng.model_config.max_position_embeddings
-    stride = stride or max(1, ctx // 2)
+    stride = max(1, ctx // 2) if stride is None else stride
     if ctx < 2 or ctx > max_len:
         raise InvalidRequestError(f"--ctx {ctx} must be between 2 and the model's context {max_len}", param="ctx")
     if not 1 <= stride <= ctx:
@@ -71,7 +86,6 @@ def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: 
         raise InvalidRequestError(f"the text has {len(ids)} tokens but at least {need} are needed: use a longer "
                                   "text or a smaller --ctx", param="file")
     wins = plan_windows(len(ids), ctx, stride, llama_compat)[:max_windows]
-    runner, bs = eng.runner, eng.kv.block_size
     nll_sum = nll2_sum = 0.0
     scored = evaluated = 0
     start = time.perf_counter()
@@ -81,23 +95,14 @@ def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: 
         if llama_compat and bos_id is not None:
             for t in toks:
                 t[0] = bos_id
-        tables = [[[g.pool.allocate() for _ in range(-(-len(t) // bs))] for g in eng.kv.groups] for t in toks]
-        try:
-            logits = runner.logits_for(Batch(toks, [0] * len(toks), tables, [None] * len(toks)))
-        finally:
-            for seq in tables:
-                for g, table in zip(eng.kv.groups, seq):
-                    for block in table:
-                        g.pool.release(block)
-        row = 0
-        for (b, e, first), t in zip(group, toks):
-            lp = torch.log_softmax(logits[row + first - b - 1:row + e - b - 1].float(), dim=-1)
+        logits = window_logits(llm, toks)
+        for (b, e, first), lg in zip(group, logits):
+            lp = torch.log_softmax(lg[first - b - 1:e - b - 1].float(), dim=-1)
             nll = -lp.gather(1, torch.tensor(ids[first:e])[:, None].to(lp.device))[:, 0].double()
             nll_sum += float(nll.sum())
             nll2_sum += float((nll * nll).sum())
             scored += e - first
             evaluated += e - b
-            row += len(t)
     seconds = time.perf_counter() - start
     mean = nll_sum / scored
     var = max(0.0, nll2_sum / scored - mean * mean)

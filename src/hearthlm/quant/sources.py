@@ -8,6 +8,7 @@ GGUF file: every key copied with its type (except file type), tensors dequantize
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UnsupportedModelError
 from ..loader.gguf import _GEMMA2_LAYER_NAMES, _LAYER_NAMES, _TOP_NAMES
-from ..loader.gguf_header import GGUFFile
+from ..loader.gguf_header import _NUMPY, _SCALARS, ARRAY, STRING, GGUFFile
 from ..loader.safetensors import SafetensorsWeights, read_hf_config
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
@@ -138,13 +139,47 @@ class GGUFSource:
     def write_metadata(self, w: Any) -> None:
         import gguf
 
-        reader = gguf.GGUFReader(self.path)  # keeps each key's value type, which llama.cpp checks
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in _SKIP_KEYS:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-            w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        for key, value, vtype, sub in read_typed_kv(self.file.buf):
+            if key not in _SKIP_KEYS:
+                w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                                sub_type=None if sub is None else gguf.GGUFValueType(sub))
+
+
+def read_typed_kv(buf: Any) -> list[tuple[str, Any, int, int | None]]:
+    """(key, value, value type, array element type) of every GGUF key, strings kept as bytes: the types matter
+    to llama.cpp, and gguf.GGUFReader takes seconds over a large vocabulary."""
+    pos = 24  # magic, version, tensor count, kv count
+
+    def read(fmt: str) -> Any:
+        nonlocal pos
+        v = struct.unpack_from(fmt, buf, pos)[0]
+        pos += struct.calcsize(fmt)
+        return v
+
+    def string() -> bytes:
+        nonlocal pos
+        n = read("<Q")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    out = []
+    for _ in range(struct.unpack_from("<Q", buf, 16)[0]):
+        key, vtype = string().decode("utf-8"), read("<I")
+        sub = None
+        if vtype == ARRAY:
+            sub, count = read("<I"), read("<Q")
+            if sub == STRING:
+                value: Any = [string() for _ in range(count)]
+            elif sub in _NUMPY:
+                dt = np.dtype(_NUMPY[sub])
+                value = np.frombuffer(buf, dt, count, pos).tolist()
+                pos += count * dt.itemsize
+            else:
+                raise UnsupportedModelError(f"GGUF key {key!r} holds nested arrays, which cannot be copied")
+        else:
+            value = string() if vtype == STRING else read(_SCALARS[vtype])
+        out.append((key, value, vtype, sub))
+    return out
 
 
 def _order(t: SourceTensor) -> tuple:
