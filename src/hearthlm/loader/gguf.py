@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_header import GGUFFile
 from .hf_config import config_from_gguf_metadata
+
+if TYPE_CHECKING:
+    from ..layers.quant_linear import GroupQuant
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K"}
@@ -87,9 +91,29 @@ class GGUFWeights:
             return None
         w = self.dequantize(name)
         if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
-            # llama.cpp permutes q/k rows for its interleaved rope; undo it for the HF rotate_half layout
-            heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
-            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+            w = w[self._qk_rows(hf_name, w.shape[0], cfg)]
         if self.arch == "gemma2" and hf_name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1 itself
         return w
+
+    def _qk_rows(self, hf_name: str, rows: int, cfg: ModelConfig) -> torch.Tensor:
+        """llama.cpp permutes q/k rows for its interleaved rope; this row order undoes it (HF rotate_half)."""
+        heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
+        return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+    # ---- weights kept quantized (CPU kernels: layers/quant_linear.py) ----
+    def get_quantized(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype) -> "GroupQuant | None":
+        """A 2-D weight in a type with a fast CPU path as GroupQuant (else None: use get())."""
+        import gguf
+
+        from ..layers.quant_linear import QUANT_TYPES, unpack_gguf
+
+        name = self.name_map.get(hf_name)
+        t = self.tensors.get(name) if name else None
+        if t is None or len(t.shape) != 2 or gguf.GGMLQuantizationType(t.ggml_type).name not in QUANT_TYPES:
+            return None
+        g = unpack_gguf(self.file.raw(name), gguf.GGMLQuantizationType(t.ggml_type).name, tuple(t.shape))
+        g.dtype = dtype
+        if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
+            g = g[self._qk_rows(hf_name, g.shape[0], cfg)]
+        return g

@@ -71,8 +71,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
+def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.device) -> bool:
+    """GGUF weights stay quantized (CPU int4 kernel, layers/quant_linear.py) unless weights="dequantize" (or env
+    HEARTHLM_WEIGHTS=dequantize), the device is not CPU, or dtype is an explicit float32 (the exact HF path)."""
+    weights = weights or os.environ.get("HEARTHLM_WEIGHTS", "auto")
+    if weights not in ("auto", "dequantize"):
+        raise ValueError(f"weights {weights!r} is not one of auto, dequantize")
+    explicit_fp32 = dtype in ("float32", "fp32", torch.float32)
+    return weights == "auto" and device.type == "cpu" and not explicit_fp32
+
+
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", weights: str | None = None) -> LoadedModel:
     start = time.perf_counter()
     path = resolve_model_path(model)
     device = torch.device(device)
@@ -84,12 +94,18 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a .gguf file or a model directory")
-        weights = GGUFWeights(path)
-        cfg = weights.config()
-        tokenizer = tokenizer_from_gguf(weights.metadata, cfg.eos_token_ids)
-        quant = weights.quantization
-        freq = weights.freq_factors()
-        net = model_class(cfg.architecture)(cfg, lambda n: convert(weights.get(n, cfg)), device, freq_factors=freq)
+        gw = GGUFWeights(path)
+        cfg = gw.config()
+        tokenizer = tokenizer_from_gguf(gw.metadata, cfg.eos_token_ids)
+        quant = gw.quantization
+        freq = gw.freq_factors()
+        quantized = keep_quantized(weights, dtype, device)
+
+        def get(n: str):
+            q = gw.get_quantized(n, cfg, dt) if quantized else None
+            return q if q is not None else convert(gw.get(n, cfg))
+
+        net = model_class(cfg.architecture)(cfg, get, device, freq_factors=freq)
     else:
         cfg = read_hf_config(path)
         st = SafetensorsWeights(path)

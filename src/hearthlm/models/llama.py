@@ -109,7 +109,8 @@ class LlamaModel:
         self.layers = [self.layer_cls(cfg, i, get) for i in range(cfg.num_layers)]
         self.final_norm = require(get, "model.norm.weight")
         lm_head = get("lm_head.weight")
-        self.lm_head = lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed
+        self.lm_head = Linear(lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed,
+                              dense_from_rows=8)  # int4 kernels are linear in rows: 8+ decoding streams go bf16
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device, freq_factors)
         self.dtype = self.embed.dtype
         self.cos_sin = None
@@ -118,7 +119,8 @@ class LlamaModel:
                                                  cfg.rope_scaling, freq_factors, device=device)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed)
+        e = self.embed  # a tensor, or a GroupQuant kept quantized (CPU)
+        h = F.embedding(input_ids, e) if isinstance(e, torch.Tensor) else e.embedding(input_ids)
         if self.cfg.embedding_scale:
             h = h * torch.tensor(self.cfg.embedding_scale, dtype=h.dtype)
         return h
@@ -139,16 +141,16 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32
-        logits = F.linear(hidden, self.lm_head).float()
+        logits = self.lm_head(hidden).float()
         cap = self.cfg.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        embed = [self.embed] if isinstance(self.embed, torch.Tensor) else self.embed.tensors()
+        out = embed + [self.final_norm] + [t for t in self.lm_head.tensors() if t is not self.embed]
         for layer in self.layers:
             out += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
-            out += [t for lin in vars(layer).values() if isinstance(lin, Linear)
-                    for t in (lin.weight, lin.bias) if t is not None]
+            out += [t for lin in vars(layer).values() if isinstance(lin, Linear) for t in lin.tensors()]
         return out

@@ -1,0 +1,160 @@
+"""Weights kept quantized on CPU: GGUF blocks unpacked to one affine group form, then repacked for the
+CPU kernels PyTorch ships.
+
+  GroupQuant    w = code * scale + min per group of `group` inputs: the common form of Q4_0/1, Q5_0/1, Q4_K, Q5_K,
+                Q8_0 (Q6_K, Q2_K, Q3_K have groups of 16 and stay dequantized)
+  Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
+                bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
+                5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales
+  Bf16Weight    dense bf16 copy, for many-row inputs where the int4 kernel (linear in rows) falls behind
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
+
+
+@dataclass
+class GroupQuant:
+    codes: torch.Tensor  # [N, K] uint8 (4/5-bit types) or int8 (Q8_0)
+    scale: torch.Tensor  # [N, K // group] float32
+    min: torch.Tensor  # [N, K // group] float32
+    group: int
+    bits: int
+    dtype: torch.dtype = torch.float32  # activation dtype of the model using it
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, rows: torch.Tensor) -> GroupQuant:
+        """Select/permute output rows (e.g. llama q/k head permutation)."""
+        return GroupQuant(self.codes[rows], self.scale[rows], self.min[rows], self.group, self.bits, self.dtype)
+
+    @staticmethod
+    def cat(parts: list[GroupQuant]) -> GroupQuant:
+        """Concatenate along the output dim (fused q/k/v, gate/up)."""
+        p = parts[0]
+        assert all(q.group == p.group and q.bits == p.bits and q.codes.dtype == p.codes.dtype for q in parts)
+        return GroupQuant(torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
+                          torch.cat([q.min for q in parts]), p.group, p.bits, p.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        n, k = self.codes.shape
+        w = self.codes.float().view(n, k // self.group, self.group) * self.scale[..., None] + self.min[..., None]
+        return w.view(n, k).to(dtype or self.dtype)
+
+    def nibble_split(self) -> GroupQuant:
+        """5/8-bit codes as two 4-bit halves side by side along K: [N, 2K] with w = hi half + lo half exactly
+        (q = 16 * (q >> 4) + (q & 15)); the matmul then takes cat([x, x], -1)."""
+        q = self.codes.to(torch.int16)
+        off = -8 if self.codes.dtype == torch.int8 else 0  # signed codes: hi = (q >> 4) + 8 in [0, 15]
+        codes = torch.cat([(q >> 4) - off, q & 15], 1).to(torch.uint8)
+        scale = torch.cat([16 * self.scale, self.scale], 1)
+        # min goes with the lo half: both kernel zeros (min + 8 * scale) then stay exact multiples of the
+        # bf16-rounded scale for the _0 types (hi: 0 or 128 d, lo: 8 d - 16 d or 8 d)
+        mins = torch.cat([16 * off * self.scale, self.min], 1)
+        return GroupQuant(codes, scale, mins, self.group, 4, self.dtype)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` dequantized: F.embedding on the codes. ids: [T] -> [T, K]."""
+        return self[ids].dequantize()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.min]
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
+    """[..., B] packed bytes -> [..., 2B] codes: per run of `run` bytes, its low nibbles then its high nibbles."""
+    qs = qs.reshape(*qs.shape[:-1], -1, 1, run)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(*qs.shape[:-3], -1)
+
+
+def unpack_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> GroupQuant | None:
+    """GGUF blocks -> GroupQuant. raw: [N, bytes per row] uint8 as GGUFFile.raw gives it; shape: (N, K)."""
+    import gguf
+
+    if type_name not in QUANT_TYPES:
+        return None
+    n, k = shape
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    b = np.asarray(raw, dtype=np.uint8).reshape(n, k // block, size)
+    d = _f16(b[..., 0:2])
+    if type_name == "Q8_0":
+        codes = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(n, k))
+        return GroupQuant(codes, torch.from_numpy(d), torch.zeros(n, k // 32), 32, 8)
+    bits = 5 if type_name.startswith("Q5") else 4
+    if not type_name.endswith("_K"):  # Q4_0 Q4_1 Q5_0 Q5_1: [d, (m), (qh: 32 fifth bits), qs: 16 bytes]
+        off = 4 if type_name.endswith("_1") else 2
+        m = _f16(b[..., 2:4]) if off == 4 else -(1 << (bits - 1)) * d  # _0 types: w = d * (q - 8 or 16)
+        codes = _nibbles(b[..., off + 4 * (bits == 5):], 16)
+        if bits == 5:
+            qh = np.ascontiguousarray(b[..., off:off + 4]).view(np.uint32)  # [N, blocks, 1]
+            codes |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+        return GroupQuant(torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d), torch.from_numpy(m), 32, bits)
+    # Q4_K / Q5_K: 256-weight super-blocks of 8 groups of 32, w = d * sc * q - dmin * m
+    dmin = _f16(b[..., 2:4])
+    sc, mn = gguf.quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+    sc, mn = sc.reshape(n, -1, 8).astype(np.float32), mn.reshape(n, -1, 8).astype(np.float32)
+    codes = _nibbles(b[..., 16 + 32 * (bits == 5):], 32)  # runs of 32 bytes: groups 2j, 2j+1 in low/high nibbles
+    if bits == 5:  # qh[32]: bit j of byte l is the fifth bit of element l of group j
+        qh = b[..., 16:48, None] >> np.arange(8, dtype=np.uint8)  # [N, blocks, 32, 8]
+        codes |= ((qh & 1).swapaxes(-1, -2).reshape(n, -1, 256)) << 4
+    return GroupQuant(torch.from_numpy(codes.reshape(n, k)), torch.from_numpy((d[..., None] * sc).reshape(n, -1)),
+                      torch.from_numpy((-dmin[..., None] * mn).reshape(n, -1)), 32, bits)
+
+
+class Int4Weight:
+    """4-bit codes, groups of 32, for aten._weight_int4pack_mm_for_cpu (needs N % 16 == 0, bf16 x).
+    5/8-bit codes run as two 4-bit halves (GroupQuant.nibble_split): twice the K, x fed twice."""
+
+    def __init__(self, g: GroupQuant):
+        self.split = g.bits > 4
+        if self.split:
+            g = g.nibble_split()
+        self.out_features, self.in_features = g.shape[0], g.shape[1] // (2 if self.split else 1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(g.codes.to(torch.int32), 2)
+        # [K/32, N, 2]: scale, zero with w = (code - 8) * scale + zero
+        self.scale_zeros = torch.stack([g.scale, g.min + 8 * g.scale], -1).transpose(0, 1).contiguous().bfloat16()
+
+    @staticmethod
+    def supports(g: GroupQuant) -> bool:
+        return g.bits <= 8 and g.group == 32 and g.shape[0] % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype
+        xb = x.to(torch.bfloat16)
+        if self.split:
+            xb = torch.cat([xb, xb], 1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, 32, self.scale_zeros).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scale_zeros]
+
+
+class Bf16Weight:
+    """Dense bf16 copy (casts x): oneDNN's bf16 GEMM beats the int4 kernel once x has many rows."""
+
+    def __init__(self, g: GroupQuant):
+        self.weight = g.dequantize(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+
+def pack(g: GroupQuant) -> Int4Weight | None:
+    """The CPU kernel layout for g, or None (the caller dequantizes)."""
+    return Int4Weight(g) if Int4Weight.supports(g) else None
