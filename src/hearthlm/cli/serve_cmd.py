@@ -39,7 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache size, e.g. 512M, 2G")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="auto, float32, float16, bfloat16. Default: float32 on CPU (exact and batch-invariant: a "
+                        "request's greedy text does not depend on what it is batched with), auto (bf16) on GPU. "
+                        "On CPU, auto keeps GGUF weights quantized: ~3.5x faster decode, outputs may vary with batching")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-alive", default="5m", help="unload after this idle time (Ollama style; -1 = never)")
     p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
@@ -54,7 +57,8 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(model=args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
-                       enable_prefix_caching=not args.no_prefix_caching, device=args.device, dtype=args.dtype,
+                       enable_prefix_caching=not args.no_prefix_caching, device=args.device,
+                       dtype=args.dtype or _default_dtype(args.device),
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload)
 
@@ -81,3 +85,10 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _default_dtype(device: str) -> str:
+    import torch
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "auto" if on_gpu else "float32"

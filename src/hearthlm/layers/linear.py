@@ -8,23 +8,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant_linear import Bf16Weight, GroupQuant, Int4Weight, pack
+from .quant_linear import GroupQuant, Int4Weight, pack
 
 Weight = torch.Tensor | GroupQuant
-DENSE_COPY_MAX_BYTES = 256 << 20  # dense_from_rows keeps a bf16 copy only up to this size
 
 
 class Linear:
-    def __init__(self, weight: Weight, bias: torch.Tensor | None = None, dense_from_rows: int | None = None):
-        """weight: [out_features, in_features]. dense_from_rows: for a packed weight, also keep a dense bf16
-        copy used for inputs of at least that many rows (memory for speed, e.g. the lm_head of many streams)."""
+    def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
+        """weight: [out_features, in_features]. A packed weight runs the same kernel for any number of rows,
+        so a sequence's output does not depend on what it is batched with (greedy text alone == batched)."""
         self.packed: Int4Weight | None = None
-        self.dense: Bf16Weight | None = None
-        self.dense_from_rows = 1 << 62
         if isinstance(weight, GroupQuant):
             self.packed = pack(weight)
-            if self.packed is not None and dense_from_rows and weight.codes.numel() * 2 <= DENSE_COPY_MAX_BYTES:
-                self.dense, self.dense_from_rows = Bf16Weight(weight), dense_from_rows
             weight = weight.dequantize() if self.packed is None else None
         self.weight: torch.Tensor | None = weight
         self.bias = bias
@@ -53,7 +48,7 @@ class Linear:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = (self.dense if x2.shape[0] >= self.dense_from_rows else self.packed)(x2)
+        y = self.packed(x2)
         y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -61,7 +56,6 @@ class Linear:
         if self.parts is not None:
             return [t for p in self.parts for t in p.tensors()] + ([self.bias] if self.bias is not None else [])
         ts = [self.weight] if self.packed is None else self.packed.tensors()
-        ts += self.dense.tensors() if self.dense is not None else []
         return ts + ([self.bias] if self.bias is not None else [])
 
     @property

@@ -6,7 +6,6 @@ CPU kernels PyTorch ships.
   Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
                 bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
                 5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales
-  Bf16Weight    dense bf16 copy, for many-row inputs where the int4 kernel (linear in rows) falls behind
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
 
@@ -139,20 +137,6 @@ class Int4Weight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scale_zeros]
-
-
-class Bf16Weight:
-    """Dense bf16 copy (casts x): oneDNN's bf16 GEMM beats the int4 kernel once x has many rows."""
-
-    def __init__(self, g: GroupQuant):
-        self.weight = g.dequantize(torch.bfloat16)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype
-        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.weight]
 
 
 def pack(g: GroupQuant) -> Int4Weight | None:

@@ -109,8 +109,7 @@ class LlamaModel:
         self.layers = [self.layer_cls(cfg, i, get) for i in range(cfg.num_layers)]
         self.final_norm = require(get, "model.norm.weight")
         lm_head = get("lm_head.weight")
-        self.lm_head = Linear(lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed,
-                              dense_from_rows=8)  # int4 kernels are linear in rows: 8+ decoding streams go bf16
+        self.lm_head = Linear(lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device, freq_factors)
         self.dtype = self.embed.dtype
         self.cos_sin = None
