@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t
     out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
     total = out_tok + sum(len(p) for p in prompts)
-    print(f"| engine | requests | output tok/s | total tok/s |\n|---|---|---|---|")
+    print("| engine | requests | output tok/s | total tok/s |\n|---|---|---|---|")
     print(f"| hearthlm | {len(prompts)} | {out_tok / dt:,.0f} | {total / dt:,.0f} |")
     if args.baseline == "hf":
         hf_out = _hf_throughput(hf, prompts, [o for _, o in lens], device, args.hf_max_batch)

@@ -15,10 +15,10 @@ from ..runtime.runner import Batch, ModelRunner
 from ..runtime.sampler import SampleRequest
 from ..sampling import SamplingParams
 from .detokenizer import TextState
-from .kv_cache import KVCacheManager
+from .kv_cache import KVCacheManager, kv_group_windows
 from .metrics import EngineStats
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, Sequence, SeqStatus
+from .sequence import CompletionOutput, RequestOutput, Sequence
 
 log = logging.getLogger("hearthlm")
 
@@ -67,7 +67,7 @@ class LLMEngine:
             sched.max_model_len = cfg.max_position_embeddings
         if not sched.enable_chunked_prefill:
             sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_model_len)
-        windows = sorted(set(cfg.layer_windows), key=lambda w: (w is not None, w or 0))
+        windows = kv_group_windows(cfg.layer_windows)
         self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device)
         self.kv = KVCacheManager(cfg.layer_windows, config.cache.block_size, self.runner.num_blocks,
                                  config.cache.enable_prefix_caching)

@@ -73,6 +73,11 @@ class KVGroup:
     pool: BlockPool
 
 
+def kv_group_windows(layer_windows: list[int | None]) -> list[int | None]:
+    """The KV groups' windows in their fixed order (full attention first); runner and manager share it."""
+    return sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
+
+
 def chain_hash(parent: int | None, tokens: list[int]) -> int:
     return hash((parent, tuple(tokens)))
 
@@ -81,15 +86,15 @@ class KVCacheManager:
     def __init__(self, layer_windows: list[int | None], block_size: int, num_blocks_per_group: list[int],
                  enable_prefix_caching: bool = True):
         self.block_size = block_size
-        windows = sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
+        windows = kv_group_windows(layer_windows)
+        self.full_attention_only = windows == [None]
         # prefix reuse needs every block of the prefix; sliding groups drop them, so it is full-attention only
-        self.enable_prefix_caching = enable_prefix_caching and windows == [None]
+        self.enable_prefix_caching = enable_prefix_caching and self.full_attention_only
         self.groups = [
             KVGroup(w, [i for i, lw in enumerate(layer_windows) if lw == w],
                     BlockPool(n, self.enable_prefix_caching))
             for w, n in zip(windows, num_blocks_per_group)
         ]
-        self.full_attention_only = windows == [None]
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached
 

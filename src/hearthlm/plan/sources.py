@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from ..loader.hf_config import config_from_gguf_metadata, config_from_hf_dict
+from ..loader.hf_config import config_from_hf_dict
 from .memory import WeightBytes, weights_bytes_from_tensors
 from .presets import PRESETS, preset_config
 
