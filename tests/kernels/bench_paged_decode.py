@@ -1,7 +1,8 @@
 """Time paged decode attention (Triton vs torch reference) and prefill (vs SDPA) on CUDA.
 
 Llama-3.2-1B attention shapes: 32 q heads, 8 kv heads, head_dim 64, bf16, block_size 16.
-Run from the repo root: PYTHONPATH=src python tests/kernels/bench_paged_decode.py [--sweep]
+Run from the repo root: PYTHONPATH=src python tests/kernels/bench_paged_decode.py [--sweep] [--kv fp8|int8]
+(--kv: quantized pools, codes + f32 scale per slot and head, as with --kv-cache-dtype)
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch.nn.functional as F
 
 from hearthlm.kernels import paged_attention as pa
 from hearthlm.kernels import prefill_attention as pf
+from hearthlm.kernels.kv_quant import pool_nbytes, quantize_pool
 
 H, KV, D, BS, DT = 32, 8, 64, 16, torch.bfloat16
+KV_KIND = sys.argv[sys.argv.index("--kv") + 1] if "--kv" in sys.argv else None
 
 
 def _time_us(fn, iters: int, warmup: int = 3) -> float:
@@ -45,6 +48,8 @@ def _paged_inputs(batch: int, ctx: int):
     nb = batch * ctx // BS
     k_cache = torch.randn(nb, BS, KV, D, device="cuda", dtype=DT)
     v_cache = torch.randn(nb, BS, KV, D, device="cuda", dtype=DT)
+    if KV_KIND:
+        k_cache, v_cache = quantize_pool(k_cache, KV_KIND), quantize_pool(v_cache, KV_KIND)
     block_tables = torch.randperm(nb, device="cuda").view(batch, ctx // BS).to(torch.int32)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     return k_cache, v_cache, block_tables, seq_lens
@@ -57,7 +62,7 @@ def bench_decode(sweep: bool) -> None:
         for ctx in (1024, 8192):
             q = torch.randn(batch, H, D, device="cuda", dtype=DT)
             args = (q, *_paged_inputs(batch, ctx), D ** -0.5)
-            kv_bytes = batch * ctx * KV * D * 2 * 2
+            kv_bytes = pool_nbytes(args[1]) + pool_nbytes(args[2])
             triton_fn = partial(pa.paged_decode_attention_triton, *args)
             ref_fn = partial(pa.paged_decode_attention_ref, *args)
             t = _time_us(triton_fn, 100)
@@ -97,6 +102,6 @@ def bench_prefill(sweep: bool) -> None:
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "kv", KV_KIND or "bf16")
     bench_decode(sweep="--sweep" in sys.argv)
     bench_prefill(sweep="--sweep" in sys.argv)

@@ -31,8 +31,8 @@ def test_llama_3_1_8b_by_hand():
     assert m.kv_bytes_per_token(cfg, "bf16") == 32 * 2 * 8 * 128 * 2 == 131_072
     assert m.kv_bytes_per_token(cfg, "fp8") == 65_536
     assert m.kv_bytes_per_token(cfg, "f32") == 262_144
-    assert m.kv_scale_bytes_per_token(cfg, "int8") == 32 * 2 * 8 * 2  # one f16 scale per token and kv head
-    assert m.kv_scale_bytes_per_token(cfg, "fp8") == 0
+    # one f32 scale per token and kv head for K and V, as the runner allocates (kernels/kv_quant.py)
+    assert m.kv_scale_bytes_per_token(cfg, "int8") == m.kv_scale_bytes_per_token(cfg, "fp8") == 32 * 2 * 8 * 4
     assert m.kv_bytes_for_context(cfg, 131072, 16, "auto") == 131_072 * 131_072 * 16  # 256 GiB
     # T x 2 B x (2h + q + 2kv + 2I) + 16 sampled rows x vocab x 4 B
     assert m.activation_bytes(cfg, 2048, "bf16", 16) == 2048 * 2 * (8192 + 4096 + 2048 + 28672) + 16 * 128256 * 4
@@ -109,7 +109,8 @@ def test_verdicts_and_limits():
     # at 16 sequences: whole 16-token blocks of 16 x 131,072 B
     assert spill.max_context == free // (16 * 131072 * 16) * 16 == 28_848
     fp8 = m.make_plan(cfg, "bf16", 131072, 16, "fp8", h100, 0.9)
-    assert fp8.max_concurrency == 7
+    # fp8: 65,536 B of codes + 2,048 B of scales per token
+    assert fp8.max_concurrency == free // (131072 * (65_536 + 2_048)) == 6
 
     nope = m.make_plan(cfg, "bf16", 8192, 1, "auto", int(0.5 * GiB), 0.9)
     assert nope.verdict == "does_not_fit" and nope.max_context == nope.max_concurrency == 0

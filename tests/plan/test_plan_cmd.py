@@ -106,8 +106,9 @@ def test_json_parses_and_carries_advice(capsys):
     rc, plan = plan_json(capsys, "gemma-2-2b", "--ctx", "8k", "--concurrency", "64", "--device", "24",
                          "--kv-cache-dtype", "fp8")
     assert rc == 2 and plan["verdict"] == "kv_spills"
-    # 13 sliding layers hold 4096 + 16 tokens, 13 global ones 8192; fp8: 2 x 4 x 256 x 1 B per layer-token
-    assert plan["kv_bytes"] == 64 * 2 * 4 * 256 * (13 * 4112 + 13 * 8192)
+    # 13 sliding layers hold 4096 + 16 tokens, 13 global ones 8192; fp8: 2 x 4 x (256 x 1 B + 4 B scale)
+    # per layer-token
+    assert plan["kv_bytes"] == 64 * 2 * 4 * (256 + 4) * (13 * 4112 + 13 * 8192)
     assert plan["advice"] and all({"flag", "text", "cost_tier", "numbers"} <= set(a) for a in plan["advice"])
     assert [a["cost_tier"] for a in plan["advice"]] == sorted(a["cost_tier"] for a in plan["advice"])
 

@@ -6,12 +6,17 @@ through the block table with an online softmax in fp32, and either writes the ou
 (one split) or a partial (normalized output, running max, running sum) that `_reduce_kernel`
 merges. The split count depends only on shapes (never on seq_lens values), so launches are
 CUDA-graph safe; each program splits its own sequence, so any split count is correct.
+
+Quantized pools (KV_QUANT, see kv_quant.py): codes are converted to the query dtype in registers (exact
+for e4m3 and int8) and the per-key scales applied outside the dots: scores = (q . k_codes) x k_scale,
+and p x v_scale weights the value codes.
 """
 from __future__ import annotations
 
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
+from .kv_quant import KVPool, gather_dequant, split_pool
 
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
@@ -28,13 +33,16 @@ if HAS_TRITON:
     def _decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
         out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+        k_scale_ptr, v_scale_ptr,
         scale, softcap, window,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_ksb, stride_kst, stride_vsb, stride_vst,
         stride_bt, block_size, num_heads, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
+        KV_QUANT: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -70,11 +78,16 @@ if HAS_TRITON:
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_QUANT:
+                k = k.to(q.dtype)
             if FP32_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * scale
+            if KV_QUANT:
+                ks = tl.load(k_scale_ptr + blk * stride_ksb + off * stride_kst + kvh, mask=n_mask, other=0.0)
+                s = s * ks[None, :]
             if USE_SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             s = tl.where(n_mask[None, :], s * 1.4426950408889634, float("-inf"))  # log2 domain
@@ -86,10 +99,15 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            pv = p
+            if KV_QUANT:
+                v = v.to(q.dtype)
+                vs = tl.load(v_scale_ptr + blk * stride_vsb + off * stride_vst + kvh, mask=n_mask, other=0.0)
+                pv = p * vs[None, :]
             if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
             m_i = m_new
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -133,11 +151,15 @@ if HAS_TRITON:
 # torch reference (shared with prefill_attention)
 # ---------------------------------------------------------------------------------------------
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+def gather_kv(cache: KVPool, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     # cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_table: [max_blocks] -> [seq_len, kv, D]
+    # (quantized pools come back dequantized, in float32)
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+    ids = block_table[:num_blocks].long()
+    if isinstance(cache, torch.Tensor):
+        return cache[ids].flatten(0, 1)[:seq_len]
+    return gather_dequant(cache, ids, torch.float32).flatten(0, 1)[:seq_len]
 
 
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
@@ -170,7 +192,7 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     return out
 
 
-def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -198,7 +220,7 @@ def _num_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.de
     return max(1, min(by_length, by_occupancy, _MAX_SPLITS))
 
 
-def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   softcap: float | None = None, window: int | None = None,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
@@ -208,8 +230,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    k_cache, k_scales = split_pool(k_cache)
+    v_cache, v_scales = split_pool(v_cache)
+    kv_quant = k_scales is not None
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert kv_quant == (v_scales is not None) and (not kv_quant or k_scales.stride(-1) == v_scales.stride(-1) == 1)
+    if not kv_quant:
+        k_scales = v_scales = k_cache  # unused
     assert window is None or window > 0
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -230,16 +258,18 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if block_n is None:  # H100, head_dim 64: 128 beat 64 by 1-15% (tests/kernels/bench_paged_decode.py)
         block_n = 128 if block_d <= 64 else 64
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l, k_scales, v_scales,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_quant
+          else (0, 0, 0, 0)),
         block_tables.stride(0), block_size, num_heads, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
-        FP32_DOT=q.dtype == torch.float32,
+        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
@@ -251,12 +281,13 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of each sequence's single new token (position seq_len - 1) over its cached context.
 
     q: [num_seqs, num_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    (or kv_quant.QuantizedKVCache pools: fp8/int8 codes of that shape + float32 scales)
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. the new token)
     softcap: logits = softcap * tanh(logits / softcap) after scaling; window: attend p - window < pos <= p.
     returns [num_seqs, num_heads, head_dim] in q.dtype (zeros for seq_len == 0).

@@ -4,12 +4,15 @@ One program per (query tile, sequence, kv head). A tile holds BLOCK_Q query toke
 query heads sharing the kv head (rows = token * GROUP + head), so keys/values are read once per
 group and q_len = 1 rows (decodes mixed into a prefill batch) are handled by the same code.
 Keys (cached prefix + this step's tokens, already written) are gathered through the block table.
+Quantized pools (KV_QUANT) are dequantized in registers as in paged_attention.py: codes in the query
+dtype inside the dots, per-key scales applied to the scores and to p.
 """
 from __future__ import annotations
 
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
+from .kv_quant import KVPool, split_pool
 from .paged_attention import attend_ref, gather_kv
 
 if HAS_TRITON:
@@ -21,13 +24,16 @@ if HAS_TRITON:
     @triton.jit
     def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+        k_scale_ptr, v_scale_ptr,
         scale, softcap, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_ksb, stride_kst, stride_vsb, stride_vst,
         stride_bt, block_size,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
+        KV_QUANT: tl.constexpr,
     ):
         q_tile = tl.program_id(0)
         seq = tl.program_id(1)
@@ -70,11 +76,16 @@ if HAS_TRITON:
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_QUANT:
+                k = k.to(q.dtype)
             if FP32_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * scale
+            if KV_QUANT:
+                ks = tl.load(k_scale_ptr + blk * stride_ksb + off * stride_kst + kvh, mask=n_mask, other=0.0)
+                s = s * ks[None, :]
             if USE_SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             mask = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -89,10 +100,15 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            pv = p
+            if KV_QUANT:
+                v = v.to(q.dtype)
+                vs = tl.load(v_scale_ptr + blk * stride_vsb + off * stride_vst + kvh, mask=n_mask, other=0.0)
+                pv = p * vs[None, :]
             if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
             m_i = m_new
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -100,7 +116,7 @@ if HAS_TRITON:
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 scale: float, softcap: float | None = None, window: int | None = None,
                                 max_seqlen_q: int | None = None) -> torch.Tensor:
@@ -119,7 +135,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
-def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                    scale: float, softcap: float | None = None, window: int | None = None,
                                    max_seqlen_q: int | None = None, block_m: int | None = None,
@@ -127,8 +143,14 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                                    num_stages: int = 2) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    k_cache, k_scales = split_pool(k_cache)
+    v_cache, v_scales = split_pool(v_cache)
+    kv_quant = k_scales is not None
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert kv_quant == (v_scales is not None) and (not kv_quant or k_scales.stride(-1) == v_scales.stride(-1) == 1)
+    if not kv_quant:
+        k_scales = v_scales = k_cache  # unused
     assert window is None or window > 0
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
@@ -147,27 +169,31 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     block_q = block_m // group
     grid = (-(-max_seqlen_q // block_q), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, k_scales, v_scales,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_quant
+          else (0, 0, 0, 0)),
         block_tables.stride(0), block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, FP32_DOT=q.dtype == torch.float32,
+        KV_QUANT=kv_quant,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, softcap: float | None = None, window: int | None = None,
                             max_seqlen_q: int | None = None) -> torch.Tensor:
     """Causal attention for a ragged batch of new tokens (any q_len >= 1 per sequence).
 
     q: [num_tokens, num_heads, head_dim], packed by sequence; cu_seqlens_q: [num_seqs + 1] int32
-    k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim] (new K/V already written)
+    k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim] (new K/V already written), or
+    kv_quant.QuantizedKVCache pools (fp8/int8 codes of that shape + float32 scales)
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. new tokens)
     Token i of sequence b sits at position seq_len_b - q_len_b + i. returns [num_tokens, num_heads, head_dim].
     """

@@ -3,6 +3,8 @@
 Two paths share one metadata object: the Triton kernels (CUDA) and this torch reference, which
 gathers each sequence's keys into a padded batch and runs one masked attention per sub-batch
 (decodes together, prefills together) so that no compute is spent on padding between them.
+A layer's KV pool is a tensor, or a QuantizedKVCache (--kv-cache-dtype fp8|int8): quantized on write,
+dequantized on read (the reference right after the gather, the kernels in registers).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels.kv_quant import KVPool, QuantizedKVCache, flat_view, gather_dequant, write_pool
 
 
 @dataclass
@@ -40,26 +44,29 @@ class AttentionMetadata:
     use_kernels: bool = False
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
              slot_mapping: torch.Tensor) -> None:
     # k, v: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    if isinstance(k_cache, QuantizedKVCache) or isinstance(v_cache, QuantizedKVCache):
+        write_pool(k_cache, k, slot_mapping)
+        write_pool(v_cache, v, slot_mapping)
+        return
     kv_heads, head_dim = k.shape[1:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, gm: GroupMeta,
+def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: GroupMeta,
                         scale: float, softcap: float | None) -> torch.Tensor:
     # q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]
-    num_heads, head_dim = q.shape[1:]
+    num_heads = q.shape[1]
     kv_heads = k_cache.shape[2]
-    k_flat = k_cache.view(-1, kv_heads, head_dim)
-    v_flat = v_cache.view(-1, kv_heads, head_dim)
+    k_flat, v_flat = flat_view(k_cache), flat_view(v_cache)  # [slots, kv_heads, head_dim]
     out = torch.empty_like(q)
     for sb in gm.sub_batches:
         qp = q[sb.token_index].transpose(1, 2)  # [B, H, Qmax, D]
-        kp = k_flat[sb.key_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
-        vp = v_flat[sb.key_slots].transpose(1, 2).to(q.dtype)
+        kp = gather_dequant(k_flat, sb.key_slots, q.dtype).transpose(1, 2)  # [B, KVH, L, D]
+        vp = gather_dequant(v_flat, sb.key_slots, q.dtype).transpose(1, 2)
         if softcap is None:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sb.mask, scale=scale,
                                                 enable_gqa=num_heads != kv_heads)
@@ -84,7 +91,7 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.matmul(probs, v)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
                     meta: AttentionMetadata, layer: int, scale: float, softcap: float | None) -> torch.Tensor:
     """Store this step's K/V and attend over each sequence's cached context."""
     gm = meta.groups[meta.layer_group[layer]]

@@ -51,9 +51,9 @@ _QUANT_ALIASES = {"fp16": "f16", "float16": "f16", "half": "f16", "bfloat16": "b
 _HEAD_UPGRADED = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k")
 
 KV_DTYPE_BYTES: dict[str, int] = {"auto": 2, "bf16": 2, "f16": 2, "f32": 4, "fp8": 1, "int8": 1}
-# Scale bytes per (token, kv head) for K and for V: int8 keeps one f16 scale per token and head;
-# fp8 uses one f32 scale per layer for K and V (constant, not per token, so 0 here).
-KV_SCALE_BYTES_PER_HEAD: dict[str, int] = {"int8": 2}
+# Scale bytes per (token, kv head) for K and for V: fp8 and int8 pools keep one f32 scale per token and head
+# next to the codes (kernels/kv_quant.py; the runner's kv_bytes_per_block counts the same bytes).
+KV_SCALE_BYTES_PER_HEAD: dict[str, int] = {"fp8": 4, "int8": 4}
 _KV_ALIASES = {"fp16": "f16", "float16": "f16", "bfloat16": "bf16", "float32": "f32", "fp32": "f32",
                "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}
 
@@ -175,7 +175,7 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "auto") -> int:
 
 
 def kv_scale_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "auto") -> int:
-    """Scale overhead per token = num_layers x 2 x num_kv_heads x scale bytes (int8: f16 per token and head)."""
+    """Scale overhead per token = num_layers x 2 x num_kv_heads x scale bytes (fp8, int8: f32 per token and head)."""
     return cfg.num_layers * 2 * cfg.num_kv_heads * KV_SCALE_BYTES_PER_HEAD.get(normalize_kv_dtype(kv_dtype), 0)
 
 

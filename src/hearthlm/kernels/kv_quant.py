@@ -1,0 +1,148 @@
+"""Quantized KV pools (--kv-cache-dtype fp8 | int8): 8-bit codes plus one float32 scale per slot and kv head.
+
+A pool is either a plain tensor [num_blocks, block_size, kv_heads, head_dim] in the model dtype ("auto")
+or a `QuantizedKVCache` holding codes of that shape (float8_e4m3fn or int8) and scales
+[num_blocks, block_size, kv_heads] float32, with x ~= codes * scale and scale = absmax(x over head_dim) / QMAX
+(448 for e4m3, 127 for int8; an all-zero row stores scale 0 and codes 0). Writers quantize
+(`quantize_kv` here, `_cache_write_kernel`); readers dequantize (`gather_dequant` here, the attention
+kernels in registers). Block ids and slots mean the same as for plain pools, so block tables, prefix
+caching and CUDA graphs (which only hold on to the tensors) need no change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CODE_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+QMAX: dict[str, float] = {"fp8": 448.0, "int8": 127.0}
+SCALE_DTYPE = torch.float32
+SCALE_BYTES = 4  # per (slot, kv head)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedKVCache:
+    codes: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim] float8_e4m3fn | int8
+    scales: torch.Tensor  # [num_blocks, block_size, kv_heads] float32
+
+    @property
+    def kind(self) -> str:
+        return "fp8" if self.codes.dtype == torch.float8_e4m3fn else "int8"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+KVPool = torch.Tensor | QuantizedKVCache
+
+
+def split_pool(pool: KVPool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data tensor, scales or None): what a kernel launcher passes on."""
+    if isinstance(pool, QuantizedKVCache):
+        return pool.codes, pool.scales
+    return pool, None
+
+
+def pool_nbytes(pool: KVPool) -> int:
+    return pool.nbytes if isinstance(pool, QuantizedKVCache) else pool.numel() * pool.element_size()
+
+
+def bytes_per_slot_head(head_dim: int, cache_dtype: str, model_dtype: torch.dtype) -> int:
+    """Bytes of one kv head of one cached token in one pool (K or V): codes + scale, or head_dim x model dtype."""
+    if cache_dtype in CODE_DTYPES:
+        return head_dim * torch.empty((), dtype=CODE_DTYPES[cache_dtype]).element_size() + SCALE_BYTES
+    return head_dim * torch.empty((), dtype=model_dtype).element_size()
+
+
+def new_pool(shape: tuple[int, int, int, int], cache_dtype: str, model_dtype: torch.dtype, device: torch.device,
+             zero: bool) -> KVPool:
+    """An empty pool; zero=False leaves it uninitialized except the null block 0."""
+    device = torch.device(device)
+    if cache_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        from ..errors import InvalidRequestError
+
+        raise InvalidRequestError(f"--kv-cache-dtype fp8 needs an Ada or Hopper GPU (compute capability 8.9+); "
+                                  f"{torch.cuda.get_device_name(device)} has no fp8 conversions: use int8",
+                                  param="kv_cache_dtype")
+    make = torch.zeros if zero else torch.empty
+    if cache_dtype not in CODE_DTYPES:
+        pool = make(shape, dtype=model_dtype, device=device)
+        parts = [pool]
+    else:
+        pool = QuantizedKVCache(make(shape, dtype=CODE_DTYPES[cache_dtype], device=device),
+                                make(shape[:3], dtype=SCALE_DTYPE, device=device))
+        parts = [pool.codes, pool.scales]
+    if not zero:
+        for t in parts:
+            t[0].zero_()  # (fp8 zero_ works on CPU and CUDA)
+    return pool
+
+
+def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., head_dim] -> (codes [..., head_dim] fp8/int8, scales [...] float32).
+
+    The Triton writer computes the same fp32 ops in the same order (absmax / QMAX, x / scale, clamp to
+    +-QMAX, then fp8: round to nearest even; int8: floor(y + 0.5)), so both produce the same codes.
+    """
+    qmax = QMAX[kind]
+    xf = x.float()
+    scale = xf.abs().amax(-1) / qmax
+    y = xf / torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    if kind == "fp8":
+        codes = y.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+    else:
+        codes = torch.floor(y.clamp(-qmax, qmax) + 0.5).to(torch.int8)  # halves round up, as the Triton writer
+    return codes, scale
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # codes: [..., head_dim], scales: [...] -> [..., head_dim] in dtype
+    return (codes.float() * scales[..., None]).to(dtype)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors viewed as uint8 (CPU index_copy_/index_put_ lack fp8 kernels); other dtypes unchanged."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def gather_dequant(pool: KVPool, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pool[index] (indexing dim 0: slots of a `flat_view`, or block ids of a 4-d pool), dequantized to dtype."""
+    if not isinstance(pool, QuantizedKVCache):
+        return pool[index].to(dtype)
+    codes = as_bytes(pool.codes)[index]
+    if pool.codes.dtype == torch.float8_e4m3fn:
+        codes = codes.view(torch.float8_e4m3fn)
+    return dequantize_kv(codes, pool.scales[index], dtype)
+
+
+def write_pool(pool: KVPool, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """pool.view(-1, kv_heads, head_dim)[slots] = x (quantized when the pool is); x: [n, kv_heads, head_dim]."""
+    kv_heads, head_dim = pool.shape[2:]
+    if not isinstance(pool, QuantizedKVCache):
+        pool.view(-1, kv_heads, head_dim).index_copy_(0, slots, x.to(pool.dtype))
+        return
+    codes, scales = quantize_kv(x, pool.kind)
+    as_bytes(pool.codes).view(-1, kv_heads, head_dim).index_copy_(0, slots, as_bytes(codes))
+    pool.scales.view(-1, kv_heads).index_copy_(0, slots, scales)
+
+
+def flat_view(pool: KVPool) -> KVPool:
+    """[num_blocks, block_size, ...] -> [slots, ...] for either kind of pool."""
+    if isinstance(pool, QuantizedKVCache):
+        return QuantizedKVCache(pool.codes.flatten(0, 1), pool.scales.flatten(0, 1))
+    return pool.flatten(0, 1)
+
+
+def quantize_pool(pool: torch.Tensor, kind: str) -> QuantizedKVCache:
+    """A whole plain pool [num_blocks, block_size, kv_heads, head_dim] as a quantized one (tests, benchmarks)."""
+    codes, scales = quantize_kv(pool, kind)
+    return QuantizedKVCache(codes.contiguous(), scales.contiguous())
