@@ -2,7 +2,9 @@
 CPU kernels PyTorch ships.
 
   GroupQuant    w = code * scale + min per group of `group` inputs: the common form of Q4_0/1, Q5_0/1, Q4_K, Q5_K,
-                Q8_0 (Q6_K, Q2_K, Q3_K have groups of 16 and stay dequantized)
+                Q8_0, Q6_K (groups of 16, signed codes; unpacked for the GPU kernels only, layers/gpu_quant.py),
+                and of the int8/int4 weights `quantize_int8` / `quantize_int4` make (--quantization)
+                (Q2_K, Q3_K stay dequantized)
   Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
                 bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
                 5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
+GPU_QUANT_TYPES = QUANT_TYPES + ("Q6_K",)  # groups of 16: no CPU int4 layout, but the GPU kernels take them
 
 
 @dataclass
@@ -63,6 +66,10 @@ class GroupQuant:
         """Rows `ids` dequantized: F.embedding on the codes. ids: [T] -> [T, K]."""
         return self[ids].dequantize()
 
+    def to(self, device: torch.device | str) -> GroupQuant:
+        return GroupQuant(self.codes.to(device), self.scale.to(device), self.min.to(device), self.group, self.bits,
+                          self.dtype)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.min]
 
@@ -81,11 +88,20 @@ def unpack_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Grou
     """GGUF blocks -> GroupQuant. raw: [N, bytes per row] uint8 as GGUFFile.raw gives it; shape: (N, K)."""
     import gguf
 
-    if type_name not in QUANT_TYPES:
+    if type_name not in GPU_QUANT_TYPES:
         return None
     n, k = shape
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     b = np.asarray(raw, dtype=np.uint8).reshape(n, k // block, size)
+    if type_name == "Q6_K":  # [ql: 128, qh: 64, scales: 16 int8, d], w = d * scale[16 groups] * (q - 32)
+        # per 128-weight half: 4 runs of 32 = (ql[0:32] lo, ql[32:64] lo, ql[0:32] hi, ql[32:64] hi) | qh bits 2j..
+        ql = (b[..., :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & 15
+        qh = (b[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        q = ql.reshape(n, -1, 8, 32) | (qh.reshape(n, -1, 8, 32) << 4)
+        codes = torch.from_numpy((q.astype(np.int16) - 32).astype(np.int8).reshape(n, k))
+        sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)  # [N, blocks, 16]
+        scale = _f16(b[..., 208:210])[..., None] * sc
+        return GroupQuant(codes, torch.from_numpy(scale.reshape(n, -1)), torch.zeros(n, k // 16), 16, 6)
     d = _f16(b[..., 0:2])
     if type_name == "Q8_0":
         codes = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(n, k))
@@ -109,6 +125,27 @@ def unpack_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Grou
         codes |= ((qh & 1).swapaxes(-1, -2).reshape(n, -1, 256)) << 4
     return GroupQuant(torch.from_numpy(codes.reshape(n, k)), torch.from_numpy((d[..., None] * sc).reshape(n, -1)),
                       torch.from_numpy((-dmin[..., None] * mn).reshape(n, -1)), 32, bits)
+
+
+def quantize_int8(w: torch.Tensor, group: int = 32) -> GroupQuant:
+    """Symmetric int8 per group of `group` inputs: code = round(w / scale) in [-127, 127], scale = absmax / 127.
+    w: [N, K] float (K % group == 0) -> GroupQuant on w's device, dtype w.dtype."""
+    n, k = w.shape
+    wf = w.float().view(n, k // group, group)
+    scale = (wf.abs().amax(-1) / 127).clamp(min=1e-12)
+    codes = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return GroupQuant(codes, scale, torch.zeros_like(scale), group, 8, w.dtype)
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> GroupQuant:
+    """Asymmetric int4 per group: w ~= code * scale + min, code in 0..15, min = group min, scale = range / 15.
+    w: [N, K] float (K % group == 0) -> GroupQuant on w's device, dtype w.dtype."""
+    n, k = w.shape
+    wf = w.float().view(n, k // group, group)
+    lo, hi = wf.amin(-1), wf.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((wf - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    return GroupQuant(codes, scale, lo, group, 4, w.dtype)
 
 
 class Int4Weight:

@@ -101,16 +101,19 @@ class GGUFWeights:
         heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
         return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
-    # ---- weights kept quantized (CPU kernels: layers/quant_linear.py) ----
-    def get_quantized(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype) -> "GroupQuant | None":
-        """A 2-D weight in a type with a fast CPU path as GroupQuant (else None: use get())."""
+    # ---- weights kept quantized (CPU kernels: layers/quant_linear.py; GPU: layers/gpu_quant.py) ----
+    def get_quantized(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype,
+                      gpu: bool = False) -> "GroupQuant | None":
+        """A 2-D weight in a type with a fast CPU path (gpu=True: a GPU kernel path, which adds Q6_K) as
+        GroupQuant (else None: use get())."""
         import gguf
 
-        from ..layers.quant_linear import QUANT_TYPES, unpack_gguf
+        from ..layers.quant_linear import GPU_QUANT_TYPES, QUANT_TYPES, unpack_gguf
 
         name = self.name_map.get(hf_name)
         t = self.tensors.get(name) if name else None
-        if t is None or len(t.shape) != 2 or gguf.GGMLQuantizationType(t.ggml_type).name not in QUANT_TYPES:
+        types = GPU_QUANT_TYPES if gpu else QUANT_TYPES
+        if t is None or len(t.shape) != 2 or gguf.GGMLQuantizationType(t.ggml_type).name not in types:
             return None
         g = unpack_gguf(self.file.raw(name), gguf.GGMLQuantizationType(t.ggml_type).name, tuple(t.shape))
         g.dtype = dtype

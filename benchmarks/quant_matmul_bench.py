@@ -1,0 +1,172 @@
+"""Quantized matmul kernels (kernels/quant_matmul.py) vs bf16 torch.matmul, on one CUDA GPU.
+
+    python benchmarks/quant_matmul_bench.py            # the table (~1-2 min on an H100)
+    python benchmarks/quant_matmul_bench.py --no-table --sweep --sweep-formats int4   # block-size sweeps
+                                                       # (~3-5 min per format: one format per call)
+
+For each (N, K) and M: median time of triton.testing.do_bench (launches from Python, as eager prefill does)
+and of do_bench_cudagraph (replayed from a CUDA graph, as decode steps run), achieved GB/s (bytes of W codes +
+scales (+ mins) + x + y, over the graph time), and the speed-up vs bf16 torch.matmul. Formats:
+  bf16   torch.matmul on a dense bf16 W (the baseline)
+  int4   4-bit codes, group 32, fp16 scale + min       (Q4_0/Q4_1/Q4_K, --quantization int4)
+  int8   int8 codes, group 32, fp16 scale              (Q8_0, --quantization int8)
+  q6k    int8 codes, group 16, fp16 scale              (Q6_K)
+  fp8    e4m3 W, per-channel scales, dynamic per-token x scales, torch._scaled_mm (SM 8.9+)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+import triton.testing
+
+from hearthlm.kernels import quant_matmul as qm
+from hearthlm.layers.gpu_quant import Fp8Weight
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
+MS = [1, 4, 16, 128, 512]
+FORMATS = {"int4": (4, 32, True), "int8": (8, 32, False), "q6k": (8, 16, False)}
+
+
+def weight(n: int, k: int, bits: int, group: int, has_min: bool):
+    if bits == 4:
+        codes = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+    else:
+        codes = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+    scale = (torch.rand(n, k // group, device="cuda") * 0.02).half()
+    mins = (-torch.rand(n, k // group, device="cuda") * 0.1).half() if has_min else None
+    return codes, scale, mins
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+L2_FLUSH_BYTES = 256 << 20  # > the L2 of any current GPU (H100: 50 MB)
+
+
+def rotating(make, weight_bytes: int):
+    """fn() running `make(i)()` over enough weight copies that each call reads W from HBM, not L2 (do_bench
+    flushes L2 itself; the graph timing replays back-to-back calls and needs the copies)."""
+    copies = [make(i) for i in range(max(1, min(32, -(-L2_FLUSH_BYTES // weight_bytes))))]
+    state = {"i": 0}
+
+    def fn():
+        state["i"] += 1
+        return copies[state["i"] % len(copies)]()
+
+    return fn
+
+
+def timed(fn) -> tuple[float, float]:
+    """(do_bench median ms, do_bench_cudagraph median ms)."""
+    eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception:  # noqa: BLE001 - report eager only
+        graph = float("nan")
+    return eager, graph
+
+
+def table() -> None:
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"{'N':>6} {'K':>6} {'M':>4} {'format':>6} {'eager us':>9} {'graph us':>9} {'GB/s':>7} {'vs bf16':>8}"
+          f"  {'max rel err':>11}")
+    for (n, k), m in itertools.product(SHAPES, MS):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+
+        def dense(i):
+            wi = w if i == 0 else w.clone()
+            return lambda: torch.matmul(x, wi.t())
+
+        base = timed(rotating(dense, nbytes(w)))
+        rows = [("bf16", base, nbytes(w, x) + m * n * 2, 0.0)]
+        for name, (bits, group, has_min) in FORMATS.items():
+            codes, scale, mins = weight(n, k, bits, group, has_min)
+            y = qm.quant_matmul(x, codes, scale, mins, bits, group)
+            ref = qm.quant_matmul_ref(x.float(), codes, scale, mins, bits, group)
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+
+            def quant(i, bits=bits, group=group, ws=(codes, scale, mins)):
+                c, s_, mn = ws if i == 0 else [t.clone() if t is not None else None for t in ws]
+                return lambda: qm.quant_matmul(x, c, s_, mn, bits, group)
+
+            t = timed(rotating(quant, nbytes(codes, scale, mins)))
+            rows.append((name, t, nbytes(codes, scale, mins, x) + m * n * 2, err))
+            del codes, scale, mins
+        if fp8:
+            f = Fp8Weight.quantize(w)
+            f(x)
+
+            def fp8w(i):
+                fi = f if i == 0 else Fp8Weight(f.w8.clone(), f.scale.clone(), f.dtype)
+                fi._rowwise = f._rowwise
+                return lambda: fi(x)
+
+            t = timed(rotating(fp8w, nbytes(f.w8, f.scale)))
+            rows.append(("fp8", t, nbytes(f.w8, f.scale, x) + m * n * 2, 0.0))
+        for name, (eager, graph), b, err in rows:
+            best = graph if graph == graph else eager
+            base_best = base[1] if base[1] == base[1] else base[0]
+            print(f"{n:>6} {k:>6} {m:>4} {name:>6} {eager * 1e3:>9.1f} {graph * 1e3:>9.1f} {b / best / 1e6:>7.0f} "
+                  f"{base_best / best:>7.2f}x  {err:>11.2e}")
+        torch.cuda.empty_cache()
+
+
+def sweep(formats: list[str]) -> None:
+    """Best block sizes per shape: GEMV for M = 1, 4; tl.dot kernel for M = 16, 128, 512 (CUDA-graph times,
+    W rotated through copies as in the table)."""
+    print("\n# sweeps (graph us; best 3 of each grid)")
+
+    def bench(call, ws):
+        def make(i):
+            c, s_, mn = ws if i == 0 else [t.clone() if t is not None else None for t in ws]
+            return lambda: call(c, s_, mn)
+        try:
+            return triton.testing.do_bench_cudagraph(rotating(make, nbytes(*ws)), rep=30, return_mode="median")
+        except Exception:  # noqa: BLE001 - e.g. out of registers/shared memory for this config
+            return float("inf")
+
+    for (n, k), name in itertools.product(SHAPES, formats):
+        bits, group, has_min = FORMATS[name]
+        ws = weight(n, k, bits, group, has_min)
+        wbytes = nbytes(*ws)
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            grid = [qm.KernelConfig(qm._next_pow2(m), bn, bk, split, warps, 2)
+                    for bn, bk, split, warps in itertools.product([16, 32, 64], [128, 256, 512], [0, 1, 4], [4])]
+            grid += [qm.KernelConfig(qm._next_pow2(m), 64, bk, 0, 8, 2) for bk in (256, 512)]
+            res = sorted(((bench(lambda c, s_, mn, cfg=cfg: qm.quant_gemv_triton(x, c, s_, mn, bits, group, cfg), ws),
+                          cfg) for cfg in grid), key=lambda r: r[0])
+            t_def = bench(lambda c, s_, mn: qm.quant_gemv_triton(x, c, s_, mn, bits, group), ws)
+            print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
+                  + "; ".join(f"{t * 1e3:.1f}us bn={c.block_n} bk={c.block_k} split={c.split_k} w={c.num_warps} "
+                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in res[:3]))
+        for m in (16, 128, 512):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bms = [16] if m <= 16 else [64, 128]
+            grid = [qm.KernelConfig(bm, bn, bk, 0 if m <= 16 else 1, warps, stages)
+                    for bm, bn, bk, warps, stages in itertools.product(bms, [64, 128], [32, 64, 128], [4, 8], [3, 4])]
+            res = sorted(((bench(lambda c, s_, mn, cfg=cfg: qm.quant_mm_triton(x, c, s_, mn, bits, group, cfg), ws),
+                          cfg) for cfg in grid), key=lambda r: r[0])
+            t_def = bench(lambda c, s_, mn: qm.quant_matmul(x, c, s_, mn, bits, group), ws)
+            print(f"mm {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us; "
+                  + "; ".join(f"{t * 1e3:.1f}us bm={c.block_m} bn={c.block_n} bk={c.block_k} split={c.split_k} "
+                              f"w={c.num_warps} s={c.num_stages}" for t, c in res[:3]))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="also sweep block sizes (prints the best configs)")
+    ap.add_argument("--sweep-formats", default="int4,int8", help="formats the sweep covers (comma-separated)")
+    ap.add_argument("--no-table", action="store_true", help="skip the main table (sweep only)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if not args.no_table:
+        table()
+    if args.sweep:
+        sweep(args.sweep_formats.split(","))

@@ -1,0 +1,166 @@
+"""Weights kept quantized on the GPU.
+
+  QuantWeight  group-wise codes for kernels/quant_matmul.py, repacked from a GroupQuant at load:
+               4-bit codes (Q4_0, Q4_1, Q4_K, int4) two per byte; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8)
+               one int8 per byte; scale/min per group in float16 (float32 when a value would lose range in
+               float16). Serves as a Linear weight and as a (row-gathered) embedding.
+  Fp8Weight    e4m3 weights with one float32 scale per output channel; activations scaled per token at run
+               time (dynamic), product on torch._scaled_mm (CUDA, compute capability >= 8.9).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..kernels.quant_matmul import dequantize_ref, pack_int4, quant_matmul, unpack_int4
+from .quant_linear import GroupQuant
+
+_F16_MAX, _F16_MIN_NORMAL = 65504.0, 6.2e-5
+
+
+def _scale_dtype(*ts: torch.Tensor | None) -> torch.dtype:
+    """float16 when every nonzero |value| is a normal float16, else float32."""
+    for t in ts:
+        if t is None or t.numel() == 0:
+            continue
+        a = t.abs()
+        nz = a[a > 0]
+        if nz.numel() and (float(nz.max()) > _F16_MAX or float(nz.min()) < _F16_MIN_NORMAL):
+            return torch.float32
+    return torch.float16
+
+
+class QuantWeight:
+    """w[n, k] = code * scale[n, k // group] + min[n, k // group] with the codes packed for the GPU kernels."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int,
+                 dtype: torch.dtype):
+        self.codes, self.scale, self.mins = codes, scale, mins  # codes: [N, K // 2] uint8 or [N, K] int8
+        self.bits, self.group, self.dtype = bits, group, dtype
+
+    @classmethod
+    def from_group(cls, g: GroupQuant, device: torch.device | str | None = None) -> QuantWeight:
+        device = torch.device(device) if device is not None else g.codes.device
+        codes = g.codes.to(device)
+        if g.bits <= 4:
+            codes, bits = pack_int4(codes), 4
+        else:
+            codes, bits = codes.to(torch.int8).contiguous(), 8  # 5/6-bit codes fit int8 either sign
+        mins = None if not bool((g.min != 0).any()) else g.min
+        sdt = _scale_dtype(g.scale, mins)
+        scale = g.scale.to(device=device, dtype=sdt).contiguous()
+        mins = None if mins is None else mins.to(device=device, dtype=sdt).contiguous()
+        return cls(codes, scale, mins, bits, g.group, g.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        n, c = self.codes.shape
+        return torch.Size((n, c * 2 if self.bits == 4 else c))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @staticmethod
+    def cat(parts: list[QuantWeight]) -> QuantWeight:
+        """Concatenate along the output dim (fused q/k/v, gate/up); scales promote to float32 if mixed."""
+        p = parts[0]
+        assert all((q.bits, q.group) == (p.bits, p.group) for q in parts)
+        sdt = p.scale.dtype if all(q.scale.dtype == p.scale.dtype for q in parts) else torch.float32
+        mins = None
+        if any(q.mins is not None for q in parts):
+            mins = torch.cat([(q.mins if q.mins is not None else torch.zeros_like(q.scale)).to(sdt) for q in parts])
+        return QuantWeight(torch.cat([q.codes for q in parts]), torch.cat([q.scale.to(sdt) for q in parts]), mins,
+                           p.bits, p.group, p.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype
+        return quant_matmul(x, self.codes, self.scale, self.mins, self.bits, self.group)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_ref(self.codes, self.scale, self.mins, self.bits, self.group).to(dtype or self.dtype)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` dequantized. ids: [T] -> [T, K] in self.dtype."""
+        codes = self.codes[ids]
+        q = unpack_int4(codes) if self.bits == 4 else codes
+        t, k = q.shape
+        w = q.float().view(t, k // self.group, self.group) * self.scale[ids].float()[..., None]
+        if self.mins is not None:
+            w = w + self.mins[ids].float()[..., None]
+        return w.view(t, k).to(self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale] + ([self.mins] if self.mins is not None else [])
+
+
+# ------------------------------------------------------------------------------------------------------ FP8
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None if FP8 weights can run on `device`, else the reason (for a typed error)."""
+    if device.type != "cuda":
+        return (f"quantization='fp8' needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), but the "
+                f"device is {device.type}: use quantization='int8' or 'int4' on CPU, or run on such a GPU")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"quantization='fp8' needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}: "
+                f"use quantization='int8' or 'int4'")
+    return None
+
+
+class Fp8Weight:
+    """W [N, K] as e4m3 with per-output-channel scales; y = (x8 @ w8^T) * sx[m] * sw[n]."""
+
+    def __init__(self, w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.w8, self.scale, self.dtype = w8, scale, dtype  # [N, K] float8_e4m3fn, [N] float32
+        self._rowwise: bool | None = None  # whether _scaled_mm takes row-wise scales here (decided on first use)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, dtype: torch.dtype | None = None) -> Fp8Weight:
+        """w: [N, K] float -> per-row absmax scaling to e4m3."""
+        wf = w.float()
+        scale = (wf.abs().amax(1) / FP8_MAX).clamp(min=1e-12)
+        w8 = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return cls(w8.contiguous(), scale.contiguous(), dtype or w.dtype)
+
+    @staticmethod
+    def cat(parts: list[Fp8Weight]) -> Fp8Weight:
+        return Fp8Weight(torch.cat([p.w8 for p in parts]), torch.cat([p.scale for p in parts]), parts[0].dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w8.shape
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.w8.float() * self.scale[:, None]).to(dtype or self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype; activations scaled per token (dynamic)
+        xf = x.float()
+        sx = (xf.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1]
+        x8 = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self._rowwise is not False:
+            try:
+                y = torch._scaled_mm(x8, self.w8.t(), scale_a=sx, scale_b=self.scale[None, :],
+                                     out_dtype=out_dtype)
+                self._rowwise = True
+                return y.to(x.dtype)
+            except RuntimeError:
+                if self._rowwise:
+                    raise
+                self._rowwise = False  # older GPUs/torch: tensor-wise scales only; apply ours afterwards
+        one = torch.ones((), device=x.device, dtype=torch.float32)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return (y * sx * self.scale[None, :]).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.w8, self.scale]
+
+
+def check_fp8_shape(w: torch.Tensor, name: str) -> None:
+    if w.shape[0] % 16 or w.shape[1] % 16:
+        raise InvalidRequestError(f"quantization='fp8' needs weight dims that are multiples of 16, but {name} is "
+                                  f"{tuple(w.shape)}: use quantization='int8'", param="quantization")
