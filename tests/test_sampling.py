@@ -97,3 +97,15 @@ def test_bad_sampling_params_raise_typed_errors(kwargs, match):
 
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_keyed_exponential_race_draws_follow_the_distribution():
+    from hearthlm.runtime.sampler import exponential_noise, row_key
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    keys = torch.tensor([row_key(seed, step) for seed in range(40) for step in range(500)])
+    draws = (probs[None, :] / exponential_noise(keys, 5)).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert (freq - probs).abs().max() < 0.01  # 20,000 draws: standard error <= 0.0035
+    again = exponential_noise(keys[:7], 5)
+    assert torch.equal(again, exponential_noise(keys, 5)[:7])  # a row's draw does not depend on the batch

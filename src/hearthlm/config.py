@@ -3,6 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import InvalidRequestError
+
+# --kv-cache-dtype: auto = the model dtype; fp8 (e4m3) / int8 = codes + a float32 scale per slot and kv head
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+_KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "fp8-e4m3": "fp8", "float8_e4m3fn": "fp8"}
+
+
+def normalize_cache_dtype(value: str) -> str:
+    """'auto' | 'fp8' | 'int8' (case-insensitive, fp8_e4m3 accepted); anything else is an InvalidRequestError."""
+    v = str(value).strip().lower()
+    v = _KV_CACHE_DTYPE_ALIASES.get(v, v)
+    if v not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(f"unknown KV cache dtype {value!r}: choose one of {', '.join(KV_CACHE_DTYPES)} "
+                                  "(--kv-cache-dtype)", param="kv_cache_dtype")
+    return v
+
 
 @dataclass
 class ModelConfig:
@@ -65,8 +81,11 @@ class CacheConfig:
     memory_fraction: float = 0.9  # of free memory (GPU) / available RAM share (CPU)
     num_blocks: int | None = None  # explicit override (tests)
     enable_prefix_caching: bool = True
-    cache_dtype: str = "auto"
+    cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     cuda_graphs: bool = True  # decode steps replay captured graphs on CUDA
+
+    def __post_init__(self) -> None:
+        self.cache_dtype = normalize_cache_dtype(self.cache_dtype)
 
 
 @dataclass
@@ -75,6 +94,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    # launch step N+1 before reading step N's tokens (hides host work behind the device); None = on for CUDA
+    async_scheduling: bool | None = None
 
 
 @dataclass
@@ -86,3 +107,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     stats_interval_s: float = 10.0
+    quantization: str = "none"  # none | int8 | int4 | fp8: weight-only, HF safetensors models (loader/load.py)

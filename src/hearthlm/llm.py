@@ -15,15 +15,17 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 cuda_graphs: bool = True, loaded=None):
+                 cuda_graphs: bool = True, async_scheduling: bool | None = None, kv_cache_dtype: str = "auto", quantization: str = "none", loaded=None):
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill)
+                                max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill,
+                                async_scheduling=async_scheduling)
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
-                            enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs)
+                            enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs,
+                            cache_dtype=kv_cache_dtype)
         if max_model_len is None:
             sched.max_model_len = 1 << 30  # clamped to the model's context by the engine
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,
-                                             scheduler=sched), loaded=loaded)
+                                             scheduler=sched, quantization=quantization), loaded=loaded)
         self.tokenizer = self.engine.tokenizer
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:

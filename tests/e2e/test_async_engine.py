@@ -98,7 +98,7 @@ def test_typed_errors_and_queue_full(tiny):
 def test_step_failure_fails_running_requests_only(tiny):
     ae = make(tiny, max_num_seqs=1)
     runner = ae.engine.runner
-    real = runner.execute
+    real = runner.launch
     calls = {"n": 0}
 
     def flaky(batch):
@@ -107,7 +107,7 @@ def test_step_failure_fails_running_requests_only(tiny):
             raise RuntimeError("boom")
         return real(batch)
 
-    runner.execute = flaky
+    runner.launch = flaky
 
     async def main():
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -16,6 +16,7 @@ if not triton.knobs.runtime.interpret or torch.cuda.is_available():
 from hearthlm.kernels import activation, cache_write, rmsnorm, rope
 from hearthlm.kernels import paged_attention as pa
 from hearthlm.kernels import prefill_attention as pf
+from hearthlm.kernels.kv_quant import as_bytes, new_pool, quantize_pool
 
 
 @pytest.mark.parametrize("softcap,window,num_splits", [(None, None, 1), (None, None, 3), (5.0, 21, None)])
@@ -55,6 +56,43 @@ def test_cache_write():
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
+@pytest.mark.parametrize("kind,dtype", [("fp8", torch.float32), ("int8", torch.float32), ("fp8", torch.float16)])
+def test_cache_write_quantized(kind, dtype):
+    g = torch.Generator().manual_seed(0)
+    kv = (torch.randn(9, 3, 3, 40, generator=g) * torch.logspace(-4, 3, 40)).to(dtype)  # subnormal codes too
+    kv[2, 0, 1] = 0  # an all-zero head: scale 0, codes 0
+    k, v = kv[:, 0], kv[:, 2]
+    slots = torch.tensor([3, -1, 0, 15, 6, 7, 20, 21, 9])
+    want = [new_pool((6, 4, 3, 40), kind, dtype, torch.device("cpu"), zero=True) for _ in range(2)]
+    got = [new_pool((6, 4, 3, 40), kind, dtype, torch.device("cpu"), zero=True) for _ in range(2)]
+    cache_write.reshape_and_cache_ref(k, v, *want, slots)
+    cache_write.reshape_and_cache_triton(k, v, *got, slots)
+    for a, b in zip(got, want):  # bit-exact, -0.0 included
+        assert torch.equal(as_bytes(a.codes), as_bytes(b.codes)) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("kind,dtype,softcap,window,num_splits", [
+    ("fp8", torch.float32, None, None, 1), ("int8", torch.float32, 5.0, 21, 3), ("fp8", torch.float16, None, None, 2)])
+def test_decode_quantized(decode_case, kind, dtype, softcap, window, num_splits):
+    pb, q = decode_case([1, 30, 75], num_heads=6, num_kv_heads=2, block_size=12, dtype=dtype)
+    kq, vq = quantize_pool(pb.k_cache, kind), quantize_pool(pb.v_cache, kind)
+    args = (q, kq, vq, pb.block_tables, pb.seq_lens, 0.2, softcap, window)
+    want = pa.paged_decode_attention_ref(*args)
+    got = pa.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind,softcap,window", [("fp8", None, None), ("int8", 5.0, 9)])
+def test_prefill_quantized(prefill_case, kind, softcap, window):
+    pb, q, cu = prefill_case([21, 30, 45], [21, 1, 13], num_heads=6, num_kv_heads=2, block_size=12)
+    kq, vq = quantize_pool(pb.k_cache, kind), quantize_pool(pb.v_cache, kind)
+    args = (q, kq, vq, pb.block_tables, cu, pb.seq_lens, 0.2, softcap, window)
+    want = pf.paged_prefill_attention_ref(*args)
+    got = pf.paged_prefill_attention_triton(*args, block_m=16, block_n=16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("gemma", [False, True])
 def test_rms_norm(gemma):
     x, res = torch.randn(2, 5, 40).to(torch.float16).unbind(0)
@@ -78,6 +116,24 @@ def test_rope():
     rope.apply_rope_triton_(q, k, pos, cache)
     torch.testing.assert_close(q, q2)
     torch.testing.assert_close(k, k2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_with_qk_norm(dtype):
+    cache = rope.build_cos_sin_cache(16, 64, 10000.0)
+    qkv = (3 * torch.randn(5, 6, 16)).to(dtype)
+    q, k = qkv[:, :4], qkv[:, 4:]
+    qw, kw = torch.rand(16).to(dtype) + 0.5, torch.rand(16).to(dtype) + 0.5
+    pos = torch.tensor([0, 5, 63, 2, 9])
+    q2, k2 = q.clone(), k.clone()
+    # reference: the unfused per-head RMSNorm, then RoPE
+    q2.copy_(rmsnorm.rms_norm_ref(q2, qw, 1e-6))
+    k2.copy_(rmsnorm.rms_norm_ref(k2, kw, 1e-6))
+    rope.apply_rope_ref_(q2, k2, pos, cache)
+    rope.apply_rope_triton_(q, k, pos, cache, (qw, kw, 1e-6))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(q, q2, atol=tol, rtol=tol)
+    torch.testing.assert_close(k, k2, atol=tol, rtol=tol)
 
 
 def test_activations():

@@ -10,10 +10,13 @@ from ..loader.hf_config import config_from_hf_dict
 from ..models.registry import model_class
 
 
-def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size: int = 49152):
-    """(hf_model, LoadedModel) sharing the same random weights; the tokenizer is the embedded model's."""
+def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size: int = 49152,
+               quantization: str = "none"):
+    """(hf_model, LoadedModel) sharing the same random weights; the tokenizer is the embedded model's.
+    quantization: the engine's block matrices quantized at load (loader.load.weight_quantizer)."""
     import transformers
 
+    from ..loader.load import weight_quantizer
     from ..plan.presets import HF_CONFIGS
 
     d = dict(HF_CONFIGS[preset], vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
@@ -23,9 +26,12 @@ def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
     state = hf.state_dict()
     cfg = config_from_hf_dict(d, name=f"{preset}-random")
-    net = model_class(cfg.architecture)(cfg, lambda n: state.get(n), device)
+    quantize = weight_quantizer(quantization, torch.device(device))
+    net = model_class(cfg.architecture)(
+        cfg, lambda n: state.get(n) if quantize is None or n not in state else quantize(n, state[n]), device)
     tok = default_or_synthetic_tokenizer()
-    loaded = LoadedModel(cfg, net, tok, Path(f"{preset}-random"), str(dtype).replace("torch.", ""), 0.0)
+    loaded = LoadedModel(cfg, net, tok, Path(f"{preset}-random"),
+                         str(dtype).replace("torch.", "") if quantize is None else quantization, 0.0)
     return hf, loaded
 
 

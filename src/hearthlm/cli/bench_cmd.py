@@ -19,9 +19,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    p.add_argument("--baseline", choices=["none", "hf", "hf-cb"], default="none",
+                   help="HF transformers in the same run: hf = generate (and, for throughput, its continuous "
+                        "batching too); hf-cb = throughput against continuous batching only")
     p.add_argument("--hf-max-batch", type=int, default=16, help="HF baseline: largest batch it is run at")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 or int8")
+    p.add_argument("--quantization", default="none", help="weights: none, int8, int4 or fp8 (HF baseline stays dense)")
     p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt tokens")
     p.add_argument("--url", default=None, help="serving: server base URL (default HEARTH_HOST or 127.0.0.1:11435)")
     p.add_argument("--concurrency", type=int, default=16, help="serving: concurrent clients")
@@ -53,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    hf, loaded = build_pair(args.preset, dtype, device)
+    hf, loaded = build_pair(args.preset, dtype, device, quantization=args.quantization)
     llm = LLM(loaded=loaded, device=str(device), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=8192)
+              max_num_batched_tokens=8192, kv_cache_dtype=args.kv_cache_dtype)
     print(f"# hearth bench {args.mode} --preset {args.preset}: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}; engine ready in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(0)
@@ -103,11 +107,49 @@ def run(args: argparse.Namespace) -> int:
     total = out_tok + sum(len(p) for p in prompts)
     print("| engine | requests | output tok/s | total tok/s |\n|---|---|---|---|")
     print(f"| hearthlm | {len(prompts)} | {out_tok / dt:,.0f} | {total / dt:,.0f} |")
+    print(f"steps {llm.engine.stats.steps:,}; {dt:.1f}s")
+    if args.baseline in ("hf", "hf-cb"):
+        out_lens = [o for _, o in lens]
+        try:
+            cb = _hf_continuous(hf, prompts, out_lens)
+            print(f"| HF transformers continuous batching (generate_batch manager) | {len(prompts)} | {cb:,.0f} | - |")
+            print(f"ratio vs HF continuous batching (output tok/s): {out_tok / dt / cb:.1f}x")
+        except Exception as e:  # the API moves between transformers releases
+            print(f"HF continuous batching unavailable: {type(e).__name__}: {str(e)[:200]}")
     if args.baseline == "hf":
-        hf_out = _hf_throughput(hf, prompts, [o for _, o in lens], device, args.hf_max_batch)
+        hf_out = _hf_throughput(hf, prompts, out_lens, device, args.hf_max_batch)
         print(f"| HF transformers generate (static batches of {args.hf_max_batch}) | {len(prompts)} | {hf_out:,.0f} | - |")
-        print(f"ratio (output tok/s): {out_tok / dt / hf_out:.1f}x")
+        print(f"ratio vs HF static batches (output tok/s): {out_tok / dt / hf_out:.1f}x")
     return 0
+
+
+def _hf_continuous(hf, prompts, out_lens) -> float:
+    """HF transformers' continuous batching manager (what generate_batch runs), each request with its own
+    max_new_tokens; output tok/s over the requested tokens."""
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max(out_lens), eos_token_id=-1, pad_token_id=0)
+    mgr = hf.init_continuous_batching(generation_config=gc)
+    mgr.start()
+    try:
+        mgr.add_request(prompts[0], request_id="warmup", max_new_tokens=2)  # warm-up (graph capture) untimed
+        if mgr.get_result(request_id="warmup", timeout=600) is None:
+            raise RuntimeError("warm-up request produced no result")
+        t = time.perf_counter()
+        for i, (p, n) in enumerate(zip(prompts, out_lens)):
+            mgr.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+        done, tokens = set(), 0
+        while len(done) < len(prompts):
+            r = mgr.get_result(timeout=120)
+            if r is None:
+                raise RuntimeError("no result within 120 s")
+            if r.is_finished() and r.request_id not in done:
+                done.add(r.request_id)
+                tokens += len(r.generated_tokens)
+        _sync()
+        return tokens / (time.perf_counter() - t)
+    finally:
+        mgr.stop(block=True, timeout=30)
 
 
 def _hf_decode(hf, prompts, output_len: int, device) -> float:
@@ -162,7 +204,8 @@ def _prefix(args, loaded, rng) -> int:
     means = {}
     for caching in (False, True):
         llm = LLM(loaded=loaded, device=str(loaded.model.device), max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, enable_prefix_caching=caching)
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, enable_prefix_caching=caching,
+                  kv_cache_dtype=args.kv_cache_dtype)
         llm.generate([shared[:64] + [5]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
         # the first request pays for the prefix; the rest arrive once it is cached (as in a chat service)
         llm.generate(prompts[:1], sp, use_tqdm=False)

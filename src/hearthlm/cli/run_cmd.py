@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--device", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
+    p.add_argument("--quantization", default="none", help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already quantized")
     p.add_argument("--local", action="store_true", help="load the model in this process even if a server runs")
     p.set_defaults(func=run)
 
@@ -47,7 +50,8 @@ def _split_model_and_prompt(args) -> tuple[str | None, str | None]:
 def _local_backend(args: argparse.Namespace, model: str | None) -> Callable[[list[dict]], Iterator[str]]:
     from .. import LLM, SamplingParams
 
-    llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, max_num_seqs=4)
+    llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, max_num_seqs=4,
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, truncate="left")
 

@@ -224,7 +224,7 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001
                     self._fail_running(e)
                     continue
-                if eng.stats.steps == steps:  # nothing schedulable right now: don't spin
+                if eng.stats.steps == steps and not outputs:  # nothing schedulable right now: don't spin
                     with self._cv:
                         if not self._cmds and not self._stopping:
                             self._cv.wait(0.005)

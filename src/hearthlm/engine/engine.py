@@ -11,8 +11,8 @@ import torch
 from ..config import EngineConfig
 from ..errors import CapacityError, ContextLengthError, InvalidRequestError
 from ..loader import LoadedModel, load_model
-from ..runtime.runner import Batch, ModelRunner
-from ..runtime.sampler import SampleRequest
+from ..runtime.runner import Batch, ModelRunner, StepHandle
+from ..runtime.sampler import SampleRequest, needs_host_sampling
 from ..sampling import SamplingParams
 from .detokenizer import TextState
 from .kv_cache import KVCacheManager, kv_group_windows
@@ -37,6 +37,14 @@ class RequestState:
     finished: bool = False
 
 
+@dataclass
+class _Step:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    sample: list[SampleRequest | None]
+    handle: StepHandle
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,14 +57,16 @@ class LLMEngine:
         self.device = pick_device(config.device)
         if loaded is None:
             from ..loader import resolve_model_path
-            from ..loader.load import resolve_dtype
+            from ..loader.load import normalize_quantization, resolve_dtype
             from ..plan.preflight import preflight
 
+            quantization = normalize_quantization(config.quantization)
             path = resolve_model_path(config.model)
             dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
             preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
-                      config.scheduler.max_num_batched_tokens, config.cache.memory_fraction)
-            loaded = load_model(path, config.dtype, self.device)
+                      config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
+                      kv_dtype=config.cache.cache_dtype, quantization=quantization)
+            loaded = load_model(path, config.dtype, self.device, quantization=quantization)
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -75,6 +85,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
         self._rng = random.Random(config.seed)
+        self._inflight: _Step | None = None  # launched step whose tokens are not read yet (CUDA overlap)
+        self._host_sampled: set[str] = set()  # unfinished requests that need host-side sampling
         self._next_id = 0
         full = self.runner.num_blocks[0] - 1
         log.info("model %s (%s, %s) loaded in %.2fs on %s; KV cache %d blocks x %d = %d tokens (%.1f MiB)%s",
@@ -172,6 +184,8 @@ class LLMEngine:
                            parent=seqs[0] if seqs else None)
             seqs.append(seq)
             self.scheduler.add(seq)
+        if needs_host_sampling(params):
+            self._host_sampled.add(request_id)
         self.requests[request_id] = RequestState(request_id, prompt if isinstance(prompt, str) else None, prompt_ids,
                                                  params, seqs, [TextState() for _ in seqs],
                                                  truncated_tokens=truncated + dropped)
@@ -187,27 +201,57 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         state.finished = True
+        self._host_sampled.discard(request_id)
         self.stats.finished(state, aborted=True)
         return self._output(state)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- stepping ----
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """One engine iteration; returns outputs of requests that advanced (only finished ones when
-        emit_unfinished is False, which skips per-step detokenization for offline batches)."""
+        emit_unfinished is False, which skips per-step detokenization for offline batches).
+
+        On CUDA, steps overlap: step N+1 is scheduled and launched before step N's tokens are read back, so
+        host work hides behind device work; step N's outputs are returned by the call that launches N+1.
+        Requests whose sampling reads their token history on the host (penalties, logprobs, min_tokens)
+        turn the overlap off while they run."""
+        outputs: list[RequestOutput] = []
+        overlap = self.runner.can_overlap and not self._host_sampled
+        previous, self._inflight = self._inflight, None  # cleared first: a failing step is never retried
+        if previous is not None and not overlap:
+            outputs += self._finish_step(previous, emit_unfinished)
+            previous = None
         sched = self.scheduler.schedule()
-        if not sched:
-            return []
+        launched = self._launch(sched) if sched else None
+        if previous is not None:
+            outputs += self._finish_step(previous, emit_unfinished)
+        if launched is not None:
+            if overlap:
+                self._inflight = launched
+            else:
+                outputs += self._finish_step(launched, emit_unfinished)
+        self.stats.maybe_log(self)
+        return outputs
+
+    def _launch(self, sched) -> "_Step":
         stop_ids_cache: dict[int, list[int]] = {}
         batch = Batch([], [], [], [])
+        rows = 0
         for seq, n in zip(sched.seqs, sched.num_new_tokens):
             start = seq.num_computed_tokens
+            prev_row = -1
             if n == 1 and start == seq.num_tokens - 1:
-                batch.token_ids.append([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]])
+                if seq.num_pending:  # its input is the token the in-flight step is sampling
+                    batch.token_ids.append([0])
+                    prev_row = seq.pending_row
+                else:
+                    batch.token_ids.append([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]])
             else:
+                assert not seq.num_pending, "a prefill chunk never contains a pending token"
                 batch.token_ids.append(seq.all_ids[start:start + n])
+            batch.prev_rows.append(prev_row)
             batch.start_positions.append(start)
             batch.block_tables.append(seq.block_tables)
             batch.seq_keys.append((seq.seq_id, seq.num_preemptions))
@@ -216,23 +260,37 @@ class LLMEngine:
                 key = id(p)
                 if key not in stop_ids_cache:
                     stop_ids_cache[key] = ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
-                batch.sample.append(SampleRequest(p, seq.prompt_ids, seq.output_ids, seq.seed, stop_ids_cache[key]))
+                batch.sample.append(SampleRequest(p, seq.prompt_ids, seq.output_ids, seq.seed, stop_ids_cache[key],
+                                                  seq.num_pending))
             else:
                 batch.sample.append(None)
         t0 = time.perf_counter()
-        result = self.runner.execute(batch)
+        handle = self.runner.launch(batch)
         self.stats.step(sched, time.perf_counter() - t0)
+        for seq, n, req in zip(sched.seqs, sched.num_new_tokens, batch.sample):
+            seq.num_computed_tokens += n
+            if req is not None:
+                seq.num_pending += 1
+                seq.pending_row = rows
+                rows += 1
+        return _Step(sched.seqs, sched.num_new_tokens, batch.sample, handle)
+
+    def _finish_step(self, step: "_Step", emit_unfinished: bool) -> list[RequestOutput]:
+        result = step.handle.result()
         touched: dict[str, RequestState] = {}
         results = iter(zip(result.token_ids, result.logprobs))
         now = time.monotonic()
-        for seq, n, req in zip(sched.seqs, sched.num_new_tokens, batch.sample):
-            seq.num_computed_tokens += n
-            self.kv.commit(seq)
-            if req is None:
+        for seq, req in zip(step.seqs, step.sample):
+            token, logprobs = next(results) if req is not None else (None, None)
+            if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
                 continue
-            token, logprobs = next(results)
-            state = self.requests[seq.request_id]
+            if req is None:
+                self.kv.commit(seq)
+                continue
+            seq.num_pending -= 1
             seq.output_ids.append(token)
+            self.kv.commit(seq)
+            state = self.requests[seq.request_id]
             if logprobs is not None:
                 seq.logprobs.append(logprobs)
             if state.first_token_time is None:
@@ -244,10 +302,10 @@ class LLMEngine:
             if all(s.is_finished for s in state.seqs):
                 state.finished = True
                 del self.requests[state.request_id]
+                self._host_sampled.discard(state.request_id)
                 self.stats.finished(state)
             if state.finished or emit_unfinished:
                 outputs.append(self._output(state))
-        self.stats.maybe_log(self)
         return outputs
 
     def _check_stop(self, seq: Sequence, state: RequestState, token: int, stop_ids: list[int]) -> None:
@@ -265,7 +323,7 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif hit is not None:
             seq.finish_reason, seq.stop_reason = "stop", hit
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_known_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)

@@ -25,7 +25,7 @@ class EngineStats:
         self.steps += 1
         self.busy_seconds += seconds
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_computed_tokens + n >= seq.num_tokens and seq.output_ids:
+            if seq.num_computed_tokens + n >= seq.num_tokens and (seq.output_ids or seq.num_pending):
                 self.generation_tokens += 1
                 self.prompt_tokens += n - 1
             else:

@@ -32,6 +32,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending: int = 0  # tokens sampled by a launched step whose ids the host has not read yet
+    pending_row: int = -1  # row of the latest pending token among that step's sampled tokens
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     block_tables: list[list[int]] = field(default_factory=list)  # one table per KV group
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
@@ -45,7 +47,17 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the scheduler accounts for, pending ones included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """The pending token is this sequence's last (length limit): nothing more to schedule."""
+        return self.num_pending > 0 and (len(self.output_ids) + self.num_pending >= self.params.max_tokens
+                                         or self.num_tokens >= max_model_len)
 
     @property
     def all_ids(self) -> list[int]:

@@ -2,6 +2,7 @@
 
 cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * inv_freq)], shape [max_pos, head_dim] fp32.
 For x = [x1 | x2] (halves of head_dim): out = [x1 cos - x2 sin | x2 cos + x1 sin], computed in fp32.
+Optionally each head is RMS-normalised first (Qwen3's q_norm / k_norm), in the same pass.
 """
 from __future__ import annotations
 
@@ -16,31 +17,39 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate(x_ptr, tok, stride_t, stride_h, num_heads, cos, sin,
-                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    def _rotate(x_ptr, tok, stride_t, stride_h, num_heads, cos, sin, w_ptr, eps,
+                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
         offs_h = tl.arange(0, BLOCK_H)[:, None]
         offs_i = tl.arange(0, BLOCK_HALF)[None, :]
         mask = (offs_h < num_heads) & (offs_i < HALF)
         p1 = x_ptr + tok * stride_t + offs_h * stride_h + offs_i
         x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:  # per-head RMSNorm, rounded to the activation dtype like the unfused norm
+            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+            w1 = tl.load(w_ptr + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+            x1 = (x1 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w1
+            x2 = (x2 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w2
+            x1 = x1.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x2 = x2.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
         tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr,
+    def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, eps,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
                      num_q_heads, num_k_heads,
                      HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr):
+                     BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         offs_i = tl.arange(0, BLOCK_HALF)[None, :]
         c_mask = offs_i < HALF
         cos = tl.load(cache_ptr + pos * stride_cache + offs_i, mask=c_mask, other=0.0)
         sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_i, mask=c_mask, other=0.0)
-        _rotate(q_ptr, tok, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
-        _rotate(k_ptr, tok, stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+        _rotate(q_ptr, tok, stride_qt, stride_qh, num_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM)
+        _rotate(k_ptr, tok, stride_kt, stride_kh, num_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF, NORM)
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
@@ -85,20 +94,28 @@ def build_cos_sin_cache(head_dim: int, max_pos: int, theta: float, rope_scaling:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 
 
-def apply_rope_ref_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+QKNorm = tuple  # (q_norm weight, k_norm weight, eps)
+
+
+def apply_rope_ref_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    qk_norm: QKNorm | None = None) -> None:
     # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim] (both rotated in place)
     # positions: [num_tokens] int; cos_sin_cache: [max_pos, head_dim] fp32
     half = cos_sin_cache.shape[-1] // 2
     cs = cos_sin_cache[positions.long()]
     cos, sin = cs[:, None, :half], cs[:, None, half:]
-    for x in (q, k):
+    for i, x in enumerate((q, k)):
+        if qk_norm is not None:
+            from .rmsnorm import rms_norm_ref
+
+            x.copy_(rms_norm_ref(x, qk_norm[i], qk_norm[2]).view_as(x))
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         x.copy_(rotated.to(x.dtype))
 
 
 def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                       cos_sin_cache: torch.Tensor) -> None:
+                       cos_sin_cache: torch.Tensor, qk_norm: QKNorm | None = None) -> None:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert cos_sin_cache.shape[-1] == head_dim and k.shape[-1] == head_dim, "rotary_dim must equal head_dim"
@@ -107,18 +124,21 @@ def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     if num_tokens == 0:
         return
     half = head_dim // 2
+    qw, kw, eps = qk_norm if qk_norm is not None else (cos_sin_cache, cos_sin_cache, 0.0)
     _rope_kernel[(num_tokens,)](
-        q, k, positions, cos_sin_cache,
+        q, k, positions, cos_sin_cache, qw, kw, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         num_heads, num_kv_heads,
         HALF=half, BLOCK_HQ=next_pow2(num_heads), BLOCK_HK=next_pow2(num_kv_heads),
-        BLOCK_HALF=next_pow2(half), num_warps=4,
+        BLOCK_HALF=next_pow2(half), NORM=qk_norm is not None, num_warps=4,
     )
 
 
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """Rotate q and k in place (rotate_half style). q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                qk_norm: QKNorm | None = None) -> None:
+    """Rotate q and k in place (rotate_half style), after a per-head RMSNorm when qk_norm = (q weight,
+    k weight, eps) is given. q: [T, H, D], k: [T, KVH, D], positions: [T]."""
     if use_triton(q):
-        apply_rope_triton_(q, k, positions, cos_sin_cache)
+        apply_rope_triton_(q, k, positions, cos_sin_cache, qk_norm)
     else:
-        apply_rope_ref_(q, k, positions, cos_sin_cache)
+        apply_rope_ref_(q, k, positions, cos_sin_cache, qk_norm)

@@ -1,24 +1,39 @@
 """Linear layer holding (possibly fused) weights; the single place quantized matmuls plug in.
 
-A weight is a dense tensor or a GroupQuant (GGUF blocks kept quantized, CPU); the latter is packed for
-PyTorch's CPU int4 kernel (layers/quant_linear.py) or, lacking a layout, dequantized to its dtype.
+A weight is a dense tensor or a GroupQuant (GGUF blocks or --quantization int8/int4 codes kept quantized).
+On CPU a GroupQuant is packed for PyTorch's CPU int4 kernel (layers/quant_linear.py) or, lacking a layout,
+dequantized to its dtype; on CUDA it becomes a QuantWeight for the Triton kernels (layers/gpu_quant.py).
+An Fp8Weight (--quantization fp8) or a QuantWeight may also be passed as is.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.gemv import gemv, gemv_supported
+from .gpu_quant import Fp8Weight, QuantWeight
 from .quant_linear import GroupQuant, Int4Weight, pack
 
-Weight = torch.Tensor | GroupQuant
+Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
+
+GEMV_MAX_M = 8  # dense CUDA weights: up to this many rows (decode) kernels.gemv runs instead of cuBLAS
+# HEARTH_GEMV=0 (or HEARTH_DISABLE_KERNELS=1) keeps cuBLAS for every row count, e.g. for A/B benchmarks
+USE_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
 
 
 class Linear:
     def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
-        """weight: [out_features, in_features]. A packed weight runs the same kernel for any number of rows,
-        so a sequence's output does not depend on what it is batched with (greedy text alone == batched)."""
-        self.packed: Int4Weight | None = None
-        if isinstance(weight, GroupQuant):
+        """weight: [out_features, in_features]. A CPU packed weight runs the same kernel for any number of rows,
+        so a sequence's output does not depend on what it is batched with (greedy text alone == batched); on
+        CUDA (QuantWeight, Fp8Weight, like cuBLAS for dense weights) the kernel depends on the row count."""
+        self.packed: Int4Weight | QuantWeight | Fp8Weight | None = None
+        if isinstance(weight, GroupQuant) and weight.codes.is_cuda:
+            weight = QuantWeight.from_group(weight)
+        if isinstance(weight, (QuantWeight, Fp8Weight)):
+            self.packed, weight = weight, None
+        elif isinstance(weight, GroupQuant):
             self.packed = pack(weight)
             weight = weight.dequantize() if self.packed is None else None
         self.weight: torch.Tensor | None = weight
@@ -36,6 +51,10 @@ class Linear:
             return cls(torch.cat(weights, dim=0), bias)
         if all(isinstance(w, GroupQuant) for w in weights) and len({(w.bits, w.group) for w in weights}) == 1:
             return cls(GroupQuant.cat(weights), bias)
+        if all(isinstance(w, QuantWeight) for w in weights) and len({(w.bits, w.group) for w in weights}) == 1:
+            return cls(QuantWeight.cat(weights), bias)
+        if all(isinstance(w, Fp8Weight) for w in weights):
+            return cls(Fp8Weight.cat(weights), bias)
         fused = cls(torch.empty(0), bias)  # mixed formats (e.g. Q4_K q/k with a Q6_K v): one matmul per part
         fused.parts = [cls(w) for w in weights]
         return fused
@@ -46,6 +65,8 @@ class Linear:
             y = torch.cat([p(x) for p in self.parts], dim=-1)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
+            if USE_GEMV and self.weight.is_cuda and gemv_supported(x, self.weight, self.bias, GEMV_MAX_M):
+                return gemv(x.view(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = self.packed(x2)

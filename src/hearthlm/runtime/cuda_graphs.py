@@ -1,13 +1,16 @@
 """CUDA graphs for decode steps: one graph per batch size of a ladder, padded to the next size.
 
-All graph inputs live in two device buffers (int64: ids, positions, slots per group; int32: seq_lens,
-block tables per group) mirrored by pinned host buffers, so a step costs a few async copies and one
-replay. Padded rows write nowhere (slot -1) and attend to nothing (seq_len 0). Each graph also emits
-the greedy argmax so greedy batches copy back only token ids.
+All graph inputs live in two device buffers (int64: ids, source rows, positions, slots per group; int32:
+seq_lens, block tables per group) mirrored by two pairs of pinned host buffers (used alternately, so filling
+step N+1's inputs never races the copy of step N's), so a step costs a few async copies and one replay.
+Padded rows write nowhere (slot -1) and attend to nothing (seq_len 0). A row whose source row is >= 0 takes
+its input id from `prev_tokens` (the previous step's sampled tokens, still on the device). Each graph writes
+its greedy argmax into `prev_tokens`.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -24,17 +27,19 @@ def batch_ladder(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, windows: list[int | None], layer_group: list[int], max_bs: int,
-                 max_blocks: int, block_size: int, device: torch.device):
+                 max_blocks: int, block_size: int, device: torch.device, prev_tokens: torch.Tensor):
         self.model, self.kv_caches = model, kv_caches
         self.sizes = batch_ladder(max_bs)
         self.max_blocks, self.block_size = max_blocks, block_size
         self.windows, self.layer_group = windows, layer_group
         n, g = self.sizes[-1], len(windows)
         self.n = n
-        self.dev_i64 = torch.zeros((2 + g) * n, dtype=torch.long, device=device)
+        self.prev_tokens = prev_tokens
+        self.dev_i64 = torch.zeros((3 + g) * n, dtype=torch.long, device=device)
         self.dev_i32 = torch.zeros(n + g * n * max_blocks, dtype=torch.int32, device=device)
-        self.host_i64 = torch.zeros_like(self.dev_i64, device="cpu").pin_memory()
-        self.host_i32 = torch.zeros_like(self.dev_i32, device="cpu").pin_memory()
+        self.host = [(torch.zeros_like(self.dev_i64, device="cpu").pin_memory(),
+                      torch.zeros_like(self.dev_i32, device="cpu").pin_memory()) for _ in range(2)]
+        self.flip = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
         # host copy of each sequence's block-table rows, appended incrementally (key: sequence + generation)
@@ -42,24 +47,30 @@ class DecodeGraphs:
 
     def _views(self, buf64: torch.Tensor, buf32: torch.Tensor):
         n, mb = self.n, self.max_blocks
-        ids, pos = buf64[:n], buf64[n:2 * n]
-        slots = [buf64[(2 + g) * n:(3 + g) * n] for g in range(len(self.windows))]
+        ids, src, pos = buf64[:n], buf64[n:2 * n], buf64[2 * n:3 * n]
+        slots = [buf64[(3 + g) * n:(4 + g) * n] for g in range(len(self.windows))]
         seq_lens = buf32[:n]
         tables = [buf32[n + g * n * mb:n + (g + 1) * n * mb].view(n, mb) for g in range(len(self.windows))]
-        return ids, pos, slots, seq_lens, tables
+        return ids, src, pos, slots, seq_lens, tables
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, slots, seq_lens, tables = self._views(self.dev_i64, self.dev_i32)
+        ids, src, pos, slots, seq_lens, tables = self._views(self.dev_i64, self.dev_i32)
         groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
                   for s, t, w in zip(slots, tables, self.windows)]
         meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
                                  max_query_len=1, use_kernels=True)
-        logits = self.model.compute_logits(self.model.forward(ids[:bs], pos[:bs], meta, self.kv_caches))
-        return logits, logits.argmax(dim=-1)
+        rows = src[:bs]
+        inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
+        logits = self.model.compute_logits(self.model.forward(inputs, pos[:bs], meta, self.kv_caches))
+        tokens = self.prev_tokens[:bs]
+        torch.argmax(logits, dim=-1, out=tokens)
+        return logits, tokens
 
     @torch.inference_mode()
     def capture(self) -> None:
-        _, _, slots, _, _ = self._views(self.dev_i64, self.dev_i32)
+        t0 = time.perf_counter()
+        _, src, _, slots, _, _ = self._views(self.dev_i64, self.dev_i32)
+        src.fill_(-1)
         for s in slots:
             s.fill_(-1)
         for bs in reversed(self.sizes):
@@ -72,7 +83,7 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[bs] = (graph, logits, tokens)
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        log.info("captured CUDA graphs for decode batch sizes %s in %.2fs", self.sizes, time.perf_counter() - t0)
 
     def can_run(self, num_seqs: int, max_blocks_needed: int) -> bool:
         return num_seqs <= self.sizes[-1] and max_blocks_needed <= self.max_blocks
@@ -101,13 +112,18 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[list[int]]],
-            keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+            keys: list, prev_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for len(token_ids) sequences -> (logits [B, vocab], greedy tokens [B]) on device."""
         b = len(token_ids)
         bs = next(s for s in self.sizes if s >= b)
         n, mb, blk = self.n, self.max_blocks, self.block_size
-        ids, pos, slots, seq_lens, tables = self._views(self.host_i64, self.host_i32)
+        host_i64, host_i32 = self.host[self.flip]
+        self.flip ^= 1
+        ids, src, pos, slots, seq_lens, tables = self._views(host_i64, host_i32)
         ids[:b] = torch.tensor(token_ids)
+        src[:bs] = -1
+        if prev_rows is not None:
+            src[:b] = torch.tensor(prev_rows)
         p = np.asarray(positions, dtype=np.int64)
         pos[:b] = torch.from_numpy(p)
         seq_lens[:b] = torch.from_numpy(p + 1)
@@ -117,11 +133,11 @@ class DecodeGraphs:
             tables[g][:b] = torch.from_numpy(table)
             slots[g][:b] = torch.from_numpy(table[rows, p // blk].astype(np.int64) * blk + p % blk)
             slots[g][b:bs] = -1
-        self.dev_i64.copy_(self.host_i64, non_blocking=True)
-        self.dev_i32[:bs].copy_(self.host_i32[:bs], non_blocking=True)
+        self.dev_i64.copy_(host_i64, non_blocking=True)
+        self.dev_i32[:bs].copy_(host_i32[:bs], non_blocking=True)
         for g in range(len(self.windows)):
             lo = n + g * n * mb
-            self.dev_i32[lo:lo + bs * mb].copy_(self.host_i32[lo:lo + bs * mb], non_blocking=True)
+            self.dev_i32[lo:lo + bs * mb].copy_(host_i32[lo:lo + bs * mb], non_blocking=True)
         graph, logits, tokens = self.graphs[bs]
         graph.replay()
         return logits[:b], tokens[:b]

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..kernels.kv_quant import KVPool, bytes_per_slot_head, new_pool, pool_nbytes
 from ..layers.attention import AttentionMetadata, GroupMeta, SubBatch
 from ..models.llama import LlamaModel
-from .sampler import SampleRequest, SampleResult, sample
+from .sampler import SampleRequest, SampleResult, needs_host_sampling, sample, sample_tokens
 
 log = logging.getLogger("hearthlm")
 
@@ -26,11 +27,29 @@ class Batch:
     block_tables: list[list[list[int]]]  # [seq][group] -> block ids
     sample: list[SampleRequest | None]  # None: a prefill chunk that does not end the prompt
     seq_keys: list = field(default_factory=list)  # stable per sequence until its blocks are reassigned
+    # per sequence: row of the previous step's sampled tokens that is this decode's input (its id is still on
+    # the device), or -1 when token_ids holds it
+    prev_rows: list[int] = field(default_factory=list)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block of one layer."""
-    return 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+class StepHandle:
+    """The sampled tokens of a launched step; result() waits for the device only when called."""
+
+    def __init__(self, result: SampleResult | None = None, host: torch.Tensor | None = None, event=None):
+        self._result, self._host, self._event = result, host, event
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens = self._host.tolist()
+            self._result = SampleResult(tokens, [None] * len(tokens))
+        return self._result
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, cache_dtype: str = "auto") -> int:
+    """Bytes of K and V for one block of one layer (fp8/int8: codes + float32 scales per slot and kv head)."""
+    return 2 * block_size * cfg.num_kv_heads * bytes_per_slot_head(cfg.head_dim, cache_dtype, dtype)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -47,7 +66,7 @@ def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig
     bs = cache.block_size
     if cache.num_blocks is not None:
         return [cache.num_blocks] * len(windows)
-    per_block = kv_bytes_per_block(cfg, bs, dtype)
+    per_block = kv_bytes_per_block(cfg, bs, dtype, cache.cache_dtype)
     layers = {w: sum(1 for lw in cfg.layer_windows if lw == w) for w in windows}
     budget = cache.kv_cache_memory
     if budget is None:
@@ -81,34 +100,41 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.windows = windows
         self.dtype = model.dtype
+        self.kv_cache_dtype = cache.cache_dtype
         self.num_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, device, windows)
         self.layer_group = [windows.index(w) for w in self.cfg.layer_windows]
         self.kv_caches = [(self._new_cache(self.num_blocks[g]), self._new_cache(self.num_blocks[g]))
                           for g in self.layer_group]
         self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
+        # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile
+        self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
         self.graphs = None
+        if self.can_overlap or self.use_kernels:
+            rows = max(sched.max_num_seqs, 256)
+            self.prev_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # last step's sampled tokens
+            pin = device.type == "cuda"
+            self._out_host = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+            self._flip = 0
         if self.use_kernels and cache.cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 
             max_blocks = -(-sched.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, windows, self.layer_group,
-                                       min(sched.max_num_seqs, 256), max_blocks, self.block_size, device)
+                                       min(sched.max_num_seqs, 256), max_blocks, self.block_size, device,
+                                       self.prev_tokens)
             self.graphs.capture()
 
-    def _new_cache(self, num_blocks: int) -> torch.Tensor:
-        # [num_blocks, block_size, kv_heads, head_dim]. On CPU pages are touched only as blocks get used
-        # (the reference path never reads unwritten slots except the zeroed null block 0); Triton kernels
-        # load whole tiles, so GPU pools start zeroed.
+    def _new_cache(self, num_blocks: int) -> KVPool:
+        # [num_blocks, block_size, kv_heads, head_dim] in the model dtype, or (--kv-cache-dtype fp8|int8) a
+        # QuantizedKVCache: codes of that shape + float32 scales [num_blocks, block_size, kv_heads].
+        # On CPU pages are touched only as blocks get used (the reference path never reads unwritten slots
+        # except the zeroed null block 0); Triton kernels load whole tiles, so GPU pools start zeroed.
         shape = (num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        if self.device.type == "cuda":
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        cache[0].zero_()
-        return cache
+        return new_pool(shape, self.kv_cache_dtype, self.dtype, self.device, zero=self.device.type == "cuda")
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        return sum(pool_nbytes(k) + pool_nbytes(v) for k, v in self.kv_caches)
 
     # ---- batch preparation ----
     def _slots(self, tables: torch.Tensor, seq_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -151,7 +177,12 @@ class ModelRunner:
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
         sample_rows = torch.tensor([int(cu[i + 1]) - 1 for i, s in enumerate(batch.sample) if s is not None],
                                    dtype=torch.long)
-        return input_ids.to(dev), positions.to(dev), meta, sample_rows.to(dev)
+        input_ids = input_ids.to(dev)
+        fix = [(int(cu[i]), r) for i, r in enumerate(batch.prev_rows) if r >= 0]
+        if fix:  # decode inputs still on the device: gather them from the previous step's tokens
+            dst, src = torch.tensor(fix, dtype=torch.long).to(dev).unbind(1)
+            input_ids[dst] = self.prev_tokens[src]
+        return input_ids, positions.to(dev), meta, sample_rows.to(dev)
 
     def _sub_batch(self, tables: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
                    cu: torch.Tensor, window: int | None) -> SubBatch:
@@ -183,24 +214,42 @@ class ModelRunner:
         if not self.graphs.can_run(len(batch.token_ids), width) or len(batch.seq_keys) != len(batch.token_ids):
             return None
         return self.graphs.run([t[0] for t in batch.token_ids], batch.start_positions, batch.block_tables,
-                               batch.seq_keys)
+                               batch.seq_keys, batch.prev_rows or None)
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> SampleResult:
+    def launch(self, batch: Batch) -> StepHandle:
+        """Run one step. On CUDA the sampled tokens stay on the device (they feed the next step through
+        Batch.prev_rows) and are copied to the host asynchronously; the handle waits for them."""
         reqs = [s for s in batch.sample if s is not None]
+        greedy = None
         graph_out = self._graph_decode(batch)
         if graph_out is not None:
             logits, greedy = graph_out
-            if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
-                   and not r.params.min_tokens for r in reqs):
-                return SampleResult(greedy.tolist(), [None] * len(reqs))
         else:
             input_ids, positions, meta, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
             if not reqs:
-                return SampleResult([], [])
+                return StepHandle(SampleResult([], []))
             logits = self.model.compute_logits(hidden[sample_rows])
-        return sample(logits, reqs)
+        if any(needs_host_sampling(r.params) for r in reqs):
+            return StepHandle(sample(logits, reqs))
+        tokens = sample_tokens(logits, reqs, greedy)
+        n = len(reqs)
+        if not self.can_overlap:
+            return StepHandle(SampleResult(tokens.tolist(), [None] * n))
+        if tokens is not greedy:  # a graph writes its argmax into prev_tokens itself
+            self.prev_tokens[:n].copy_(tokens)
+        host = self._out_host[self._flip][:n]
+        self._flip ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(host=host, event=event)
+
+    def execute(self, batch: Batch) -> SampleResult:
+        return self.launch(batch).result()
 
     @torch.inference_mode()
     def logits_for(self, batch: Batch) -> torch.Tensor:

@@ -17,6 +17,11 @@ class SampleRequest:
     output_ids: list[int]
     seed: int
     stop_ids: list[int]  # eos + stop_token_ids, masked while len(output) < min_tokens
+    num_pending: int = 0  # output tokens sampled by a step still in flight (their ids not read yet)
+
+    @property
+    def step(self) -> int:
+        return len(self.output_ids) + self.num_pending
 
 
 @dataclass
@@ -60,10 +65,59 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _row_generator(seed: int, step: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(hash((seed, step)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
+_M32 = 0xFFFF_FFFF
+
+
+def _mix32(x):
+    """32-bit integer hash (lowbias32 shape, multipliers < 2**31 so int64 products never overflow); works on
+    Python ints and int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, step: int) -> int:
+    """Stream key of one sequence's draw at one step (host side)."""
+    return _mix32((seed & _M32) ^ _mix32((step & _M32) ^ _mix32((seed >> 32) & _M32)))
+
+
+def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R] int64 keys -> [R, vocab] float32 Exp(1) draws; a pure function of (key, token id), so a row's draw is
+    the same on any device and in any batch."""
+    idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    h = _mix32((keys[:, None] + idx[None, :] * 0x9E3779B1) & _M32)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
+
+
+def needs_host_sampling(params: SamplingParams) -> bool:
+    """Penalties, min_tokens and logprobs read the sequence's token history on the host."""
+    return params.logprobs is not None or params.needs_penalties or bool(params.min_tokens)
+
+
+def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """Token per row on logits' device, without a host sync. logits: [R, V] (penalties already applied);
+    greedy: the argmax if already computed (CUDA graphs emit it)."""
+    tokens = logits.argmax(dim=-1) if greedy is None else greedy
+    rand_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if not rand_rows:
+        return tokens
+    dev = logits.device
+    params = [reqs[i].params for i in rand_rows]
+    idx = torch.tensor(rand_rows, device=dev)
+    sub = logits[idx].float() / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+        sub = filter_logits(sub, torch.tensor([p.top_k for p in params], device=dev),
+                            torch.tensor([p.top_p for p in params], device=dev),
+                            torch.tensor([p.min_p for p in params], device=dev))
+    probs = sub.softmax(dim=-1)
+    # exponential race == multinomial draw; keyed per sequence and step -> batch-independent
+    keys = torch.tensor([row_key(reqs[i].seed, reqs[i].step) for i in rand_rows], device=dev)
+    tokens = tokens.clone()
+    tokens[idx] = (probs / exponential_noise(keys, probs.shape[1])).argmax(dim=-1)
+    return tokens
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
@@ -73,22 +127,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
     if any(r.params.needs_penalties or r.params.min_tokens for r in reqs):
         logits = logits.clone()
         apply_penalties(logits, reqs)
-    tokens = logits.argmax(dim=-1)
-    rand_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-    if rand_rows:
-        idx = torch.tensor(rand_rows, device=logits.device)
-        sub = logits[idx] / torch.tensor([reqs[i].params.temperature for i in rand_rows], device=logits.device)[:, None]
-        params = [reqs[i].params for i in rand_rows]
-        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
-            dev = logits.device
-            sub = filter_logits(sub, torch.tensor([p.top_k for p in params], device=dev),
-                                torch.tensor([p.top_p for p in params], device=dev),
-                                torch.tensor([p.min_p for p in params], device=dev))
-        probs = sub.softmax(dim=-1)
-        # exponential race == multinomial draw; one generator per sequence and step -> batch-independent
-        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(
-            generator=_row_generator(reqs[i].seed, len(reqs[i].output_ids))) for i in rand_rows]).to(probs.device)
-        tokens[idx] = (probs / noise).argmax(dim=-1)
+    tokens = sample_tokens(logits, reqs)
     token_list = tokens.tolist()
     logprobs: list[dict[int, float] | None] = []
     for row, n in enumerate(want_lp):

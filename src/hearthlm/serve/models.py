@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..config import CacheConfig, EngineConfig, SchedulerConfig, normalize_cache_dtype
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import LLMEngine
 from ..errors import InvalidRequestError
@@ -31,12 +31,17 @@ class ServeConfig:
     max_queue: int = 256
     kv_cache_memory: int | None = None  # bytes; None = the planner's share of free memory
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto | fp8 | int8
+    quantization: str = "none"  # none | int8 | int4 | fp8 (weights)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
     keep_alive_s: float | None = 300.0  # None = forever
     stats_interval_s: float = 10.0
     preload: bool = True
+
+    def __post_init__(self) -> None:
+        self.kv_cache_dtype = normalize_cache_dtype(self.kv_cache_dtype)  # fail before the server starts
 
     @property
     def model_name(self) -> str:
@@ -169,9 +174,10 @@ class ModelManager:
         c = self.cfg
         sched = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                                 max_model_len=c.max_model_len)
-        cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching)
+        cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching,
+                            cache_dtype=c.kv_cache_dtype)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
-                              scheduler=sched, stats_interval_s=c.stats_interval_s)
+                              scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization)
         start = time.perf_counter()
         engine = await asyncio.to_thread(LLMEngine, config)
         seconds = time.perf_counter() - start
