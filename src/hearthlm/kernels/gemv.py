@@ -147,12 +147,46 @@ class GemvConfig:
 _SMS_GUESS = 132  # H100 SXM; only shapes the default table (the benchmark prints a measured one)
 
 
+# measured on an H100 80GB HBM3 (benchmarks/gemv_bench.py); other shapes use the rule below
+_TUNED: dict[tuple[int, int, int], GemvConfig] = {  # (M, N, K) -> config
+    (1, 4096, 1024): GemvConfig(4, 1024, 4, 1),
+    (2, 4096, 1024): GemvConfig(2, 512, 2, 1),
+    (1, 6144, 1024): GemvConfig(2, 512, 2, 1),
+    (2, 6144, 1024): GemvConfig(4, 512, 2, 1),
+    (1, 49152, 1024): GemvConfig(2, 1024, 4, 1),
+    (2, 49152, 1024): GemvConfig(2, 512, 2, 1),
+    (1, 1024, 2048): GemvConfig(4, 2048, 4, 1),
+    (2, 1024, 2048): GemvConfig(1, 1024, 4, 1),
+    (1, 2048, 2048): GemvConfig(4, 2048, 4, 1),
+    (2, 2048, 2048): GemvConfig(2, 1024, 2, 1),
+    (1, 3072, 2048): GemvConfig(4, 2048, 4, 1),
+    (2, 3072, 2048): GemvConfig(2, 1024, 2, 1),
+    (1, 16384, 2048): GemvConfig(2, 2048, 8, 1),
+    (2, 16384, 2048): GemvConfig(2, 2048, 4, 1),
+    (1, 1024, 3072): GemvConfig(2, 2048, 8, 1),
+    (2, 1024, 3072): GemvConfig(1, 1024, 4, 1),
+    (1, 4096, 4096): GemvConfig(1, 2048, 4, 1),
+    (2, 4096, 4096): GemvConfig(2, 2048, 4, 1),
+    (1, 6144, 4096): GemvConfig(1, 2048, 4, 1),
+    (2, 6144, 4096): GemvConfig(2, 2048, 4, 1),
+    (1, 28672, 4096): GemvConfig(1, 2048, 8, 1),
+    (2, 28672, 4096): GemvConfig(2, 2048, 4, 1),
+    (1, 2048, 8192): GemvConfig(1, 2048, 4, 1),
+    (2, 2048, 8192): GemvConfig(2, 2048, 4, 1),
+    (1, 4096, 14336): GemvConfig(2, 2048, 8, 1),
+    (2, 4096, 14336): GemvConfig(2, 2048, 4, 1),
+}
+
+
 def gemv_config(m: int, n: int, k: int) -> GemvConfig:
-    """Default tiles (benchmarks/gemv_bench.py prints a measured table per GPU).
+    """Tiles: the measured table, else a rule (benchmarks/gemv_bench.py prints a measured table per GPU).
 
     block_k = 256 * num_warps (16-byte loads, x's layout a slice of W's) capped by K; block_n the largest power
     of two <= 16 that still gives ~4 programs per SM (several W tiles in flight per SM), and <= 64 // m so that
     the per-thread fp32 accumulators (m * block_n per 16-byte vector) stay small."""
+    tuned = _TUNED.get((m, n, k))
+    if tuned is not None:
+        return tuned
     num_warps = 4 if k >= 1024 else 2
     block_k = min(256 * num_warps, max(16, next_pow2(k)))
     cap = max(1, min(16, 64 // max(m, 1)))

@@ -18,7 +18,7 @@ from .quant_linear import GroupQuant, Int4Weight, pack
 
 Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
 
-GEMV_MAX_M = 8  # dense CUDA weights: up to this many rows (decode) kernels.gemv runs instead of cuBLAS
+GEMV_MAX_M = 2  # dense CUDA weights: up to this many rows kernels.gemv runs instead of cuBLAS (faster on H100 to M=2)
 # HEARTH_GEMV=0 (or HEARTH_DISABLE_KERNELS=1) keeps cuBLAS for every row count, e.g. for A/B benchmarks
 USE_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
 
