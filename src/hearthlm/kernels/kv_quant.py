@@ -95,7 +95,8 @@ def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]
     """
     qmax = QMAX[kind]
     xf = x.float()
-    scale = xf.abs().amax(-1) / qmax
+    amax = xf.abs().amax(-1)
+    scale = amax / torch.full_like(amax, qmax)  # a tensor divisor: CUDA divides by a Python scalar via its reciprocal
     y = xf / torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
     if kind == "fp8":
         codes = y.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
