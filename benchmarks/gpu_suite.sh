@@ -11,8 +11,9 @@ B="python3 -m hearthlm.cli.main bench"
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee $OUT/versions.log
 timeout 120 python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -5 | tee $OUT/gpu_tests.log
 timeout 90 $B latency --preset qwen3-0.6b --batch 1 --output-len 256 --baseline hf 2>&1 | tee $OUT/lat_qwen.log
-timeout 150 $B latency --preset llama-3.2-1b --batch 1 16 64 128 --input-len 512 --output-len 128 --baseline hf 2>&1 | tee $OUT/lat_1b.log
+timeout 150 $B latency --preset llama-3.2-1b --batch 1 16 64 128 --input-len 512 --output-len 128 --baseline hf --hf-max-batch 1 2>&1 | tee $OUT/lat_1b.log
 timeout 120 $B latency --preset llama-3.1-8b --batch 1 --output-len 128 --baseline hf --max-num-seqs 16 2>&1 | tee $OUT/lat_8b.log
+# add --baseline hf-cb for HF's continuous batching on the same workload (about 200 s more)
 timeout 120 $B throughput --preset qwen3-0.6b --num-requests 256 2>&1 | tee $OUT/throughput.log
 timeout 90 $B prefix --preset llama-3.2-1b --prefix-len 2000 --num-requests 64 2>&1 | tee $OUT/prefix.log
 DIR=/tmp/hearth-1b

@@ -7,15 +7,14 @@ realistic sizes on CUDA. Timings: benchmarks/quant_matmul_bench.py.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from hearthlm.kernels import quant_matmul as qm
+
+from .conftest import run_interpreted
 
 HERE = Path(__file__).resolve().parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -66,19 +65,8 @@ def test_reference_is_dequantize_then_matmul():
 
 
 # ------------------------------------------------------------------------------------- interpreted (CPU)
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the gpu-marked tests cover the kernels")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted in this process")
 def test_quant_kernels_under_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parents[1] / "src"), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp", str(Path(__file__))],
-        check=False, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=300)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    if proc.returncode == 5 or (" skipped" in tail and " passed" not in tail):
-        pytest.skip(f"triton interpreter unavailable here:\n{tail}")
-    assert proc.returncode == 0, tail
+    run_interpreted(Path(__file__), "interp")
 
 
 @interp
