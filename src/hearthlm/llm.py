@@ -15,7 +15,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 cuda_graphs: bool = True, async_scheduling: bool | None = None, kv_cache_dtype: str = "auto", quantization: str = "none", loaded=None):
+                 cuda_graphs: bool = True, async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                 quantization: str = "none", loaded=None):
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill,
                                 async_scheduling=async_scheduling)

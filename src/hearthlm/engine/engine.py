@@ -40,8 +40,7 @@ class RequestState:
 @dataclass
 class _Step:
     seqs: list[Sequence]
-    num_new_tokens: list[int]
-    sample: list[SampleRequest | None]
+    sample: list[SampleRequest | None]  # None: a prefill chunk that samples nothing
     handle: StepHandle
 
 
@@ -273,7 +272,7 @@ class LLMEngine:
                 seq.num_pending += 1
                 seq.pending_row = rows
                 rows += 1
-        return _Step(sched.seqs, sched.num_new_tokens, batch.sample, handle)
+        return _Step(sched.seqs, batch.sample, handle)
 
     def _finish_step(self, step: "_Step", emit_unfinished: bool) -> list[RequestOutput]:
         result = step.handle.result()
@@ -284,12 +283,12 @@ class LLMEngine:
             token, logprobs = next(results) if req is not None else (None, None)
             if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
                 continue
-            if req is None:
-                self.kv.commit(seq)
-                continue
-            seq.num_pending -= 1
-            seq.output_ids.append(token)
+            if req is not None:
+                seq.num_pending -= 1
+                seq.output_ids.append(token)
             self.kv.commit(seq)
+            if req is None:
+                continue
             state = self.requests[seq.request_id]
             if logprobs is not None:
                 seq.logprobs.append(logprobs)

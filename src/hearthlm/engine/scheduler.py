@@ -96,7 +96,7 @@ class Scheduler:
         return batch
 
     def _num_new(self, seq: Sequence, budget: int) -> int:
-        if seq.num_pending and seq.ends_with_pending(self.config.max_model_len):
+        if seq.ends_with_pending(self.config.max_model_len):
             return 0
         remaining = seq.num_tokens - seq.num_computed_tokens
         if remaining <= budget:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
+from .rmsnorm import rms_norm_ref
 
 if HAS_TRITON:
     import triton
@@ -106,8 +107,6 @@ def apply_rope_ref_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, c
     cos, sin = cs[:, None, :half], cs[:, None, half:]
     for i, x in enumerate((q, k)):
         if qk_norm is not None:
-            from .rmsnorm import rms_norm_ref
-
             x.copy_(rms_norm_ref(x, qk_norm[i], qk_norm[2]).view_as(x))
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -109,9 +109,10 @@ class ModelRunner:
         # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile
         self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
         self.graphs = None
-        if self.can_overlap or self.use_kernels:
-            rows = max(sched.max_num_seqs, 256)
+        rows = max(sched.max_num_seqs, 256)
+        if self.can_overlap or self.use_kernels:  # the decode graphs write their argmax here too
             self.prev_tokens = torch.zeros(rows, dtype=torch.long, device=device)  # last step's sampled tokens
+        if self.can_overlap:  # two host buffers: step N's tokens stay readable while N+1 copies its own
             pin = device.type == "cuda"
             self._out_host = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
             self._flip = 0
