@@ -19,7 +19,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_attention import _tanh
+    from .paged_attention import _tile_accumulate, _tile_scores
 
     @triton.jit
     def _prefill_kernel(
@@ -71,45 +71,16 @@ if HAS_TRITON:
         for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < hi
-            blk = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
-            off = pos % block_size
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            if KV_QUANT:
-                k = k.to(q.dtype)
-            if FP32_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
-            if KV_QUANT:
-                ks = tl.load(k_scale_ptr + blk * stride_ksb + off * stride_kst + kvh, mask=n_mask, other=0.0)
-                s = s * ks[None, :]
-            if USE_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
+            s, blk, off = _tile_scores(q, bt_row, pos, n_mask, offs_d, d_mask, kvh, scale, softcap, block_size,
+                                       k_cache_ptr, stride_kb, stride_kt, stride_kh, k_scale_ptr, stride_ksb,
+                                       stride_kst, USE_SOFTCAP, FP32_DOT, KV_QUANT)
             mask = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 mask = mask & (pos[None, :] > q_pos[:, None] - window)
             s = tl.where(mask, s * 1.4426950408889634, float("-inf"))  # log2 domain
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            pv = p
-            if KV_QUANT:
-                v = v.to(q.dtype)
-                vs = tl.load(v_scale_ptr + blk * stride_vsb + off * stride_vst + kvh, mask=n_mask, other=0.0)
-                pv = p * vs[None, :]
-            if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _tile_accumulate(q, s, m_i, l_i, acc, blk, off, n_mask, offs_d, d_mask, kvh,
+                                             v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb,
+                                             stride_vst, FP32_DOT, KV_QUANT)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
