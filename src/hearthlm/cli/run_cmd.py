@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 
 def add_parser(sub) -> None:
+    from .serve_cmd import add_memory_args
+
     p = sub.add_parser("run", help="chat with a model (one-shot with a prompt, else interactive)")
     p.add_argument("model_or_prompt", nargs="*", help="[model] [prompt]; the model defaults to the embedded smollm2")
     p.add_argument("--model", "-m", default=None, help="model path, store name or alias")
@@ -20,9 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--device", default="auto")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
-    p.add_argument("--quantization", default="none", help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already quantized")
+    add_memory_args(p)
     p.add_argument("--local", action="store_true", help="load the model in this process even if a server runs")
     p.set_defaults(func=run)
 

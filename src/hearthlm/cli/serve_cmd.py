@@ -26,6 +26,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
 
 
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype and --quantization, shared by `hearth serve` and `hearth run`."""
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
+    p.add_argument("--quantization", default="none",
+                   help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), "
+                        "int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already "
+                        "quantized")
+
+
 def add_parser(sub) -> None:
     host, port = host_port()
     p = sub.add_parser("serve", help="serve a model over OpenAI, Ollama and TGI HTTP APIs")
@@ -38,9 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache size, e.g. 512M, 2G")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
-    p.add_argument("--quantization", default="none", help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already quantized")
+    add_memory_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None,
                    help="auto, float32, float16, bfloat16. Default: float32 on CPU (exact and batch-invariant: a "
@@ -61,8 +69,7 @@ def config_from_args(args: argparse.Namespace):
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-                       quantization=args.quantization,
-                       device=args.device,
+                       quantization=args.quantization, device=args.device,
                        dtype=args.dtype or _default_dtype(args.device),
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload)
