@@ -79,7 +79,7 @@ class TinyModels:
             model = getattr(transformers, cls_name)(cfg).eval()
             path = os.path.join(self.root, family)
             model.save_pretrained(path)
-            self.tokenizer.hf.save_pretrained(path)
+            self.tokenizer.save(path)
             self.paths[family] = path
             self.hf[family] = model
         return self.paths[family]

@@ -29,9 +29,9 @@ def run_coldstart(args) -> int:
         hf, loaded = build_pair(args.preset, getattr(torch, args.dtype), device)
         path = path or tempfile.mkdtemp(prefix="hearth-cold-")
         hf.save_pretrained(path)
-        loaded.tokenizer.hf.save_pretrained(path)
+        loaded.tokenizer.save(path)
         del hf, loaded
-    out = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, check=False)
     print(f"# hearth bench coldstart {args.preset if args.model is None else path}")
     print(out.stdout.strip() or out.stderr[-2000:])
     return out.returncode

@@ -76,9 +76,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 def synthetic_tokenizer(vocab_size: int = 49152):
     """A byte-level BPE tokenizer with no merges (256 byte tokens + specials), for random-weight models
     where the embedded model's tokenizer is not installed."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from ..loader.tokenizer import Tokenizer
 
@@ -88,5 +87,5 @@ def synthetic_tokenizer(vocab_size: int = 49152):
     raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    return Tokenizer(tok, [2])
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return Tokenizer(raw, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}, eos_token_ids=[2])

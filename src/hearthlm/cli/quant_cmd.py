@@ -92,7 +92,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         llm = perplexity_llm(args.model, args.ctx, args.batch, args.dtype, args.device)
         tok = llm.tokenizer
         ids = tok.encode(text)
-        bos = tok.hf.bos_token_id
+        bos = tok.bos_token_id
         adds_bos = bos is not None and tok.encode("a")[:1] == [bos]
         res = perplexity(llm, ids, args.ctx, args.ctx if args.llama_compat else args.stride, args.batch,
                          args.llama_compat, args.chunks, bos if adds_bos else None)
