@@ -26,15 +26,13 @@ from hearthlm.kernels import quant_matmul as qm
 from hearthlm.layers.gpu_quant import Fp8Weight
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
-MS = [1, 4, 16, 128, 512]
+MS = [1, 2, 4, 16, 128, 512]
 FORMATS = {"int4": (4, 32, True), "int8": (8, 32, False), "q6k": (8, 16, False)}
 
 
 def weight(n: int, k: int, bits: int, group: int, has_min: bool):
-    if bits == 4:
-        codes = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
-    else:
-        codes = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+    lo, hi = (0, 16) if bits == 4 else (-128, 128)
+    codes = qm.pack_codes(torch.randint(lo, hi, (n, k), device="cuda", dtype=torch.int32), bits)
     scale = (torch.rand(n, k // group, device="cuda") * 0.02).half()
     mins = (-torch.rand(n, k // group, device="cuda") * 0.1).half() if has_min else None
     return codes, scale, mins
@@ -70,12 +68,12 @@ def timed(fn) -> tuple[float, float]:
     return eager, graph
 
 
-def table() -> None:
+def table(ms: list[int]) -> None:
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"{'N':>6} {'K':>6} {'M':>4} {'format':>6} {'eager us':>9} {'graph us':>9} {'GB/s':>7} {'vs bf16':>8}"
           f"  {'max rel err':>11}")
-    for (n, k), m in itertools.product(SHAPES, MS):
+    for (n, k), m in itertools.product(SHAPES, ms):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
 
@@ -117,8 +115,12 @@ def table() -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(formats: list[str]) -> None:
-    """Best block sizes per shape: GEMV for M = 1, 4; tl.dot kernel for M = 16, 128, 512 (CUDA-graph times,
+def codes_w(ws) -> int:
+    return ws[0].shape[1]
+
+
+def sweep(formats: list[str], mm: bool = True) -> None:
+    """Best block sizes per shape: GEMV for M = 1, 2, 4; tl.dot kernel for M = 16, 128, 512 (CUDA-graph times,
     W rotated through copies as in the table)."""
     print("\n# sweeps (graph us; best 3 of each grid)")
 
@@ -135,18 +137,19 @@ def sweep(formats: list[str]) -> None:
         bits, group, has_min = FORMATS[name]
         ws = weight(n, k, bits, group, has_min)
         wbytes = nbytes(*ws)
-        for m in (1, 4):
+        for m in (1, 2, 4):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            grid = [qm.KernelConfig(qm._next_pow2(m), bn, bk, split, warps, 2)
-                    for bn, bk, split, warps in itertools.product([16, 32, 64], [128, 256, 512], [0, 1, 4], [4])]
-            grid += [qm.KernelConfig(qm._next_pow2(m), 64, bk, 0, 8, 2) for bk in (256, 512)]
+            grid = [qm.GemvConfig(bn, bw, warps, stages)
+                    for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8],
+                                                                   [1, 2])
+                    if 128 * warps <= bw <= 512 * warps and (stages == 1 or bw < codes_w(ws))]
             res = sorted(((bench(lambda c, s_, mn, cfg=cfg: qm.quant_gemv_triton(x, c, s_, mn, bits, group, cfg), ws),
                           cfg) for cfg in grid), key=lambda r: r[0])
             t_def = bench(lambda c, s_, mn: qm.quant_gemv_triton(x, c, s_, mn, bits, group), ws)
             print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
-                  + "; ".join(f"{t * 1e3:.1f}us bn={c.block_n} bk={c.block_k} split={c.split_k} w={c.num_warps} "
+                  + "; ".join(f"{t * 1e3:.1f}us GemvConfig({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
                               f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in res[:3]))
-        for m in (16, 128, 512):
+        for m in (16, 128, 512) if mm else ():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bms = [16] if m <= 16 else [64, 128]
             grid = [qm.KernelConfig(bm, bn, bk, 0 if m <= 16 else 1, warps, stages)
@@ -164,9 +167,11 @@ if __name__ == "__main__":
     ap.add_argument("--sweep", action="store_true", help="also sweep block sizes (prints the best configs)")
     ap.add_argument("--sweep-formats", default="int4,int8", help="formats the sweep covers (comma-separated)")
     ap.add_argument("--no-table", action="store_true", help="skip the main table (sweep only)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts of the table (comma-separated)")
+    ap.add_argument("--no-mm-sweep", action="store_true", help="sweep the decode GEMV only")
     args = ap.parse_args()
     torch.manual_seed(0)
     if not args.no_table:
-        table()
+        table([int(m) for m in args.ms.split(",")])
     if args.sweep:
-        sweep(args.sweep_formats.split(","))
+        sweep(args.sweep_formats.split(","), mm=not args.no_mm_sweep)

@@ -36,10 +36,8 @@ def make_weight(n: int, k: int, bits: int, group: int, has_min: bool, device="cp
                 scale_dtype=torch.float32):
     """Random codes + scales (+ mins), in the kernels' layout."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    if bits == 4:
-        codes = qm.pack_int4(torch.randint(0, 16, (n, k), generator=g))
-    else:
-        codes = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+    lo, hi = (0, 16) if bits == 4 else (-128, 128)
+    codes = qm.pack_codes(torch.randint(lo, hi, (n, k), generator=g), bits)
     scale = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(scale_dtype)
     mins = (-torch.rand(n, k // group, generator=g) * 0.1).to(scale_dtype) if has_min else None
     return [t.to(device) if t is not None else None for t in (codes, scale, mins)]
@@ -50,16 +48,23 @@ def check(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     assert err <= tol * float(want.float().abs().max()) + 1e-6, f"max error {err:.3g}, max |ref| {want.abs().max():.3g}"
 
 
-def test_pack_int4_round_trip():
+def test_pack_codes_round_trip():
     q = torch.randint(0, 16, (5, 64))
-    p = qm.pack_int4(q)
-    assert p.shape == (5, 32) and p.dtype == torch.uint8 and int(p[0, 0]) == int(q[0, 0]) | int(q[0, 1]) << 4
-    assert torch.equal(qm.unpack_int4(p), q.to(torch.uint8))
+    p = qm.pack_codes(q, 4)
+    assert p.shape == (5, 16) and p.dtype == torch.int16
+    # word j of chunk c: weight 32 c + 8 t + j in bits [4 t, 4 t + 4)
+    word = int(p[1, 8 + 3]) & 0xFFFF
+    assert [(word >> (4 * t)) & 15 for t in range(4)] == [int(q[1, 32 + 8 * t + 3]) for t in range(4)]
+    assert torch.equal(qm.unpack_codes(p, 4), q.to(torch.uint8))
+    q8 = torch.randint(-128, 128, (3, 48))
+    p8 = qm.pack_codes(q8, 8)
+    assert p8.shape == (3, 24) and int(p8[2, 9]) & 0xFF == int(q8[2, 17]) & 0xFF
+    assert torch.equal(qm.unpack_codes(p8, 8), q8.to(torch.int8))
 
 
 def test_reference_is_dequantize_then_matmul():
     codes, scale, mins = make_weight(24, 64, 4, 32, True)
-    w = qm.unpack_int4(codes).float().view(24, 2, 32) * scale[..., None] + mins[..., None]
+    w = qm.unpack_codes(codes, 4).float().view(24, 2, 32) * scale[..., None] + mins[..., None]
     x = torch.randn(3, 64)
     torch.testing.assert_close(qm.quant_matmul(x, codes, scale, mins, 4, 32), x @ w.view(24, 64).T)
 
@@ -72,13 +77,13 @@ def test_quant_kernels_under_interpreter() -> None:
 @interp
 @pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False),
                                                 (8, 32, True)])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 4])
 def test_interp_gemv(bits, group, has_min, m):
-    n, k = 40, 160  # N not a multiple of the block; K split into uneven parts
+    n, k = 40, 160  # N not a multiple of the block; K: whole code tiles plus a partial one
     codes, scale, mins = make_weight(n, k, bits, group, has_min)
     x = torch.randn(m, k)
     want = qm.quant_matmul_ref(x, codes, scale, mins, bits, group)
-    for cfg in (None, qm.KernelConfig(4, 16, 64, 3), qm.KernelConfig(4, 32, 32, 1)):
+    for cfg in (None, qm.GemvConfig(4, 32, 1), qm.GemvConfig(8, 16, 2), qm.GemvConfig(1, 8, 1)):
         check(qm.quant_gemv_triton(x, codes, scale, mins, bits, group, cfg), want, 1e-5)
 
 
@@ -91,6 +96,14 @@ def test_interp_mm(bits, group, has_min):
     want = qm.quant_matmul_ref(x, codes, scale, mins, bits, group)
     for cfg in (qm.KernelConfig(16, 16, 32, 1), qm.KernelConfig(16, 32, 64, 2)):
         check(qm.quant_mm_triton(x, codes, scale, mins, bits, group, cfg), want, 1e-5)
+
+
+@interp
+@pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (8, 16, False)])
+def test_interp_dequantize(bits, group, has_min):
+    codes, scale, mins = make_weight(20, 160, bits, group, has_min)
+    got = qm.dequantize_triton(codes, scale, mins, bits, group, torch.float32)
+    torch.testing.assert_close(got, qm.dequantize_ref(codes, scale, mins, bits, group))
 
 
 @interp

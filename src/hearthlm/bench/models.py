@@ -13,7 +13,8 @@ from ..models.registry import model_class
 def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size: int = 49152,
                quantization: str = "none"):
     """(hf_model, LoadedModel) sharing the same random weights; the tokenizer is the embedded model's.
-    quantization: the engine's block matrices quantized at load (loader.load.weight_quantizer)."""
+    quantization: the engine's block matrices quantized at load (loader.load.weight_quantizer), or "q4_k_m":
+    the layout our loader gives a Q4_K_M GGUF on the GPU (see gguf_mix_quantizer)."""
     import transformers
 
     from ..loader.load import weight_quantizer
@@ -26,13 +27,38 @@ def build_pair(preset: str, dtype: torch.dtype, device: torch.device, vocab_size
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
     state = hf.state_dict()
     cfg = config_from_hf_dict(d, name=f"{preset}-random")
-    quantize = weight_quantizer(quantization, torch.device(device))
+    if quantization == "q4_k_m":
+        quantize = gguf_mix_quantizer(cfg.num_layers)
+    else:
+        quantize = weight_quantizer(quantization, torch.device(device))
     net = model_class(cfg.architecture)(
         cfg, lambda n: state.get(n) if quantize is None or n not in state else quantize(n, state[n]), device)
     tok = default_or_synthetic_tokenizer()
     loaded = LoadedModel(cfg, net, tok, Path(f"{preset}-random"),
                          str(dtype).replace("torch.", "") if quantize is None else quantization, 0.0)
     return hf, loaded
+
+
+def gguf_mix_quantizer(n_layers: int):
+    """(name, weight) -> the weight as the loader lays out a Q4_K_M GGUF's tensors on the GPU, without writing
+    and reading a multi-GB file: Q4_K (most matrices) -> 4-bit codes in groups of 32 with scale + min; Q6_K
+    (lm_head; attn_v and ffn_down of llama.cpp's use_more_bits layers) -> 8-bit codes in groups of 16. The
+    kernels then read the same bytes and do the same work as for the real file (values are re-quantized from
+    the random bf16 weights rather than K-quant-searched)."""
+    import re
+
+    from ..layers.quant_linear import quantize_int4, quantize_int8
+    from ..quant.formats import use_more_bits
+
+    def quantize(name: str, t: torch.Tensor):
+        if t.dim() != 2 or "embed_tokens" in name:
+            return t
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        six = name.startswith("lm_head") or (m is not None and (".v_proj." in name or ".down_proj." in name)
+                                             and use_more_bits(int(m.group(1)), n_layers))
+        return quantize_int8(t, group=16) if six else quantize_int4(t)
+
+    return quantize
 
 
 def default_or_synthetic_tokenizer():

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--hf-max-batch", type=int, default=16, help="HF baseline: largest batch it is run at")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 or int8")
-    p.add_argument("--quantization", default="none", help="weights: none, int8, int4 or fp8 (HF baseline stays dense)")
+    p.add_argument("--quantization", default="none",
+                   help="weights: none, int8, int4, fp8, or q4_k_m (Q4_K_M's GPU layout); the HF baseline stays dense")
     p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt tokens")
     p.add_argument("--url", default=None, help="serving: server base URL (default HEARTH_HOST or 127.0.0.1:11435)")
     p.add_argument("--concurrency", type=int, default=16, help="serving: concurrent clients")

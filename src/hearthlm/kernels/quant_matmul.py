@@ -1,15 +1,22 @@
 """y = x @ W^T with W kept as group-wise codes on the GPU: w[n, k] = code[n, k] * scale[n, g] + min[n, g],
-g = k // group (group 16 or 32, any power of two >= 16). Two code layouts:
+g = k // group.
 
-  bits=4  codes [N, K // 2] uint8, two 4-bit codes per byte: byte j holds k = 2j (low nibble), 2j + 1 (high)
-          (Q4_0, Q4_1, Q4_K -- exact up to the rounding of scale/min to their storage dtype -- and int4)
-  bits=8  codes [N, K] int8 (Q8_0, int8; Q5_0/1, Q5_K, Q6_K repacked one code per byte)
+Codes are packed into 16-bit words, T = 16 // bits codes per word (bits 4: unsigned 0..15, T = 4; bits 8:
+signed int8, T = 2), in chunks of 8 words (16 bytes, the vector one GPU thread loads) covering 8 T weights:
+word j of chunk c holds, in its bits [bits * t, bits * (t + 1)), the code of weight k = 8 T c + 8 t + j.
+So sub-code t of a chunk's 8 words pairs with 8 consecutive x values (one 16-byte vector of bf16/fp16 x),
+and a word tile [rows, words] and an x tile [words] have the same element size: the GEMV needs no layout
+conversion. Group: a multiple of 8 T (32 for 4-bit, 16 for 8-bit), so a chunk has one scale.
+  bits=4  Q4_0, Q4_1, Q4_K (exact up to the rounding of scale/min to their storage dtype) and int4
+  bits=8  Q8_0, int8; Q5_0/1, Q5_K, Q6_K repacked one code per byte
 scale, min: [N, K // group] float16 or float32 (min None = symmetric codes, e.g. Q8_0, Q6_K, int8).
 
 Kernels (fp32 accumulation both):
-  _gemv_kernel  small M (decode): CUDA-core dot products, one CTA per (BLOCK_N rows, K split); split-K makes
-                enough CTAs to stream W at HBM bandwidth; partial sums [splits, M, N] fp32 are summed after
-  _mm_kernel    larger M (prefill): tl.dot on tiles dequantized in registers, optional split-K as well
+  _gemv_kernel  decode (M <= 4): kernels/gemv.py's design -- one program per BLOCK_N rows over all of K; per
+                chunk a thread sums code * x in registers and applies the chunk's scale once (and min * sum(x));
+                no shared memory or barriers inside the K loop, no split-K
+  _mm_kernel    M <= 16: tl.dot per sub-code plane on tiles dequantized in registers, optional split-K
+  _dequant_kernel  larger M (prefill): W to bf16/fp16 in one pass, then torch.matmul
 `quant_matmul` dispatches (Triton for CUDA tensors, else the torch reference `quant_matmul_ref`).
 """
 from __future__ import annotations
@@ -18,27 +25,45 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton_utils import HAS_TRITON, num_sms, use_triton
+from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
+from .gemv import _join_rows
 
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV kernel runs; above, the tl.dot kernel
+MM_MAX_M = 16  # rows up to which the tl.dot kernel runs; above, dequantize + dense matmul (measured faster)
 
 
 # ----------------------------------------------------------------------------------------- layouts + reference
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes in 0..15 (any int dtype) -> [N, K // 2] uint8: byte j = code[2j] | code[2j + 1] << 4."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] codes (4-bit: 0..15; 8-bit: -128..127; any int dtype; K % (128 // bits) == 0) -> [N, K * bits // 16]
+    int16 words in the kernels' layout (see the module docstring)."""
+    n, k = codes.shape
+    t = 16 // bits
+    assert bits in (4, 8) and k % (8 * t) == 0, f"{bits}-bit codes need K % {8 * t} == 0, got {k}"
+    c = (codes.to(torch.int32) & ((1 << bits) - 1)).view(n, k // (8 * t), t, 8)
+    words = sum(c[:, :, i] << (bits * i) for i in range(t))  # [N, chunks, 8], 0..65535
+    return torch.where(words >= 32768, words - 65536, words).to(torch.int16).reshape(n, -1).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K // 2] uint8 -> [N, K] uint8 codes (inverse of pack_int4)."""
-    return torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, W] int16 words -> [N, W * 16 // bits] codes (4-bit: uint8 0..15; 8-bit: int8); inverse of pack_codes."""
+    n, w = words.shape
+    t = 16 // bits
+    v = words.to(torch.int32).view(n, w // 8, 1, 8)
+    c = (v >> (bits * torch.arange(t, device=words.device, dtype=torch.int32)[:, None])) & ((1 << bits) - 1)
+    if bits == 8:
+        return ((c ^ 128) - 128).to(torch.int8).reshape(n, -1)
+    return c.to(torch.uint8).reshape(n, -1)
+
+
+def code_width(codes: torch.Tensor, bits: int) -> int:
+    """K of a packed [N, W] word tensor."""
+    return codes.shape[1] * 16 // bits
 
 
 def dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int,
                    group: int) -> torch.Tensor:
     """-> W [N, K] float32."""
-    q = unpack_int4(codes) if bits == 4 else codes
+    q = unpack_codes(codes, bits)
     n, k = q.shape
     w = q.float().view(n, k // group, group) * scale.float()[..., None]
     if mins is not None:
@@ -58,65 +83,123 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                     stride_os, stride_om, C, c_per_split,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
-        m_rows = m_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # loops run over code columns (bytes: K // 2 for 4-bit codes) so that W loads stay vectorised
-        c_start = pid_s * c_per_split
-        c_end = tl.minimum(c_start + c_per_split, C)
-        if BITS == 4:
-            offs_b = tl.arange(0, BLOCK_K // 2)
-            for c0 in range(c_start, c_end, BLOCK_K // 2):
-                cb = c0 + offs_b
-                ke = 2 * cb  # k of the low nibbles; K is a multiple of the group, so ke + 1 < K too
-                k_mask = cb < c_end
-                wm = n_mask[:, None] & k_mask[None, :]
-                q = tl.load(w_rows + cb[None, :], mask=wm, other=0)
-                g = (ke // GROUP)[None, :]
-                s = tl.load(s_rows + g, mask=wm, other=0.0).to(tl.float32)
-                lo = (q & 15).to(tl.float32) * s
-                hi = (q >> 4).to(tl.float32) * s
-                if HAS_MIN:
-                    mn = tl.load(m_rows + g, mask=wm, other=0.0).to(tl.float32)
-                    lo += mn
-                    hi += mn
-                xm = m_mask[:, None] & k_mask[None, :]
-                xe = tl.load(x_rows + ke[None, :], mask=xm, other=0.0).to(tl.float32)
-                xo = tl.load(x_rows + ke[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
-                acc += tl.sum(lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :], axis=2)
+    def _sub(q, t: tl.constexpr, T: tl.constexpr):
+        """Sub-code t (of T per 16-bit word) as fp32: 4-bit unsigned (T = 4) or 8-bit signed (T = 2).
+        Converted without I2F (a quarter-rate instruction that would bound the kernel): the code c (biased to
+        c + 128 >= 0 for signed bytes) is OR-ed into the mantissa of 2^23, whose float value is then 2^23 + c."""
+        if T == 4:
+            v = ((q >> (4 * t)) & 15) | 0x4B000000
+            return v.to(tl.float32, bitcast=True) - 8388608.0
         else:
-            offs_k = tl.arange(0, BLOCK_K)
-            for c0 in range(c_start, c_end, BLOCK_K):
-                kk = c0 + offs_k
-                k_mask = kk < c_end
-                wm = n_mask[:, None] & k_mask[None, :]
-                q = tl.load(w_rows + kk[None, :], mask=wm, other=0)
-                g = (kk // GROUP)[None, :]
-                w = q.to(tl.float32) * tl.load(s_rows + g, mask=wm, other=0.0).to(tl.float32)
-                if HAS_MIN:
-                    w += tl.load(m_rows + g, mask=wm, other=0.0).to(tl.float32)
-                xv = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(w[None, :, :] * xv[:, None, :], axis=2)
-        out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            v = (((q >> (8 * t)) & 255) ^ 128) | 0x4B000000
+            return v.to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _xdot(p, xs, v, x_row, kk, w_mask, MASKED: tl.constexpr):
+        if MASKED:
+            x = tl.load(x_row + kk, mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_row + kk).to(tl.float32)
+        return p + v * x[None, :], xs + x
+
+    @triton.jit
+    def _row_chunks(acc, v0, v1, v2, v3, x_row, kbase, w_mask, s, mn, MASKED: tl.constexpr, T: tl.constexpr,
+                    HAS_MIN: tl.constexpr, NCH: tl.constexpr):
+        """acc [BN, NCH] += per-chunk dot(codes, x) * scale (+ min * sum(x)); v_t: [BN, BW] sub-codes at K
+        kbase + 8 t (kbase: [BW])."""
+        p, xs = _xdot(0.0, 0.0, v0, x_row, kbase, w_mask, MASKED)
+        p, xs = _xdot(p, xs, v1, x_row, kbase + 8, w_mask, MASKED)
+        if T == 4:
+            p, xs = _xdot(p, xs, v2, x_row, kbase + 16, w_mask, MASKED)
+            p, xs = _xdot(p, xs, v3, x_row, kbase + 24, w_mask, MASKED)
+        bn: tl.constexpr = p.shape[0]
+        acc += tl.sum(tl.reshape(p, [bn, NCH, 8]), axis=2) * s
+        if HAS_MIN:  # sum(x) per chunk, in the accumulator's layout (a broadcast, then the same reduction as p)
+            acc += tl.sum(tl.reshape(tl.broadcast_to(xs[None, :], p.shape), [bn, NCH, 8]), axis=2) * mn
+        return acc
+
+    @triton.jit
+    def _qtile(a0, a1, a2, a3, w_rows, s_rows, m_rows, x_ptr, stride_xm, w0, W,
+               MASKED: tl.constexpr, T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One [BLOCK_N, BLOCK_W]-word tile of codes (read once) against up to 4 rows of x."""
+        NCH: tl.constexpr = BLOCK_W // 8
+        wid = w0 + tl.arange(0, BLOCK_W)  # word index along the row
+        w_mask = wid < W
+        if MASKED:
+            q = tl.load(w_rows + wid[None, :], mask=w_mask[None, :], other=0).to(tl.int32)
+        else:
+            q = tl.load(w_rows + wid[None, :]).to(tl.int32)
+        # chunk -> scale group, computed in the accumulator's layout (no layout conversion in the loop)
+        bn: tl.constexpr = q.shape[0]
+        chunk = tl.max(tl.reshape(tl.broadcast_to((wid // 8)[None, :], q.shape), [bn, NCH, 8]), axis=2)
+        g = chunk * (8 * T) // GROUP
+        c_mask = chunk < W // 8
+        if MASKED:
+            s = tl.load(s_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(s_rows + g).to(tl.float32)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        kbase = (wid // 8) * (8 * T) + wid % 8
+        v0 = _sub(q, 0, T)
+        v1 = _sub(q, 1, T)
+        v2 = v0
+        v3 = v0
+        if T == 4:
+            v2 = _sub(q, 2, T)
+            v3 = _sub(q, 3, T)
+        a0 = _row_chunks(a0, v0, v1, v2, v3, x_ptr, kbase, w_mask, s, mn, MASKED, T, HAS_MIN, NCH)
+        if BLOCK_M > 1:
+            a1 = _row_chunks(a1, v0, v1, v2, v3, x_ptr + stride_xm, kbase, w_mask, s, mn, MASKED, T, HAS_MIN, NCH)
+        if BLOCK_M > 2:
+            a2 = _row_chunks(a2, v0, v1, v2, v3, x_ptr + 2 * stride_xm, kbase, w_mask, s, mn, MASKED, T, HAS_MIN,
+                             NCH)
+        if BLOCK_M > 3:
+            a3 = _row_chunks(a3, v0, v1, v2, v3, x_ptr + 3 * stride_xm, kbase, w_mask, s, mn, MASKED, T, HAS_MIN,
+                             NCH)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, y_ptr, N, W, stride_xm, stride_wn, stride_sn, stride_ym,
+                     T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                     P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, NUM_STAGES: tl.constexpr):
+        # kernels/gemv.py's design: one program per BLOCK_N rows of W over all of K. Codes are read as 16-bit
+        # words, the same element size as x, so a thread's 16-byte vector of words (one chunk) lines up with
+        # its 16-byte vectors of x: no layout conversion (shared memory, barriers) inside the K loop. Per chunk
+        # the thread sums code * x in registers and applies the chunk's scale once (and min * sum(x)).
+        pid = tl.program_id(0)
+        stride_wn = tl.multiple_of(stride_wn, 8)
+        stride_xm = tl.multiple_of(stride_xm, 8)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: W loads need no mask along N
+        w_rows = w_ptr + rows[:, None] * stride_wn
+        s_rows = s_ptr + rows[:, None] * stride_sn
+        m_rows = m_ptr + rows[:, None] * stride_sn
+        a0 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)  # a1..a3: dead for rows >= BLOCK_M
+        a2 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
+        a3 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
+        w_full = (W // BLOCK_W) * BLOCK_W
+        for w0 in tl.range(0, w_full, BLOCK_W, num_stages=NUM_STAGES):
+            a0, a1, a2, a3 = _qtile(a0, a1, a2, a3, w_rows, s_rows, m_rows, x_ptr, stride_xm,
+                                    tl.multiple_of(w0, BLOCK_W), W, False, T, GROUP, HAS_MIN, BLOCK_M, BLOCK_W)
+        if w_full < W:
+            a0, a1, a2, a3 = _qtile(a0, a1, a2, a3, w_rows, s_rows, m_rows, x_ptr, stride_xm, w_full, W,
+                                    True, T, GROUP, HAS_MIN, BLOCK_M, BLOCK_W)
+        acc = tl.reshape(tl.sum(_join_rows(a0, a1, a2, a3, a0, a0, a0, a0, P), axis=1), [BLOCK_N, P])
+        r0 = tl.zeros_like(offs_n)
+        m = tl.reshape(_join_rows(r0, r0 + 1, r0 + 2, r0 + 3, r0, r0, r0, r0, P), [BLOCK_N, P])
+        tl.store(y_ptr + m * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (m < BLOCK_M))
 
     @triton.jit
     def _mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                   stride_os, stride_om, C, c_per_split,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   stride_os, stride_om, W, w_per_split,
+                   T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -124,48 +207,61 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        # W tiles are read as [k, n] (contiguous along k) so that they feed tl.dot as the right operand
+        # W tiles are read as [words, n] so that each sub-code plane feeds tl.dot as the right operand
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
         s_cols = s_ptr + offs_n.to(tl.int64)[None, :] * stride_sn
         m_cols = m_ptr + offs_n.to(tl.int64)[None, :] * stride_sn
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        c_start = pid_s * c_per_split  # code columns, as in _gemv_kernel
-        c_end = tl.minimum(c_start + c_per_split, C)
-        k_end = c_end * (2 if BITS == 4 else 1)
-        offs_k = tl.arange(0, BLOCK_K)
-        for c0 in range(c_start, c_end, BLOCK_K // 2 if BITS == 4 else BLOCK_K):
-            kk = c0 * (2 if BITS == 4 else 1) + offs_k
-            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)
-            if BITS == 4:
-                cb = c0 + tl.arange(0, BLOCK_K // 2)
-                wm = (cb < c_end)[:, None] & n_mask[None, :]
-                q = tl.load(w_cols + cb[:, None], mask=wm, other=0)  # [BLOCK_K // 2, BLOCK_N]
-                g = (2 * cb // GROUP)[:, None]
-                s = tl.load(s_cols + g, mask=wm, other=0.0).to(tl.float32)
-                lo = (q & 15).to(tl.float32) * s
-                hi = (q >> 4).to(tl.float32) * s
+        w_start = pid_s * w_per_split
+        w_end = tl.minimum(w_start + w_per_split, W)
+        for w0 in range(w_start, w_end, BLOCK_W):
+            wid = w0 + tl.arange(0, BLOCK_W)
+            wm = (wid < w_end)[:, None] & n_mask[None, :]
+            q = tl.load(w_cols + wid[:, None], mask=wm, other=0).to(tl.int32)  # [BLOCK_W, BLOCK_N]
+            kbase = (wid // 8) * (8 * T) + wid % 8  # K of sub-code 0 of each word; sub-code t: + 8 t
+            g = (kbase // GROUP)[:, None]
+            s = tl.load(s_cols + g, mask=wm, other=0.0).to(tl.float32)
+            mn = s
+            if HAS_MIN:
+                mn = tl.load(m_cols + g, mask=wm, other=0.0).to(tl.float32)
+            xm = m_mask[:, None] & (wid < w_end)[None, :]
+            for t in tl.static_range(T):
+                x = tl.load(x_rows + (kbase + 8 * t)[None, :], mask=xm, other=0.0)  # [BLOCK_M, BLOCK_W]
+                v = _sub(q, t, T) * s
                 if HAS_MIN:
-                    mn = tl.load(m_cols + g, mask=wm, other=0.0).to(tl.float32)
-                    lo += mn
-                    hi += mn
-                xe, xo = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
-                acc = tl.dot(xe, lo.to(x.dtype), acc)
-                acc = tl.dot(xo, hi.to(x.dtype), acc)
-            else:
-                wm = (kk < k_end)[:, None] & n_mask[None, :]
-                q = tl.load(w_cols + kk[:, None], mask=wm, other=0)  # [BLOCK_K, BLOCK_N]
-                g = (kk // GROUP)[:, None]
-                w = q.to(tl.float32) * tl.load(s_cols + g, mask=wm, other=0.0).to(tl.float32)
-                if HAS_MIN:
-                    w += tl.load(m_cols + g, mask=wm, other=0.0).to(tl.float32)
-                acc = tl.dot(x, w.to(x.dtype), acc)
+                    v += mn
+                acc = tl.dot(x, v.to(x.dtype), acc)
         out = out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, W, stride_wn, stride_sn, stride_on,
+                        T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_W: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        wid = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask = (offs_n < N)[:, None] & (wid < W)[None, :]
+        rows = offs_n.to(tl.int64)[:, None]
+        q = tl.load(w_ptr + rows * stride_wn + wid[None, :], mask=mask, other=0).to(tl.int32)
+        kbase = (wid // 8) * (8 * T) + wid % 8
+        g = (kbase // GROUP)[None, :]
+        s = tl.load(s_ptr + rows * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_ptr + rows * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+        for t in tl.static_range(T):
+            v = _sub(q, t, T) * s
+            if HAS_MIN:
+                v += mn
+            tl.store(out_ptr + rows * stride_on + (kbase + 8 * t)[None, :], v.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
+    """Tiles of the tl.dot kernel; block_k counts weights (block_k * bits // 16 words >= 16, for tl.dot)."""
     block_m: int
     block_n: int
     block_k: int
@@ -174,20 +270,29 @@ class KernelConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # rows of W per program, power of two
+    block_w: int  # 16-bit code words per row per K step, power of two >= 8; fastest at 8 * 32 * num_warps
+    num_warps: int = 4
+    num_stages: int = 1
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def gemv_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
-    """Defaults (benchmarks/quant_matmul_bench.py --sweep prints better ones per GPU): 32 rows x 4 KB of codes per
-    CTA step for M = 1 (register tiles stay <= 8K fp32 values across 128 threads), split-K for ~2 waves."""
-    bm = _next_pow2(m)
-    bk = {1: 128, 2: 64}.get(bm, 32) * (2 if bits == 4 else 1)
-    return KernelConfig(bm, 32, min(bk, max(32, _next_pow2(k))), 0, 4, 2)
+def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
+    """Default tiles for M rows, N outputs, W code words per row, from sweeps on an H200/H100
+    (benchmarks/quant_matmul_bench.py --sweep): 2 warps over 512 words (1 KB) of up to 8 rows per step; 4-bit
+    codes with 2+ rows of x: 256 words, prefetched one step ahead. block_n stays small enough for >= 2
+    programs per SM (N = 1024 projections)."""
+    block_n = 8
+    while block_n > 1 and -(-n // block_n) < 2 * 132:
+        block_n //= 2
+    if bits == 4 and m > 1:
+        return GemvConfig(block_n, min(256, max(8, next_pow2(w))), 2, 2 if w > 256 else 1)
+    return GemvConfig(block_n, min(512, max(8, next_pow2(w))), 2, 1)
 
 
 def mm_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
@@ -204,38 +309,48 @@ def _splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     return max(1, min(want, k // (4 * block_k)))
 
 
-def _launch(kernel, grid_mn: tuple[int, ...], cfg: KernelConfig, x, codes, scale, mins, bits, group, out_dtype):
+def _launch_mm(grid_mn: tuple[int, int], cfg: KernelConfig, x, codes, scale, mins, bits, group, out_dtype):
     m, k = x.shape
     n = codes.shape[0]
-    split = cfg.split_k or _splits(grid_mn[0] * grid_mn[-1], k, cfg.block_k, x.device)
+    t = 16 // bits
+    split = cfg.split_k or _splits(grid_mn[0] * grid_mn[1], k, cfg.block_k, x.device)
     k_per_split = _cdiv(_cdiv(k, split), cfg.block_k) * cfg.block_k
     split = _cdiv(k, k_per_split)
     out = torch.empty((split, m, n) if split > 1 else (1, m, n), device=x.device,
                       dtype=torch.float32 if split > 1 else out_dtype)
-    kernel[(*grid_mn, split)](
+    _mm_kernel[(*grid_mn, split)](
         x, codes, scale, mins if mins is not None else scale, out, m, n, k, x.stride(0), codes.stride(0),
-        scale.stride(0), out.stride(0), out.stride(1), codes.shape[1], k_per_split // (2 if bits == 4 else 1),
-        BITS=bits, GROUP=group, HAS_MIN=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        scale.stride(0), out.stride(0), out.stride(1), codes.shape[1], k_per_split // t,
+        T=t, GROUP=group, HAS_MIN=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_W=cfg.block_k // t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out[0] if split == 1 else out.sum(0).to(out_dtype)
 
 
 def _check(x, codes, scale, mins, bits, group):
-    assert x.dim() == 2 and bits in (4, 8) and group >= 16 and group & (group - 1) == 0, (x.shape, bits, group)
-    k = codes.shape[1] * (2 if bits == 4 else 1)
-    assert x.shape[1] == k and k % group == 0 and scale.shape == (codes.shape[0], k // group), (x.shape, scale.shape)
+    assert x.dim() == 2 and bits in (4, 8) and group % (128 // bits) == 0 and group & (group - 1) == 0, \
+        (x.shape, bits, group)
+    k = code_width(codes, bits)
+    assert codes.dtype == torch.int16 and x.shape[1] == k and k % group == 0, (codes.dtype, x.shape, k)
+    assert scale.shape == (codes.shape[0], k // group), (scale.shape, codes.shape)
     assert codes.is_contiguous() and scale.is_contiguous() and (mins is None or mins.shape == scale.shape)
 
 
-def quant_gemv_triton(x, codes, scale, mins, bits: int, group: int, cfg: KernelConfig | None = None,
+def quant_gemv_triton(x, codes, scale, mins, bits: int, group: int, cfg: GemvConfig | None = None,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Small-M kernel. x: [M, K] -> [M, N]. cfg.block_m must be >= M."""
+    """Decode kernel. x: [M, K] (M <= GEMV_MAX_M) -> [M, N]."""
     x = x.contiguous()
     _check(x, codes, scale, mins, bits, group)
-    cfg = cfg or gemv_config(x.shape[0], codes.shape[0], x.shape[1], bits)
-    assert cfg.block_m >= x.shape[0]
-    grid = (triton.cdiv(codes.shape[0], cfg.block_n),)
-    return _launch(_gemv_kernel, grid, cfg, x, codes, scale, mins, bits, group, out_dtype or x.dtype)
+    m = x.shape[0]
+    n, w = codes.shape
+    assert 1 <= m <= GEMV_MAX_M, m
+    cfg = cfg or gemv_config(m, n, w, bits)
+    out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, codes, scale, mins if mins is not None else scale, out, n, w, x.stride(0), codes.stride(0),
+        scale.stride(0), out.stride(0), T=16 // bits, GROUP=group, HAS_MIN=mins is not None, BLOCK_M=m,
+        P=next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
 
 def quant_mm_triton(x, codes, scale, mins, bits: int, group: int, cfg: KernelConfig | None = None,
@@ -245,18 +360,34 @@ def quant_mm_triton(x, codes, scale, mins, bits: int, group: int, cfg: KernelCon
     _check(x, codes, scale, mins, bits, group)
     cfg = cfg or mm_config(x.shape[0], codes.shape[0], x.shape[1], bits)
     grid = (triton.cdiv(x.shape[0], cfg.block_m), triton.cdiv(codes.shape[0], cfg.block_n))
-    return _launch(_mm_kernel, grid, cfg, x, codes, scale, mins, bits, group, out_dtype or x.dtype)
+    return _launch_mm(grid, cfg, x, codes, scale, mins, bits, group, out_dtype or x.dtype)
+
+
+def dequantize_triton(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype`, one pass over the codes (the large-M path: dequantize, then a dense matmul)."""
+    n, w = codes.shape
+    out = torch.empty((n, code_width(codes, bits)), device=codes.device, dtype=dtype)
+    bn, bw = 16, 256
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(w, bw))](
+        codes, scale, mins if mins is not None else scale, out, n, w, codes.stride(0), scale.stride(0),
+        out.stride(0), T=16 // bits, GROUP=group, HAS_MIN=mins is not None, BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+    return out
 
 
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
                  bits: int, group: int) -> torch.Tensor:
-    """x: [M, K] -> [M, N] in x.dtype. Triton on CUDA (GEMV for M <= GEMV_MAX_M), else the reference."""
+    """x: [M, K] -> [M, N] in x.dtype. Triton on CUDA, else the reference: the GEMV for M <= GEMV_MAX_M, the
+    tl.dot kernel up to MM_MAX_M; above, W is dequantized to x.dtype for one dense matmul (prefill: the matmul's
+    own cost dwarfs the extra pass over W)."""
     if not use_triton(x):
         return quant_matmul_ref(x, codes, scale, mins, bits, group)
     if x.shape[0] <= GEMV_MAX_M:
         return quant_gemv_triton(x, codes, scale, mins, bits, group)
-    return quant_mm_triton(x, codes, scale, mins, bits, group)
+    if x.shape[0] <= MM_MAX_M:
+        return quant_mm_triton(x, codes, scale, mins, bits, group)
+    return torch.matmul(x, dequantize_triton(codes, scale, mins, bits, group, x.dtype).t())
 
 
-__all__ = ["GEMV_MAX_M", "KernelConfig", "dequantize_ref", "gemv_config", "mm_config", "pack_int4",
-           "quant_gemv_triton", "quant_matmul", "quant_matmul_ref", "quant_mm_triton", "unpack_int4"]
+__all__ = ["GEMV_MAX_M", "MM_MAX_M", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref", "dequantize_triton", "gemv_config", "mm_config",
+           "pack_codes", "quant_gemv_triton", "quant_matmul", "quant_matmul_ref", "quant_mm_triton", "unpack_codes"]

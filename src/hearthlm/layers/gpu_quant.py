@@ -1,9 +1,9 @@
 """Weights kept quantized on the GPU.
 
-  QuantWeight  group-wise codes for kernels/quant_matmul.py, repacked from a GroupQuant at load:
-               4-bit codes (Q4_0, Q4_1, Q4_K, int4) two per byte; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8)
-               one int8 per byte; scale/min per group in float16 (float32 when a value would lose range in
-               float16). Serves as a Linear weight and as a (row-gathered) embedding.
+  QuantWeight  group-wise codes for kernels/quant_matmul.py, repacked from a GroupQuant at load into its
+               16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4) four per word; 5/6/8-bit codes
+               (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in float16 (float32 when a
+               value would lose range in float16). Serves as a Linear weight and as a (row-gathered) embedding.
   Fp8Weight    e4m3 weights with one float32 scale per output channel; activations scaled per token at run
                time (dynamic), product on torch._scaled_mm (CUDA, compute capability >= 8.9).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidRequestError
-from ..kernels.quant_matmul import dequantize_ref, pack_int4, quant_matmul, unpack_int4
+from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
 
 _F16_MAX, _F16_MIN_NORMAL = 65504.0, 6.2e-5
@@ -35,17 +35,14 @@ class QuantWeight:
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int,
                  dtype: torch.dtype):
-        self.codes, self.scale, self.mins = codes, scale, mins  # codes: [N, K // 2] uint8 or [N, K] int8
+        self.codes, self.scale, self.mins = codes, scale, mins  # codes: [N, K * bits // 16] int16 words
         self.bits, self.group, self.dtype = bits, group, dtype
 
     @classmethod
     def from_group(cls, g: GroupQuant, device: torch.device | str | None = None) -> QuantWeight:
         device = torch.device(device) if device is not None else g.codes.device
-        codes = g.codes.to(device)
-        if g.bits <= 4:
-            codes, bits = pack_int4(codes), 4
-        else:
-            codes, bits = codes.to(torch.int8).contiguous(), 8  # 5/6-bit codes fit int8 either sign
+        bits = 4 if g.bits <= 4 else 8  # 5/6-bit codes fit int8 either sign
+        codes = pack_codes(g.codes.to(device), bits)
         mins = None if not bool((g.min != 0).any()) else g.min
         sdt = _scale_dtype(g.scale, mins)
         scale = g.scale.to(device=device, dtype=sdt).contiguous()
@@ -54,8 +51,7 @@ class QuantWeight:
 
     @property
     def shape(self) -> torch.Size:
-        n, c = self.codes.shape
-        return torch.Size((n, c * 2 if self.bits == 4 else c))
+        return torch.Size((self.codes.shape[0], code_width(self.codes, self.bits)))
 
     @property
     def device(self) -> torch.device:
@@ -82,8 +78,7 @@ class QuantWeight:
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` dequantized. ids: [T] -> [T, K] in self.dtype."""
-        codes = self.codes[ids]
-        q = unpack_int4(codes) if self.bits == 4 else codes
+        q = unpack_codes(self.codes[ids], self.bits)
         t, k = q.shape
         w = q.float().view(t, k // self.group, self.group) * self.scale[ids].float()[..., None]
         if self.mins is not None:
