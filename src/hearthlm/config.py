@@ -20,6 +20,25 @@ def normalize_cache_dtype(value: str) -> str:
     return v
 
 
+def normalize_gpu_layers(value) -> int | str | None:
+    """--gpu-layers (llama.cpp's -ngl): None, -1 or 'all' = every block on the main device; 'auto' = the most
+    that fit (the planner picks at engine start); N >= 0 = the last N blocks on the device, the others on the CPU.
+    Anything else is an InvalidRequestError (the block-count upper bound is checked against the model)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    if isinstance(value, bool) or not text.removeprefix("-").isdigit():
+        raise InvalidRequestError(f"--gpu-layers must be a block count such as 20, or 'auto', got {value!r}",
+                                  param="gpu_layers")
+    n = int(text)
+    if n < -1:
+        raise InvalidRequestError(f"--gpu-layers must be >= 0 (or -1 for all blocks), got {value!r}",
+                                  param="gpu_layers")
+    return None if n == -1 else n
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only transformer, in HF config terms."""
@@ -77,7 +96,7 @@ class ModelConfig:
 @dataclass
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None = fraction of free memory
+    kv_cache_memory: int | None = None  # bytes; None = fraction of free memory; --gpu-layers: per device
     memory_fraction: float = 0.9  # of free memory (GPU) / available RAM share (CPU)
     num_blocks: int | None = None  # explicit override (tests)
     enable_prefix_caching: bool = True
@@ -108,3 +127,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     stats_interval_s: float = 10.0
     quantization: str = "none"  # none | int8 | int4 | fp8: weight-only, HF safetensors models (loader/load.py)
+    # --gpu-layers: None = every block on `device`; N = the last N blocks there, the others on the CPU (CUDA only);
+    # "auto" = the largest N the memory plan fits (normalize_gpu_layers)
+    gpu_layers: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.gpu_layers = normalize_gpu_layers(self.gpu_layers)

@@ -16,7 +16,9 @@ class LLM:
                  block_size: int = 16, kv_cache_memory: int | None = None, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                  cuda_graphs: bool = True, async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                 quantization: str = "none", loaded=None):
+                 quantization: str = "none", gpu_layers: int | str | None = None, loaded=None):
+        """gpu_layers (CUDA): the last N blocks on the GPU, the others on the CPU (llama.cpp's -ngl); "auto" = the
+        most that fit; None = all on the GPU. With `loaded`, the loaded model's placement applies."""
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill,
                                 async_scheduling=async_scheduling)
@@ -26,7 +28,8 @@ class LLM:
         if max_model_len is None:
             sched.max_model_len = 1 << 30  # clamped to the model's context by the engine
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,
-                                             scheduler=sched, quantization=quantization), loaded=loaded)
+                                             scheduler=sched, quantization=quantization, gpu_layers=gpu_layers),
+                                loaded=loaded)
         self.tokenizer = self.engine.tokenizer
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:

@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1", help="sequences decoding together (default 1)")
     p.add_argument("--kv-cache-dtype", default="auto", help="{kv_dtypes} (default auto = bf16)")
     p.add_argument("--gpu-memory-utilization", default="0.9", help="fraction of device memory to use (0.9)")
-    p.add_argument("--gpu-layers", help="N|auto: blocks on the device, llama.cpp's -ngl (default: all)")
+    p.add_argument("--gpu-layers", help="N|auto: the last N blocks on the GPU, the others (and their KV) in RAM, "
+                                        "llama.cpp's -ngl; auto = the most that fit (default: all)")
     p.add_argument("--max-num-batched-tokens", default="2048", help="tokens per forward (2048)")
     p.add_argument("--device", default="auto", help="{devices}|cpu|auto|<GiB> (default auto)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -77,16 +78,10 @@ def _tokens(value: str, flag: str) -> int:
 
 
 def _gpu_layers(value: Any) -> int | str | None:
-    """None (all blocks), 'auto', or a block count >= 0; ValueError otherwise."""
-    if value is None or str(value).strip().lower() == "auto":
-        return None if value is None else "auto"
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"--gpu-layers must be a block count such as 20, or 'auto', got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"--gpu-layers must be >= 0, got {value!r}")
-    return n
+    """None (all blocks), 'auto', or a block count >= 0 (config.normalize_gpu_layers); InvalidRequestError else."""
+    from ..config import normalize_gpu_layers
+
+    return normalize_gpu_layers(value)
 
 
 def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
@@ -173,11 +168,17 @@ def _verdict_line(plan: MemoryPlan) -> str:
     line = f"verdict: {plan.verdict} ({why})"
     if plan.verdict == "partial_offload":
         line += (f": --gpu-layers {plan.gpu_layers} of {plan.num_layers}, {plan.cpu_weight_read_fraction:.0%} of "
-                 f"weight reads from RAM, ~{plan.slowdown:.1f}x slower decode")
+                 f"weight reads from RAM, ~{plan.slowdown:.1f}x slower decode (weight reads per token at "
+                 f"{_bandwidth(plan.device.bandwidth_bytes_per_s)} on the device and "
+                 f"{_bandwidth(plan.host_bandwidth_bytes_per_s)} from RAM, assumed)")
     if plan.verdict != "does_not_fit":
         line += (f"\nmax context at concurrency {plan.concurrency}: {plan.max_context:,} tokens; "
                  f"max concurrency at ctx {plan.ctx:,}: {plan.max_concurrency}")
     return line
+
+
+def _bandwidth(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e12:.2f} TB/s" if bytes_per_s >= 1e12 else f"{bytes_per_s / 1e9:.0f} GB/s"
 
 
 def _advice_lines(plan: MemoryPlan, advice: list[Advice]) -> list[str]:

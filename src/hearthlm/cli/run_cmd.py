@@ -51,7 +51,7 @@ def _local_backend(args: argparse.Namespace, model: str | None) -> Callable[[lis
     from .. import LLM, SamplingParams
 
     llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, max_num_seqs=4,
-              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, gpu_layers=args.gpu_layers)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, truncate="left")
 

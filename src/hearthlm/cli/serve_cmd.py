@@ -26,14 +26,29 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
 
 
+def gpu_layers_arg(text: str) -> int | str | None:
+    """--gpu-layers N|auto|-1 -> N, 'auto' or None (all blocks on the GPU)."""
+    from ..config import normalize_gpu_layers
+    from ..errors import InvalidRequestError
+
+    try:
+        return normalize_gpu_layers(text)
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """--kv-cache-dtype and --quantization, shared by `hearth serve` and `hearth run`."""
+    """--kv-cache-dtype, --quantization and --gpu-layers, shared by `hearth serve` and `hearth run`."""
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
     p.add_argument("--quantization", default="none",
                    help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), "
                         "int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already "
                         "quantized")
+    p.add_argument("--gpu-layers", type=gpu_layers_arg, default=None, metavar="N|auto",
+                   help="layer offload (llama.cpp's -ngl): the last N blocks on the GPU, the others on the CPU from "
+                        "RAM (slower decode: `hearth plan --gpu-layers N` estimates how much); auto = the most that "
+                        "fit; default: all on the GPU. CUDA only")
 
 
 def add_parser(sub) -> None:
@@ -69,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-                       quantization=args.quantization, device=args.device,
+                       quantization=args.quantization, gpu_layers=args.gpu_layers, device=args.device,
                        dtype=args.dtype or _default_dtype(args.device),
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload)

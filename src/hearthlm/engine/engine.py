@@ -50,6 +50,19 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def gpu_layers_for(gpu_layers: int | str | None, device: torch.device) -> int | str | None:
+    """--gpu-layers as this device can honour it: offload needs CUDA; on the CPU every block runs there already,
+    so auto and 0 say so and go on, and N > 0 is an InvalidRequestError."""
+    if gpu_layers is None or device.type == "cuda":
+        return gpu_layers
+    why = "no CUDA device" if not torch.cuda.is_available() else f"the engine runs on {device}"
+    if gpu_layers in ("auto", 0):
+        log.info("--gpu-layers %s: %s: all layers run on the CPU", gpu_layers, why)
+        return None
+    raise InvalidRequestError(f"--gpu-layers {gpu_layers}: {why}: all layers run on the CPU; drop --gpu-layers "
+                              "(it offloads blocks from a GPU to the CPU)", param="gpu_layers")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
@@ -57,15 +70,17 @@ class LLMEngine:
         if loaded is None:
             from ..loader import resolve_model_path
             from ..loader.load import normalize_quantization, resolve_dtype
-            from ..plan.preflight import preflight
+            from ..plan.preflight import offloaded_layers, preflight
 
             quantization = normalize_quantization(config.quantization)
+            gpu_layers = gpu_layers_for(config.gpu_layers, self.device)
             path = resolve_model_path(config.model)
             dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
-            preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
-                      config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
-                      kv_dtype=config.cache.cache_dtype, quantization=quantization)
-            loaded = load_model(path, config.dtype, self.device, quantization=quantization)
+            plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
+                             config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
+                             kv_dtype=config.cache.cache_dtype, quantization=quantization, gpu_layers=gpu_layers)
+            loaded = load_model(path, config.dtype, self.device, quantization=quantization,
+                                gpu_layers=offloaded_layers(plan))
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -88,10 +103,16 @@ class LLMEngine:
         self._host_sampled: set[str] = set()  # unfinished requests that need host-side sampling
         self._next_id = 0
         full = self.runner.num_blocks[0] - 1
-        log.info("model %s (%s, %s) loaded in %.2fs on %s; KV cache %d blocks x %d = %d tokens (%.1f MiB)%s",
+        place = self.loaded.model.placement
+        offload = ""
+        if place.offloaded:
+            offload = (f"; --gpu-layers {place.gpu_layers}: blocks 0-{place.num_host_layers - 1} on {place.host} "
+                       f"(KV {self.runner.host_kv_cache_bytes / 2**20:.1f} MiB there), eager steps")
+        log.info("model %s (%s, %s) loaded in %.2fs on %s; KV cache %d blocks x %d = %d tokens (%.1f MiB)%s%s",
                  self.loaded.path.name, cfg.architecture, self.loaded.quantization, self.loaded.load_seconds,
                  self.device, full, config.cache.block_size, full * config.cache.block_size,
-                 self.runner.kv_cache_bytes / 2**20, "" if self.kv.enable_prefix_caching else "; prefix caching off")
+                 self.runner.kv_cache_bytes / 2**20, offload,
+                 "" if self.kv.enable_prefix_caching else "; prefix caching off")
 
     @property
     def max_model_len(self) -> int:

@@ -42,6 +42,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32 (kernel path)
     max_query_len: int = 0
     use_kernels: bool = False
+    # --gpu-layers: the same step's metadata on the offloaded blocks' device (reference path), built once per step
+    host: AttentionMetadata | None = None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,

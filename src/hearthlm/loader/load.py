@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from ..models.llama import LlamaModel
+from ..models.llama import LlamaModel, Placement
 from ..models.registry import model_class
 from .gguf import GGUFWeights
 from .safetensors import SafetensorsWeights, read_hf_config
@@ -136,16 +136,19 @@ def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, 
 
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", weights: str | None = None,
-               quantization: str | None = None) -> LoadedModel:
-    """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`."""
+               quantization: str | None = None, gpu_layers: int | None = None) -> LoadedModel:
+    """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`.
+    gpu_layers: the last N blocks on `device`, the others on the CPU (models/llama.py Placement); None = all.
+    Offloaded blocks take the same dtype and quantized/dequantized form as the device's (GGUF: dense on CUDA
+    unless HEARTHLM_WEIGHTS=quantized), so they compute what the device would, up to rounding."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     device = torch.device(device)
     dt = resolve_dtype(dtype, device)
     quantization = normalize_quantization(quantization)
 
-    def convert(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device=device, dtype=dt).contiguous()
+    def convert(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+        return None if t is None else t.to(device=dev, dtype=dt).contiguous()
 
     if path.is_file():
         if path.suffix != ".gguf":
@@ -160,29 +163,32 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
         quant = gw.quantization
         freq = gw.freq_factors()
         quantized = keep_quantized(weights, dtype, device)
-        on_gpu = device.type == "cuda"
+        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in gw.name_map, quantization)
 
         def get(n: str):
+            dev = place.weight_device(n)
+            on_gpu = dev.type == "cuda"
             q = gw.get_quantized(n, cfg, dt, gpu=on_gpu) if quantized else None
             if q is not None and on_gpu:  # packed on the device; the embedding too (row gather)
                 from ..layers.gpu_quant import QuantWeight
 
-                return QuantWeight.from_group(q, device)
-            return q if q is not None else convert(gw.get(n, cfg))
+                return QuantWeight.from_group(q, dev)
+            return q if q is not None else convert(gw.get(n, cfg), dev)
 
-        net = model_class(cfg.architecture)(cfg, get, device, freq_factors=freq)
+        net = model_class(cfg.architecture)(cfg, get, device, freq_factors=freq, placement=place)
     else:
         cfg = read_hf_config(path)
         st = SafetensorsWeights(path)
         tokenizer = _in_background(tokenizer_from_dir, path, cfg.eos_token_ids)
         quant = str(dt).replace("torch.", "") if quantization == "none" else quantization
+        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in st.where, quantization)
         quantize = weight_quantizer(quantization, device)
 
         def get_st(n: str):
-            t = convert(st.get(n))
+            t = convert(st.get(n), place.weight_device(n))
             return t if quantize is None or t is None else quantize(n, t)
 
-        net = model_class(cfg.architecture)(cfg, get_st, device)
+        net = model_class(cfg.architecture)(cfg, get_st, device, placement=place)
     weights_s = time.perf_counter() - start
     tokenizer = tokenizer.result()
     cfg.eos_token_ids = tokenizer.eos_token_ids
@@ -190,9 +196,21 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
     return LoadedModel(cfg, net, tokenizer, path, quant, time.perf_counter() - start)
 
 
+def _placement(cfg: ModelConfig, device: torch.device, gpu_layers: int | None, has_lm_head: bool,
+               quantization: str) -> Placement:
+    """Which device each weight goes to (--gpu-layers); the head is tied when the config says so or it is absent."""
+    place = Placement(device, cfg.num_layers, gpu_layers,
+                      tied_embedding=cfg.tie_word_embeddings or not has_lm_head)
+    if place.offloaded and quantization == "fp8":
+        raise InvalidRequestError(f"--quantization fp8 runs on CUDA only, and --gpu-layers {gpu_layers} leaves "
+                                  f"{place.num_host_layers} blocks on the CPU: use --quantization int8, or drop "
+                                  "--gpu-layers", param="quantization")
+    return place
+
+
 def _in_background(fn, *args) -> Future:
-    """Run fn in a thread: building the tokenizer (importing transformers takes seconds) overlaps reading the
-    weights, whose copies release the GIL. Errors surface at .result()."""
+    """Run fn in a thread: building the tokenizer (~0.1 s for a 49k vocabulary; seconds on the transformers
+    fallback paths) overlaps reading the weights, whose copies release the GIL. Errors surface at .result()."""
     future: Future = Future()
 
     def work() -> None:

@@ -4,6 +4,8 @@ Weights are looked up by their HF names; q/k/v and gate/up are fused at load.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
 from ..layers.activation import gated_act
 from ..layers.attention import AttentionMetadata, paged_attention
 from ..layers.linear import Linear
@@ -96,19 +98,89 @@ class LlamaLayer:
         return self.down(K.silu_and_mul(self.gate_up(x))), residual
 
 
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class Placement:
+    """Where each part of the model lives: --gpu-layers N (llama.cpp's -ngl).
+
+    As in llama.cpp and the memory plan (plan/memory.py): the *last* N blocks, the final norm and the output head
+    sit on the main `device`; blocks [0, L - N) sit on `host` (the CPU) as the loader gives them (mmap'd when the
+    file stores the compute dtype) and run the torch reference path. The token embedding is on the host too unless
+    it is tied to the output head (then it is the head, on the device). A step's hidden state crosses host ->
+    device once (a tied embedding adds one device -> host hop after the lookup); logits and sampling stay on the
+    device. None (or N = L) puts everything on `device`."""
+
+    device: torch.device
+    num_layers: int
+    gpu_layers: int | None = None
+    host: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tied_embedding: bool = True  # the output head is the token embedding
+
+    def __post_init__(self) -> None:
+        self.device, self.host = torch.device(self.device), torch.device(self.host)
+        n, L = self.gpu_layers, self.num_layers
+        if n is not None and not (isinstance(n, int) and 0 <= n <= L):
+            raise InvalidRequestError(f"--gpu-layers must be between 0 and {L} (the model has {L} blocks), got {n!r}",
+                                      param="gpu_layers")
+
+    @property
+    def num_host_layers(self) -> int:
+        return 0 if self.gpu_layers is None else self.num_layers - self.gpu_layers
+
+    @property
+    def offloaded(self) -> bool:
+        return self.num_host_layers > 0
+
+    def on_host(self, layer: int) -> bool:
+        return layer < self.num_host_layers
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        return [self.host if self.on_host(i) else self.device for i in range(self.num_layers)]
+
+    @property
+    def embed_device(self) -> torch.device:
+        return self.host if self.offloaded and not self.tied_embedding else self.device
+
+    def weight_device(self, name: str) -> torch.device:
+        """Device of the weight with this HF name (model.layers.{i}. -> block i)."""
+        if m := _LAYER_NAME.match(name):
+            return self.host if self.on_host(int(m.group(1))) else self.device
+        return self.embed_device if name.startswith("model.embed_tokens.") else self.device
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """Runs of consecutive blocks on one side: (first, end, on_host); one run when nothing is offloaded."""
+        runs: list[tuple[int, int, bool]] = []
+        for i in range(self.num_layers):
+            if runs and runs[-1][2] == self.on_host(i):
+                runs[-1] = (runs[-1][0], i + 1, runs[-1][2])
+            else:
+                runs.append((i, i + 1, self.on_host(i)))
+        return runs
+
+
 class LlamaModel:
     layer_cls = LlamaLayer
 
     def __init__(self, cfg: ModelConfig, get: WeightGetter, device: torch.device,
-                 freq_factors: torch.Tensor | None = None):
+                 freq_factors: torch.Tensor | None = None, placement: Placement | None = None):
+        """`get` returns each weight already on its device (`placement.weight_device`, the loader's job)."""
         self.cfg = cfg
         self.device = device
+        self.placement = placement or Placement(device, cfg.num_layers)
+        self.segments = self.placement.segments()
         self.embed = require(get, "model.embed_tokens.weight")
         self.layers = [self.layer_cls(cfg, i, get) for i in range(cfg.num_layers)]
         self.final_norm = require(get, "model.norm.weight")
         lm_head = get("lm_head.weight")
         self.lm_head = Linear(lm_head if lm_head is not None and not cfg.tie_word_embeddings else self.embed)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device, freq_factors)
+        self.host_rotary = None
+        if self.placement.offloaded:
+            self.host_rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.placement.host,
+                                      freq_factors)
         self.dtype = self.embed.dtype
         self.cos_sin = None
         if device.type == "cuda" and not self.layer_cls.gemma and cfg.hidden_act == "silu":
@@ -122,19 +194,31 @@ class LlamaModel:
             h = h * torch.tensor(self.cfg.embedding_scale, dtype=h.dtype)
         return h
 
+    @property
+    def embed_device(self) -> torch.device:
+        return self.placement.embed_device
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
-        h = self.embed_tokens(input_ids)
-        if meta.use_kernels and self.cos_sin is not None:
-            residual = None
-            for i, layer in enumerate(self.layers):
-                h, residual = layer.fused(h, residual, positions, self.cos_sin, meta, kv_caches[i])
+        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden] on self.device.
+        # Blocks run in segments (Placement.segments): one when nothing is offloaded; with --gpu-layers the host
+        # blocks read meta.host (reference path, host KV pools) and the hidden state moves at each boundary.
+        h, residual = self.embed_tokens(input_ids.to(self.embed_device)), None
+        for start, end, on_host in self.segments:
+            m, dev = (meta.host, self.placement.host) if on_host else (meta, self.device)
+            if residual is not None:  # leaving a fused run: its stream is delta + residual
+                h, residual = h + residual, None
+            h, pos = h.to(dev), positions.to(dev)
+            if m.use_kernels and self.cos_sin is not None:
+                for i in range(start, end):
+                    h, residual = self.layers[i].fused(h, residual, pos, self.cos_sin, m, kv_caches[i])
+                continue
+            cos, sin = (self.host_rotary if on_host else self.rotary).cos_sin(pos, h.dtype)
+            for i in range(start, end):
+                h = self.layers[i](h, cos, sin, m, kv_caches[i])
+        if residual is not None:
             return K.rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, residual=residual)[0]
-        cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, kv_caches[i])
-        return rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
+        return rms_norm(h.to(self.device), self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32

@@ -332,7 +332,9 @@ class MemoryPlan:
     max_context: int  # at `concurrency`, with this placement
     max_concurrency: int  # at `ctx`, with this placement
     cpu_weight_read_fraction: float
-    slowdown: float  # decode time vs all weights on the device
+    slowdown: float  # decode time vs all weights on the device (decode_slowdown)
+    # the bandwidths that slowdown assumes: the device's (device.bandwidth_bytes_per_s) and system RAM's
+    host_bandwidth_bytes_per_s: float = CPU_RAM_BANDWIDTH_BYTES_PER_S
     requested_gpu_layers: int | str | None = None
     warnings: list[str] = field(default_factory=list)
     weights_detail: WeightBytes | None = field(default=None, repr=False)
@@ -369,7 +371,8 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
     gpu_layers: None = all blocks on the device (the engine's default); "auto" = the most that fit
     (partial offload accepted); N = the last N blocks on the device, llama.cpp's -ngl. When partially
     offloaded the output head (and the embedding if tied), final norm, activations and the KV of the
-    device blocks stay on the device; the other blocks, their KV and an untied embedding sit in RAM.
+    device blocks stay on the device; the other blocks, their KV and an untied embedding sit in RAM
+    (where the engine puts them: models/llama.py Placement).
     weights: exact sizes (from `weights_bytes_from_tensors`); else estimated with `weights_bytes`.
     host_bytes: RAM available for offloaded blocks and their KV; None = not checked.
 
@@ -470,8 +473,8 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
     host_read = sum(w.layer_bytes[:L - place])
     read_total = sum(w.layer_bytes) + w.head_bytes
     warnings = []
-    if on_cpu and isinstance(req, int) and req < L:
-        warnings.append("--gpu-layers is ignored on the cpu device")
+    if on_cpu and (req == "auto" or (isinstance(req, int) and req < L)):
+        warnings.append(f"no CUDA device: all layers run on the CPU (--gpu-layers {req} does not apply)")
     if ctx > cfg.max_position_embeddings:
         warnings.append(f"ctx {ctx:,} exceeds the model's max_position_embeddings {cfg.max_position_embeddings:,}")
     if not w.exact:

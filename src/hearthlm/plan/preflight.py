@@ -7,7 +7,14 @@ from pathlib import Path
 
 from ..errors import OutOfMemoryError
 from .advice import advise
-from .memory import MemoryPlan, WeightBytes, device_spec, make_plan, weights_bytes
+from .memory import (
+    MemoryPlan,
+    WeightBytes,
+    device_spec,
+    make_plan,
+    system_memory_bytes,
+    weights_bytes,
+)
 from .sources import resolve_model
 
 log = logging.getLogger("hearthlm")
@@ -34,23 +41,39 @@ def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = 
 
 
 def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int, max_num_batched_tokens: int,
-              gpu_memory_utilization: float, kv_dtype: str = "auto", quantization: str = "none") -> MemoryPlan:
-    """Plan one sequence of max_model_len on this device; raise OutOfMemoryError with advice if it cannot run."""
+              gpu_memory_utilization: float, kv_dtype: str = "auto", quantization: str = "none",
+              gpu_layers: int | str | None = None) -> MemoryPlan:
+    """Plan one sequence of max_model_len on this device; raise OutOfMemoryError with advice if it cannot run.
+
+    gpu_layers (CUDA): N = the last N blocks on the GPU, the rest (and their KV) in RAM, checked against both;
+    "auto" = the largest N that fits (plan.gpu_layers; verdict "fits" when all do). The engine loads
+    `offloaded_layers(plan)` blocks on the device."""
     src = resolve_model(str(model_path))
     cfg = src.cfg
-    spec = device_spec("auto" if device_type == "cuda" else "cpu")
+    on_gpu = device_type == "cuda"
+    spec = device_spec("auto" if on_gpu else "cpu")
     ctx = min(max_model_len, cfg.max_position_embeddings)
     plan = make_plan(cfg, _DTYPE_QUANT.get(dtype, "bf16"), ctx=ctx, concurrency=1, device_bytes=spec,
-                     gpu_memory_utilization=gpu_memory_utilization if device_type == "cuda" else 0.9,
+                     gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.9,
                      max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
-                     weights=planned_weights(cfg, src, device_type, dtype, quantization))
-    if plan.verdict == "fits":
+                     gpu_layers=gpu_layers if on_gpu else None,
+                     weights=planned_weights(cfg, src, device_type, dtype, quantization),
+                     host_bytes=system_memory_bytes() if on_gpu else None)
+    if plan.ok:
+        if plan.verdict == "partial_offload":
+            log.info("--gpu-layers %s: %d of %d blocks on %s, the rest in RAM (%.2f GiB); expect ~%.1fx slower "
+                     "decode (GPU %.2f TB/s, RAM %.0f GB/s assumed)", gpu_layers, plan.gpu_layers, plan.num_layers,
+                     spec.name, plan.host_bytes / (1 << 30), plan.slowdown, spec.bandwidth_bytes_per_s / 1e12,
+                     plan.host_bandwidth_bytes_per_s / 1e9)
         return plan
     gib = 1 << 30
+    offload = ""
+    if isinstance(gpu_layers, int) and plan.verdict == "partial_offload":
+        offload = f"; with --gpu-layers {gpu_layers}, at most {plan.gpu_layers} blocks fit next to their KV"
     lines = [f"{model_path.name} does not fit on {spec.name}: weights {plan.weights_bytes / gib:.2f} GiB + KV for "
              f"{ctx:,} tokens {plan.kv_bytes / gib:.2f} GiB + activations {plan.activation_bytes / gib:.2f} GiB "
              f"+ overhead {plan.overhead_bytes / gib:.2f} GiB = {plan.total_bytes / gib:.2f} GiB, but "
-             f"{plan.usable_bytes / gib:.2f} GiB is usable ({plan.verdict}). Options:"]
+             f"{plan.usable_bytes / gib:.2f} GiB is usable ({plan.verdict}){offload}. Options:"]
     advice = [f"  - {a.flag}: {a.text}" for a in advise(cfg, plan)[:5]]
     if not advice:  # nothing the planner can trade inside this device: say what changes the device math
         if dtype == "float32":
@@ -60,3 +83,8 @@ def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int
     lines += advice
     lines.append("  (run `hearth plan` for the full table)")
     raise OutOfMemoryError("\n".join(lines))
+
+
+def offloaded_layers(plan: MemoryPlan) -> int | None:
+    """The engine's --gpu-layers after `preflight`: N when the plan offloads, else None (every block on the device)."""
+    return plan.gpu_layers if plan.ok and plan.verdict == "partial_offload" else None

@@ -61,33 +61,40 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype,
-                    device: torch.device, windows: list[int | None]) -> list[int]:
-    """Blocks per KV group (groups ordered as `windows`) within the memory budget."""
+                    device: torch.device, windows: list[int | None], layers: list[int] | None = None,
+                    offloaded: bool = False) -> list[int]:
+    """Blocks per KV group (groups ordered as `windows`) within the memory budget of `device`, for the pools of
+    `layers` (default: all) that live there. A group with no layer on `device` gets max_useful: no limit here.
+    offloaded: the CPU pools of --gpu-layers' offloaded blocks, which the model cannot run without: half the free
+    RAM rather than the CPU engine's 4 GiB cap (pages are touched only as blocks get used)."""
     bs = cache.block_size
     if cache.num_blocks is not None:
         return [cache.num_blocks] * len(windows)
     per_block = kv_bytes_per_block(cfg, bs, dtype, cache.cache_dtype)
-    layers = {w: sum(1 for lw in cfg.layer_windows if lw == w) for w in windows}
+    here = [cfg.layer_windows[i] for i in (range(cfg.num_layers) if layers is None else layers)]
+    counts = {w: sum(1 for lw in here if lw == w) for w in windows}
     budget = cache.kv_cache_memory
     if budget is None:
         if device.type == "cuda":
             budget = int(available_memory_bytes(device) * cache.memory_fraction)
+        elif offloaded:
+            budget = int(available_memory_bytes(device) * 0.5)
         else:  # CPU: a quarter of free RAM, at most 4 GiB (KV beyond that is rarely usable at CPU speed)
             budget = min(int(available_memory_bytes(device) * 0.25), 4 << 30)
     # never more than max_num_seqs sequences of max_model_len tokens (plus the null block) can use
     max_useful = sched.max_num_seqs * (-(-sched.max_model_len // bs) + 1) + 1
-    out = {}
+    out = {w: max_useful for w in windows if not counts[w]}
     for w in windows:
-        if w is not None:
+        if w is not None and counts[w]:
             out[w] = min(max_useful, sched.max_num_seqs * (-(-w // bs) + 2)
                          + -(-sched.max_num_batched_tokens // bs) + 1)
-    spent = sum(out[w] * layers[w] * per_block for w in out)
-    full_layers = layers.get(None, 0)
+    spent = sum(out[w] * counts[w] * per_block for w in out)
+    full_layers = counts.get(None, 0)
     if full_layers:
         out[None] = min(max_useful, max(2, (budget - spent) // (per_block * full_layers)))
-    elif windows:  # only sliding layers: give them the whole budget
+    elif None not in windows and windows and counts[windows[0]]:  # only sliding layers: the whole budget
         w = windows[0]
-        out[w] = min(max_useful, max(out[w], budget // (per_block * layers[w])))
+        out[w] = min(max_useful, max(out[w], budget // (per_block * counts[w])))
     return [int(out[w]) for w in windows]
 
 
@@ -101,13 +108,25 @@ class ModelRunner:
         self.windows = windows
         self.dtype = model.dtype
         self.kv_cache_dtype = cache.cache_dtype
-        self.num_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, device, windows)
+        # --gpu-layers: each block's KV pool lives on that block's device; the block ids are shared by all layers,
+        # so a group has one block count: the smaller of what each device's budget allows for its layers
+        place = model.placement
+        self.host = place.host if place.offloaded else None  # offloaded blocks' device (meta.host lives there)
+        self.layer_devices = place.layer_devices
+        self.num_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, device, windows,
+                                          [i for i in range(self.cfg.num_layers) if not place.on_host(i)])
+        if self.host is not None:
+            host_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, self.host, windows,
+                                          list(range(place.num_host_layers)), offloaded=True)
+            self.num_blocks = [min(a, b) for a, b in zip(self.num_blocks, host_blocks)]
         self.layer_group = [windows.index(w) for w in self.cfg.layer_windows]
-        self.kv_caches = [(self._new_cache(self.num_blocks[g]), self._new_cache(self.num_blocks[g]))
-                          for g in self.layer_group]
+        self.kv_caches = [(self._new_cache(self.num_blocks[g], d), self._new_cache(self.num_blocks[g], d))
+                          for g, d in zip(self.layer_group, self.layer_devices)]
         self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
-        # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile
+        # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile.
+        # Offloaded blocks compute on this thread, so there is nothing to overlap: off, and no CUDA graphs.
         self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
+        self.can_overlap = self.can_overlap and self.host is None
         self.graphs = None
         rows = max(sched.max_num_seqs, 256)
         if self.can_overlap or self.use_kernels:  # the decode graphs write their argmax here too
@@ -116,7 +135,7 @@ class ModelRunner:
             pin = device.type == "cuda"
             self._out_host = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
             self._flip = 0
-        if self.use_kernels and cache.cuda_graphs:
+        if self.use_kernels and cache.cuda_graphs and self.host is None:
             from .cuda_graphs import DecodeGraphs
 
             max_blocks = -(-sched.max_model_len // self.block_size)
@@ -125,17 +144,23 @@ class ModelRunner:
                                        self.prev_tokens)
             self.graphs.capture()
 
-    def _new_cache(self, num_blocks: int) -> KVPool:
+    def _new_cache(self, num_blocks: int, device: torch.device) -> KVPool:
         # [num_blocks, block_size, kv_heads, head_dim] in the model dtype, or (--kv-cache-dtype fp8|int8) a
         # QuantizedKVCache: codes of that shape + float32 scales [num_blocks, block_size, kv_heads].
         # On CPU pages are touched only as blocks get used (the reference path never reads unwritten slots
         # except the zeroed null block 0); Triton kernels load whole tiles, so GPU pools start zeroed.
         shape = (num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return new_pool(shape, self.kv_cache_dtype, self.dtype, self.device, zero=self.device.type == "cuda")
+        return new_pool(shape, self.kv_cache_dtype, self.dtype, device, zero=device.type == "cuda")
 
     @property
     def kv_cache_bytes(self) -> int:
         return sum(pool_nbytes(k) + pool_nbytes(v) for k, v in self.kv_caches)
+
+    @property
+    def host_kv_cache_bytes(self) -> int:
+        """Bytes of the offloaded blocks' pools (--gpu-layers), 0 when nothing is offloaded."""
+        place = self.model.placement
+        return sum(pool_nbytes(k) + pool_nbytes(v) for i, (k, v) in enumerate(self.kv_caches) if place.on_host(i))
 
     # ---- batch preparation ----
     def _slots(self, tables: torch.Tensor, seq_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -155,38 +180,56 @@ class ModelRunner:
         offsets = torch.arange(int(cu[-1])) - cu[:-1][seq_rows]
         positions = starts[seq_rows] + offsets
         input_ids = torch.tensor([t for ids in batch.token_ids for t in ids], dtype=torch.long)
-        groups = []
+        groups = []  # per KV group, on the host: (block tables, slot mapping, reference sub-batches or None)
+        need_ref = not self.use_kernels or self.host is not None
         for g, window in enumerate(self.windows):
             width = max(len(bt[g]) for bt in batch.block_tables)
             tables = torch.zeros(num_seqs, max(1, width), dtype=torch.int32)
             for i, bt in enumerate(batch.block_tables):
                 tables[i, :len(bt[g])] = torch.tensor(bt[g], dtype=torch.int32)
-            gm = GroupMeta(slot_mapping=self._slots(tables, seq_rows, positions).to(dev), window=window)
-            if self.use_kernels:
-                gm.block_tables = tables.to(dev)
-            else:
+            subs = []
+            if need_ref:
                 decode = q_lens_t == 1
                 for part in (decode, ~decode):
                     rows = part.nonzero().flatten()
                     if len(rows):
-                        gm.sub_batches.append(self._sub_batch(tables, rows, starts, q_lens_t, cu, window))
-            groups.append(gm)
-        meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, max_query_len=max(q_lens),
-                                 use_kernels=self.use_kernels)
-        if self.use_kernels:
-            meta.seq_lens = seq_lens.to(dev, torch.int32)
-            meta.cu_seqlens_q = cu.to(dev, torch.int32)
+                        subs.append(self._sub_batch(tables, rows, starts, q_lens_t, cu, window))
+            groups.append((tables, self._slots(tables, seq_rows, positions), subs))
+        meta = self._metadata(groups, dev, self.use_kernels, max(q_lens), seq_lens, cu)
+        if self.host is not None:  # --gpu-layers: the same step for the offloaded blocks, on their device
+            meta.host = self._metadata(groups, self.host, False, max(q_lens), seq_lens, cu)
         sample_rows = torch.tensor([int(cu[i + 1]) - 1 for i, s in enumerate(batch.sample) if s is not None],
                                    dtype=torch.long)
-        input_ids = input_ids.to(dev)
+        input_ids = input_ids.to(self.model.embed_device)
         fix = [(int(cu[i]), r) for i, r in enumerate(batch.prev_rows) if r >= 0]
         if fix:  # decode inputs still on the device: gather them from the previous step's tokens
             dst, src = torch.tensor(fix, dtype=torch.long).to(dev).unbind(1)
             input_ids[dst] = self.prev_tokens[src]
         return input_ids, positions.to(dev), meta, sample_rows.to(dev)
 
+    def _metadata(self, groups: list[tuple[torch.Tensor, torch.Tensor, list[SubBatch]]], dev: torch.device,
+                  use_kernels: bool, max_query_len: int, seq_lens: torch.Tensor, cu: torch.Tensor
+                  ) -> AttentionMetadata:
+        """The step's attention metadata on `dev`: block tables + lengths for the kernels, else sub-batches."""
+        gms = []
+        for window, (tables, slots, subs) in zip(self.windows, groups):
+            gm = GroupMeta(slot_mapping=slots.to(dev), window=window)
+            if use_kernels:
+                gm.block_tables = tables.to(dev)
+            else:
+                gm.sub_batches = [SubBatch(*(t.to(dev) for t in (sb.token_index, sb.valid_q, sb.key_slots, sb.mask)))
+                                  for sb in subs]
+            gms.append(gm)
+        meta = AttentionMetadata(groups=gms, layer_group=self.layer_group, max_query_len=max_query_len,
+                                 use_kernels=use_kernels)
+        if use_kernels:
+            meta.seq_lens = seq_lens.to(dev, torch.int32)
+            meta.cu_seqlens_q = cu.to(dev, torch.int32)
+        return meta
+
     def _sub_batch(self, tables: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
                    cu: torch.Tensor, window: int | None) -> SubBatch:
+        """One masked attention batch of the reference path, on the host (`_metadata` moves it)."""
         start, qlen = starts[rows], q_lens[rows]
         seq_len = start + qlen
         kstart = torch.zeros_like(start) if window is None else (start - window + 1).clamp(min=0)
@@ -203,8 +246,7 @@ class ModelRunner:
         if window is not None:
             mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
         mask[:, :, 0] |= ~valid_q  # padded query rows attend somewhere (their output is discarded)
-        dev = self.device
-        return SubBatch(token_index.to(dev), valid_q.to(dev), key_slots.to(dev), mask[:, None].to(dev))
+        return SubBatch(token_index, valid_q, key_slots, mask[:, None])
 
     # ---- execution ----
     def _graph_decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -33,6 +33,7 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto | fp8 | int8
     quantization: str = "none"  # none | int8 | int4 | fp8 (weights)
+    gpu_layers: int | str | None = None  # --gpu-layers N | auto (EngineConfig.gpu_layers); None = all on the GPU
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -177,7 +178,8 @@ class ModelManager:
         cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching,
                             cache_dtype=c.kv_cache_dtype)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
-                              scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization)
+                              scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
+                              gpu_layers=c.gpu_layers)
         start = time.perf_counter()
         engine = await asyncio.to_thread(LLMEngine, config)
         seconds = time.perf_counter() - start
