@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..errors import OutOfMemoryError
 from ..kernels.kv_quant import KVPool, bytes_per_slot_head, new_pool, pool_nbytes
 from ..layers.attention import AttentionMetadata, GroupMeta, SubBatch
 from ..models.llama import LlamaModel
@@ -62,11 +63,12 @@ def available_memory_bytes(device: torch.device) -> int:
 
 def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype,
                     device: torch.device, windows: list[int | None], layers: list[int] | None = None,
-                    offloaded: bool = False) -> list[int]:
+                    offloaded: bool = False, activation_bytes: int = 0) -> list[int]:
     """Blocks per KV group (groups ordered as `windows`) within the memory budget of `device`, for the pools of
     `layers` (default: all) that live there. A group with no layer on `device` gets max_useful: no limit here.
     offloaded: the CPU pools of --gpu-layers' offloaded blocks, which the model cannot run without: half the free
-    RAM rather than the CPU engine's 4 GiB cap (pages are touched only as blocks get used)."""
+    RAM rather than the CPU engine's 4 GiB cap (pages are touched only as blocks get used).
+    activation_bytes: what a step needs on top (ModelRunner._profile_step_bytes), kept out of a GPU budget."""
     bs = cache.block_size
     if cache.num_blocks is not None:
         return [cache.num_blocks] * len(windows)
@@ -76,7 +78,15 @@ def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig
     budget = cache.kv_cache_memory
     if budget is None:
         if device.type == "cuda":
-            budget = int(available_memory_bytes(device) * cache.memory_fraction)
+            free = available_memory_bytes(device)
+            budget = int(free * cache.memory_fraction) - activation_bytes
+            if budget < 2 * per_block * len(here):
+                raise OutOfMemoryError(
+                    f"after loading the weights {free / 2**30:.2f} GiB of device memory is free, and one step at "
+                    f"--max-num-batched-tokens {sched.max_num_batched_tokens} needs {activation_bytes / 2**30:.2f} "
+                    f"GiB of activations: nothing is left for the KV cache. Lower --max-num-batched-tokens or "
+                    f"--max-num-seqs, raise --gpu-memory-utilization, offload layers (--gpu-layers) or use a "
+                    f"smaller quantization (hearth plan shows what fits)")
         elif offloaded:
             budget = int(available_memory_bytes(device) * 0.5)
         else:  # CPU: a quarter of free RAM, at most 4 GiB (KV beyond that is rarely usable at CPU speed)
@@ -113,16 +123,21 @@ class ModelRunner:
         place = model.placement
         self.host = place.host if place.offloaded else None  # offloaded blocks' device (meta.host lives there)
         self.layer_devices = place.layer_devices
+        self.layer_group = [windows.index(w) for w in self.cfg.layer_windows]
+        self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
+        activation = 0
+        if device.type == "cuda" and cache.kv_cache_memory is None and cache.num_blocks is None:
+            activation = self._profile_step_bytes(sched)
+        self.activation_bytes = activation
         self.num_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, device, windows,
-                                          [i for i in range(self.cfg.num_layers) if not place.on_host(i)])
+                                          [i for i in range(self.cfg.num_layers) if not place.on_host(i)],
+                                          activation_bytes=activation)
         if self.host is not None:
             host_blocks = plan_num_blocks(self.cfg, cache, sched, self.dtype, self.host, windows,
                                           list(range(place.num_host_layers)), offloaded=True)
             self.num_blocks = [min(a, b) for a, b in zip(self.num_blocks, host_blocks)]
-        self.layer_group = [windows.index(w) for w in self.cfg.layer_windows]
         self.kv_caches = [(self._new_cache(self.num_blocks[g], d), self._new_cache(self.num_blocks[g], d))
                           for g, d in zip(self.layer_group, self.layer_devices)]
-        self.use_kernels = device.type == "cuda" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
         # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile.
         # Offloaded blocks compute on this thread, so there is nothing to overlap: off, and no CUDA graphs.
         self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
@@ -143,6 +158,31 @@ class ModelRunner:
                                        min(sched.max_num_seqs, 256), max_blocks, self.block_size, device,
                                        self.prev_tokens)
             self.graphs.capture()
+
+    def _profile_step_bytes(self, sched: SchedulerConfig) -> int:
+        """Device memory the largest step needs beyond what is allocated now: one forward over
+        min(max_num_batched_tokens, max_model_len) prompt tokens (activations, attention workspaces), then logits
+        and a softmax (the sampler's working copy) over max_num_seqs rows. Measured on scratch KV pools that are
+        freed again (they are allocated before the baseline, so they do not count)."""
+        dev = self.device
+        n = min(sched.max_num_batched_tokens, sched.max_model_len)
+        blocks = -(-n // self.block_size) + 1
+        scratch = [(self._new_cache(blocks, d), self._new_cache(blocks, d)) for d in self.layer_devices]
+        batch = Batch([[0] * n], [0], [[list(range(1, blocks))] * len(self.windows)], [None])
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        with torch.inference_mode():
+            ids, pos, meta, _ = self.prepare(batch)
+            hidden = self.model.forward(ids, pos, meta, scratch)
+            rows = hidden[-1:].expand(min(sched.max_num_seqs, 256), -1).contiguous()
+            self.model.compute_logits(rows).softmax(-1)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del scratch, ids, pos, meta, hidden, rows
+        torch.cuda.empty_cache()
+        log.debug("profiling step of %d tokens: %.1f MiB of activations", n, peak / 2**20)
+        return peak
 
     def _new_cache(self, num_blocks: int, device: torch.device) -> KVPool:
         # [num_blocks, block_size, kv_heads, head_dim] in the model dtype, or (--kv-cache-dtype fp8|int8) a
