@@ -40,13 +40,13 @@ def test_gpu_profiled_step_fits_in_what_the_pool_left(tiny):
     from hearthlm import LLM, SamplingParams
 
     torch.cuda.empty_cache()
-    llm = LLM(model=tiny.path("llama"), dtype="bfloat16", device="cuda", max_model_len=2048, max_num_seqs=8,
-              max_num_batched_tokens=2048)
+    llm = LLM(model=tiny.path("llama"), dtype="bfloat16", device="cuda", max_model_len=1024, max_num_seqs=8,
+              max_num_batched_tokens=1024)
     run = llm.engine.runner
     assert run.activation_bytes > 0
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    prompt = list(range(3, 2000))
+    prompt = list(range(3, 1000))
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     step_peak = torch.cuda.max_memory_allocated() - before
     assert step_peak <= 1.25 * run.activation_bytes + (8 << 20), (step_peak, run.activation_bytes)
