@@ -50,3 +50,13 @@ def test_gpu_profiled_step_fits_in_what_the_pool_left(tiny):
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     step_peak = torch.cuda.max_memory_allocated() - before
     assert step_peak <= 1.25 * run.activation_bytes + (8 << 20), (step_peak, run.activation_bytes)
+
+
+def test_gguf_on_cuda_stays_quantized_only_when_the_bf16_copy_would_crowd_the_device(monkeypatch):
+    from hearthlm.loader import load
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 * GIB, 80 * GIB))
+    cuda = torch.device("cuda")
+    assert not load.keep_quantized(None, "auto", cuda, 4 * GIB)  # 1B-8B class in bf16 fits: cuBLAS
+    assert load.keep_quantized(None, "auto", cuda, 10 * GIB)  # > 60% of free memory: stay quantized
+    assert not load.keep_quantized("dequantize", "auto", cuda, 10 * GIB)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import os
 import re
 import threading
@@ -78,11 +79,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
-def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.device) -> bool:
+def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.device,
+                   dense_bytes: int | None = None) -> bool:
     """Whether GGUF weights stay quantized. auto: on CPU (int4 kernel, layers/quant_linear.py) unless dtype is an
-    explicit float32 (the exact HF path); on CUDA they are dequantized to bf16, because the Triton
-    dequant-in-matmul kernels (layers/gpu_quant.py) still run slower than cuBLAS on bf16 (BENCHMARKS.md).
-    quantized: keep them quantized on CUDA too. dequantize: always dequantize. Env: HEARTHLM_WEIGHTS."""
+    explicit float32 (the exact HF path); on CUDA they are dequantized to bf16 when that copy (`dense_bytes`)
+    takes at most DENSE_SHARE of the free device memory -- cuBLAS on bf16 is the faster choice once several
+    sequences decode together -- else they stay quantized (layers/gpu_quant.py: faster than bf16 at batch 1,
+    BENCHMARKS.md). quantized: keep them quantized on CUDA too. dequantize: always dequantize.
+    Env: HEARTHLM_WEIGHTS."""
     weights = weights or os.environ.get("HEARTHLM_WEIGHTS", "auto")
     if weights not in ("auto", "dequantize", "quantized"):
         raise ValueError(f"weights {weights!r} is not one of auto, dequantize, quantized")
@@ -90,7 +94,12 @@ def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.
         return False
     if weights == "quantized":
         return True
-    return device.type == "cpu" and dtype not in ("float32", "fp32", torch.float32)
+    if device.type == "cuda":
+        return dense_bytes is not None and dense_bytes > DENSE_SHARE * torch.cuda.mem_get_info(device)[0]
+    return dtype not in ("float32", "fp32", torch.float32)
+
+
+DENSE_SHARE = 0.6  # auto on CUDA: dequantize GGUF weights only while the bf16 copy leaves room for KV and activations
 
 
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")
@@ -162,7 +171,8 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
         tokenizer = _in_background(tokenizer_from_gguf, gw.metadata, cfg.eos_token_ids)
         quant = gw.quantization
         freq = gw.freq_factors()
-        quantized = keep_quantized(weights, dtype, device)
+        dense = sum(math.prod(t.shape) for t in gw.tensors.values()) * torch.empty((), dtype=dt).element_size()
+        quantized = keep_quantized(weights, dtype, device, dense)
         place = _placement(cfg, device, gpu_layers, "lm_head.weight" in gw.name_map, quantization)
 
         def get(n: str):
