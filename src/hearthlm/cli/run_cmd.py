@@ -51,7 +51,8 @@ def _local_backend(args: argparse.Namespace, model: str | None) -> Callable[[lis
     from .. import LLM, SamplingParams
 
     llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, max_num_seqs=4,
-              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, gpu_layers=args.gpu_layers)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, gpu_layers=args.gpu_layers,
+              gpu_memory_utilization=args.gpu_memory_utilization)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, truncate="left")
 

@@ -37,8 +37,22 @@ def gpu_layers_arg(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def utilization_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], e.g. 0.9; got {text!r}")
+    return v
+
+
 def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """--kv-cache-dtype, --quantization and --gpu-layers, shared by `hearth serve` and `hearth run`."""
+    """--kv-cache-dtype, --quantization, --gpu-layers and --gpu-memory-utilization, shared by `hearth serve` and
+    `hearth run`."""
+    p.add_argument("--gpu-memory-utilization", type=utilization_arg, default=0.9, metavar="F",
+                   help="share of the GPU memory left after loading that the KV cache and a step's activations "
+                        "may use (0.9); the KV pool is this share minus the peak of a profiled largest step")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
     p.add_argument("--quantization", default="none",
@@ -84,7 +98,8 @@ def config_from_args(args: argparse.Namespace):
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-                       quantization=args.quantization, gpu_layers=args.gpu_layers, device=args.device,
+                       quantization=args.quantization, gpu_layers=args.gpu_layers,
+                       gpu_memory_utilization=args.gpu_memory_utilization, device=args.device,
                        dtype=args.dtype or _default_dtype(args.device),
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload)

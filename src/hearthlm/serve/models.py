@@ -33,6 +33,7 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto | fp8 | int8
     quantization: str = "none"  # none | int8 | int4 | fp8 (weights)
+    gpu_memory_utilization: float = 0.9  # CacheConfig.memory_fraction
     gpu_layers: int | str | None = None  # --gpu-layers N | auto (EngineConfig.gpu_layers); None = all on the GPU
     device: str = "auto"
     dtype: str = "auto"
@@ -176,6 +177,7 @@ class ModelManager:
         sched = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                                 max_model_len=c.max_model_len)
         cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching,
+                            memory_fraction=c.gpu_memory_utilization,
                             cache_dtype=c.kv_cache_dtype)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
                               scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
