@@ -308,3 +308,14 @@ def test_loading_a_model_does_not_import_transformers(which, tiny):
                          check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TRANSFORMERS []" in out.stdout, out.stdout
+
+
+def test_synthetic_bench_tokenizer_decodes_every_id():
+    """Random-weight benchmark models sample any id: each must decode to text, or streams carry nothing."""
+    from hearthlm.bench.models import synthetic_tokenizer
+
+    tok = synthetic_tokenizer(49152)
+    assert tok.vocab_size == 49152
+    words = [tok.decode([i]) for i in (3 + 256, 1000, 49151)]
+    assert all(w.startswith(" ") and len(w) > 2 for w in words) and len(set(words)) == 3
+    assert tok.decode(tok.encode("hello, world")) == "hello, world"

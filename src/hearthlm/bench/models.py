@@ -100,8 +100,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def synthetic_tokenizer(vocab_size: int = 49152):
-    """A byte-level BPE tokenizer with no merges (256 byte tokens + specials), for random-weight models
-    where the embedded model's tokenizer is not installed."""
+    """A byte-level BPE tokenizer for random-weight models where the embedded model's tokenizer is not installed:
+    specials, the 256 byte tokens, then pseudo-words (" ba", " bb", ...) up to vocab_size, so that every id a
+    random model samples decodes to text (streams carry one delta per token, as with a real vocabulary).
+    No merges: encoding yields byte tokens only."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
 
@@ -110,6 +112,13 @@ def synthetic_tokenizer(vocab_size: int = 49152):
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for i in range(vocab_size - len(vocab)):
+        word, n = "", i + 26  # two letters or more
+        while n:
+            n, r = divmod(n, 26)
+            word = letters[r] + word
+        vocab["\u0120" + word] = len(vocab)  # U+0120: the byte-level form of a leading space
     raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
