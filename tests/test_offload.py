@@ -309,19 +309,29 @@ def test_plan_names_its_bandwidths_and_the_cpu_only_case(capsys):
     assert rc == 0 and "no CUDA device: all layers run on the CPU" in out
 
 
-def test_preflight_resolves_auto_to_the_plans_n(tiny, monkeypatch):
-    """The engine's start-up plan on a (simulated) GPU with room for exactly 2 of 4 blocks."""
+def _gpu_with_room_for_2_of_4_blocks(tiny, monkeypatch, dtype: str, batch_tokens: int) -> str:
+    """Make the planner see a GPU whose memory holds the llama31 tiny model's fixed parts and 2.5 blocks
+    (weights + KV of 512 tokens each); returns the model path."""
     from hearthlm.plan import memory as m
     from hearthlm.plan import preflight as pf
     from hearthlm.plan.sources import resolve_model
 
     path = tiny.path("llama31")
     cfg = resolve_model(path).cfg
-    w = m.weights_bytes(cfg, "bf16")
+    w = m.weights_bytes(cfg, dtype)
     unit = w.layer_bytes[0] + m.kv_bytes_for_context(cfg, 512, 1, "auto", 16, [0])
-    fixed = w.lm_head_bytes + w.other_bytes + m.activation_bytes(cfg, 256, "bf16", 1) + m.GPU_OVERHEAD_BYTES
+    fixed = w.lm_head_bytes + w.other_bytes + m.activation_bytes(cfg, batch_tokens, dtype, 1) + m.GPU_OVERHEAD_BYTES
     gpu = m.DeviceSpec("fake", "gpu", int((fixed + 2.5 * unit) / 0.9), 1e12)
     monkeypatch.setattr(pf, "device_spec", lambda name: gpu)
+    return path
+
+
+def test_preflight_resolves_auto_to_the_plans_n(tiny, monkeypatch):
+    """The engine's start-up plan on a (simulated) GPU with room for exactly 2 of 4 blocks."""
+    from hearthlm.plan import memory as m
+    from hearthlm.plan import preflight as pf
+
+    path = _gpu_with_room_for_2_of_4_blocks(tiny, monkeypatch, "bf16", 256)
 
     def run(n):
         return pf.preflight(pf.Path(path), "cuda", "bfloat16", 512, 256, 0.9, gpu_layers=n)
@@ -377,17 +387,7 @@ def test_gpu_offloaded_bf16_matches_or_diverges_at_a_near_tie(tiny):
 @pytest.mark.gpu
 def test_gpu_layers_auto_offloads_when_the_device_is_small(tiny, monkeypatch):
     """auto at engine start: the plan's N for a (pretend) GPU with room for 2 of 4 blocks, then equal outputs."""
-    from hearthlm.plan import memory as m
-    from hearthlm.plan import preflight as pf
-    from hearthlm.plan.sources import resolve_model
-
-    path = tiny.path("llama31")
-    cfg = resolve_model(path).cfg
-    w = m.weights_bytes(cfg, "f32")
-    unit = w.layer_bytes[0] + m.kv_bytes_for_context(cfg, 512, 1, "auto", 16, [0])
-    fixed = w.lm_head_bytes + w.other_bytes + m.activation_bytes(cfg, 2048, "f32", 1) + m.GPU_OVERHEAD_BYTES
-    monkeypatch.setattr(pf, "device_spec", lambda name: m.DeviceSpec("fake", "gpu", int((fixed + 2.5 * unit) / 0.9),
-                                                                     1e12))
+    path = _gpu_with_room_for_2_of_4_blocks(tiny, monkeypatch, "f32", 2048)
     kw = dict(model=path, dtype="float32", device="cuda", max_model_len=512, max_num_seqs=4)
     off = LLM(**kw, gpu_layers="auto")
     assert off.engine.loaded.model.placement.gpu_layers == 2 and off.engine.runner.host == CPU
