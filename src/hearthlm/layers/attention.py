@@ -22,6 +22,7 @@ class SubBatch:
     valid_q: torch.Tensor  # [B, Qmax] bool
     key_slots: torch.Tensor  # [B, Lmax] cache slot of each key position
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = attend
+    plan: tuple | None = None  # filled by the reference path on first use (_cpu_plan), then shared by all layers
 
 
 @dataclass
@@ -54,8 +55,32 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
         write_pool(v_cache, v, slot_mapping)
         return
     kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k if k.dtype == k_cache.dtype else
+                                                     k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else
+                                                     v.to(v_cache.dtype))
+
+
+def _gather(pool: KVPool, slots: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """pool[slots] -> [*shape, kv_heads, head_dim]. slots: 1-d; index_select copies whole rows (5x faster than
+    advanced indexing with a 2-d index on CPU)."""
+    if isinstance(pool, QuantizedKVCache):
+        return gather_dequant(pool, slots.view(shape), dtype)
+    kv = pool.index_select(0, slots).view(*shape, *pool.shape[1:])
+    return kv if kv.dtype == dtype else kv.to(dtype)
+
+
+def _cpu_plan(sb: SubBatch, num_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Per step, shared by every layer of the group: (flat key slots; the mask as SDPA's additive 0 / -inf form,
+    which it would otherwise build from the bool mask in every layer, or None when nothing is masked; whether the
+    sub-batch is the whole step's one-token queries in order, so q and the output need no gather/scatter)."""
+    if sb.plan is None:
+        b, qmax = sb.token_index.shape
+        mask = None
+        if not bool(sb.mask.all()):
+            mask = torch.zeros(sb.mask.shape, dtype=dtype, device=sb.mask.device).masked_fill_(~sb.mask, -float("inf"))
+        sb.plan = (sb.key_slots.reshape(-1), mask, qmax == 1 and b == num_tokens)
+    return sb.plan
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: GroupMeta,
@@ -64,17 +89,22 @@ def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: G
     num_heads = q.shape[1]
     kv_heads = k_cache.shape[2]
     k_flat, v_flat = flat_view(k_cache), flat_view(v_cache)  # [slots, kv_heads, head_dim]
-    out = torch.empty_like(q)
+    out = None
     for sb in gm.sub_batches:
-        qp = q[sb.token_index].transpose(1, 2)  # [B, H, Qmax, D]
-        kp = gather_dequant(k_flat, sb.key_slots, q.dtype).transpose(1, 2)  # [B, KVH, L, D]
-        vp = gather_dequant(v_flat, sb.key_slots, q.dtype).transpose(1, 2)
+        slots, mask, whole = _cpu_plan(sb, q.shape[0], q.dtype)
+        qp = q.unsqueeze(2) if whole else q[sb.token_index].transpose(1, 2)  # [B, H, Qmax, D]
+        kp = _gather(k_flat, slots, sb.key_slots.shape, q.dtype).transpose(1, 2)  # [B, KVH, L, D]
+        vp = _gather(v_flat, slots, sb.key_slots.shape, q.dtype).transpose(1, 2)
         if softcap is None:
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sb.mask, scale=scale,
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
                                                 enable_gqa=num_heads != kv_heads)
         else:
             op = _softcapped_attention(qp, kp, vp, sb.mask, scale, softcap)
+        if whole:
+            return op.squeeze(2)
         op = op.transpose(1, 2)  # [B, Qmax, H, D]
+        if out is None:
+            out = torch.empty_like(q)
         out[sb.token_index[sb.valid_q]] = op[sb.valid_q]
     return out
 

@@ -1,8 +1,9 @@
 """Linear layer holding (possibly fused) weights; the single place quantized matmuls plug in.
 
 A weight is a dense tensor or a GroupQuant (GGUF blocks or --quantization int8/int4 codes kept quantized).
-On CPU a GroupQuant is packed for PyTorch's CPU int4 kernel (layers/quant_linear.py) or, lacking a layout,
-dequantized to its dtype; on CUDA it becomes a QuantWeight for the Triton kernels (layers/gpu_quant.py).
+On CPU a GroupQuant is packed for PyTorch's CPU int4 kernel (layers/quant_linear.py; many-row calls use a dense
+bf16 copy when the process budget allows) or, lacking a layout, dequantized to its dtype; on CUDA it becomes a
+QuantWeight for the Triton kernels (layers/gpu_quant.py).
 An Fp8Weight (--quantization fp8) or a QuantWeight may also be passed as is.
 """
 from __future__ import annotations
@@ -25,9 +26,11 @@ USE_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_
 
 class Linear:
     def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
-        """weight: [out_features, in_features]. A CPU packed weight runs the same kernel for any number of rows,
-        so a sequence's output does not depend on what it is batched with (greedy text alone == batched); on
-        CUDA (QuantWeight, Fp8Weight, like cuBLAS for dense weights) the kernel depends on the row count."""
+        """weight: [out_features, in_features]. The kernel may depend on the row count, so a sequence's output can
+        depend on what it is batched with (within the kernels' rounding): a CPU packed weight runs the int4 kernel
+        for a few rows and, when it keeps a dense bf16 copy, oneDNN's bf16 GEMM for more (Int4Weight); on CUDA
+        QuantWeight, Fp8Weight and cuBLAS for dense weights switch kernels by row count too. Dense float32 weights
+        on CPU (the HF-exact path) run one kernel for every row count."""
         self.packed: Int4Weight | QuantWeight | Fp8Weight | None = None
         if isinstance(weight, GroupQuant) and weight.codes.is_cuda:
             weight = QuantWeight.from_group(weight)
@@ -39,6 +42,8 @@ class Linear:
         self.weight: torch.Tensor | None = weight
         self.bias = bias
         self.parts: list[Linear] | None = None
+        # CPU int4 weight without bias: __call__ goes straight to it (a few us a call at batch 1)
+        self._cpu = self.packed if isinstance(self.packed, Int4Weight) and bias is None else None
 
     @classmethod
     def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> "Linear":
@@ -61,6 +66,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
+        if self._cpu is not None and x.dim() == 2:
+            return self._cpu(x)
         if self.parts is not None:
             y = torch.cat([p(x) for p in self.parts], dim=-1)
             return y if self.bias is None else y + self.bias
@@ -72,6 +79,13 @@ class Linear:
         y = self.packed(x2)
         y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def native(self, x: torch.Tensor) -> torch.Tensor:
+        """__call__, except that a CPU int4 weight's result stays in its kernels' bf16: for callers that only add it
+        to (or multiply it by) a float32 tensor, whose type promotion upcasts exactly, one op fewer per call."""
+        if self._cpu is not None and x.dim() == 2:
+            return self._cpu(x, cast=False)
+        return self(x)
 
     def tensors(self) -> list[torch.Tensor]:
         if self.parts is not None:

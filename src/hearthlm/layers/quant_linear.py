@@ -7,10 +7,17 @@ CPU kernels PyTorch ships.
                 (Q2_K, Q3_K stay dequantized)
   Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
                 bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
-                5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales
+                5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales.
+                The int4 kernel re-dequantizes its weights for every 4 rows, so from DENSE_MIN_ROWS rows on
+                (batched decode, prefill) a bf16 copy prepacked for oneDNN runs instead, on CPUs with native
+                bf16 (2 Zen 4 cores, SmolLM2-135M at 16 rows: blocks 1.45x, the split Q8_0 head 3.6x; 5x at 64
+                rows); the copies, 2 bytes a weight, are held within HEARTH_CPU_DENSE_MB (default 1024) per process.
 """
 from __future__ import annotations
 
+import functools
+import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,15 +155,56 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> GroupQuant:
     return GroupQuant(codes, scale, lo, group, 4, w.dtype)
 
 
+# From this many rows on, an Int4Weight with a dense copy runs the bf16 oneDNN GEMM instead of the int4 kernel,
+# whose cost steps up every 4 rows while the dense GEMM reads 2 bytes a weight for any small row count (2 Zen 4
+# cores, SmolLM2-135M: int4 wins to 4 rows, dense from 5; a split 5/8-bit weight does twice the int4 work and
+# changes over from 3 rows)
+DENSE_MIN_ROWS = 5
+DENSE_MIN_ROWS_SPLIT = 3
+_dense_bytes = [0]  # bytes of live dense copies in this process
+
+
+def _dense_budget() -> int:
+    """HEARTH_CPU_DENSE_MB: MiB of bf16 weight copies kept for multi-row CPU matmuls (0 turns them off)."""
+    return int(float(os.environ.get("HEARTH_CPU_DENSE_MB", "1024")) * 2**20)
+
+
+def _release(nbytes: int) -> None:
+    _dense_bytes[0] -= nbytes
+
+
+@functools.cache
+def dense_supported() -> bool:
+    """oneDNN with native bf16 (AVX-512 BF16 / AMX; without them the bf16 GEMM is emulated and the thresholds
+    above, measured on Zen 4, do not hold)."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.backends.mkldnn.is_available() and bool(native)
+    except (AttributeError, RuntimeError):  # torch builds without these probes
+        return False
+
+
 class Int4Weight:
     """4-bit codes, groups of 32, for aten._weight_int4pack_mm_for_cpu (needs N % 16 == 0, bf16 x).
-    5/8-bit codes run as two 4-bit halves (GroupQuant.nibble_split): twice the K, x fed twice."""
+    5/8-bit codes run as two 4-bit halves (GroupQuant.nibble_split): twice the K, x fed twice.
+    dense: also keep the weights as bf16 prepacked for oneDNN, used from `dense_min_rows` rows on (None: if the
+    process's HEARTH_CPU_DENSE_MB budget has room). A row's result then depends on the row count of its call
+    (int4 below the threshold, bf16 weights above), both within bf16 rounding of the dequantized weights."""
 
-    def __init__(self, g: GroupQuant):
+    def __init__(self, g: GroupQuant, dense: bool | None = None):
         self.split = g.bits > 4
+        self.out_features, self.in_features = g.shape[0], g.shape[1]
+        self.dense: torch.Tensor | None = None
+        nbytes = 2 * g.shape[0] * g.shape[1]
+        if dense is None:
+            dense = _dense_bytes[0] + nbytes <= _dense_budget()
+        if dense and dense_supported():
+            self.dense = torch.ops.mkldnn._reorder_linear_weight(g.dequantize(torch.float32).bfloat16(), None)
+            _dense_bytes[0] += nbytes
+            weakref.finalize(self, _release, nbytes)
+        self.dense_min_rows = DENSE_MIN_ROWS_SPLIT if self.split else DENSE_MIN_ROWS
         if self.split:
             g = g.nibble_split()
-        self.out_features, self.in_features = g.shape[0], g.shape[1] // (2 if self.split else 1)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(g.codes.to(torch.int32), 2)
         # [K/32, N, 2]: scale, zero with w = (code - 8) * scale + zero
         self.scale_zeros = torch.stack([g.scale, g.min + 8 * g.scale], -1).transpose(0, 1).contiguous().bfloat16()
@@ -165,15 +213,24 @@ class Int4Weight:
     def supports(g: GroupQuant) -> bool:
         return g.bits <= 8 and g.group == 32 and g.shape[0] % 16 == 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype
+    def __call__(self, x: torch.Tensor, cast: bool = True) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype (cast=False: in the kernels' bf16)
         xb = x.to(torch.bfloat16)
-        if self.split:
-            xb = torch.cat([xb, xb], 1)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, 32, self.scale_zeros).to(x.dtype)
+        if self.dense is not None and x.shape[0] >= self.dense_min_rows:
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.dense, None, "none", [], "")
+        else:
+            if self.split:
+                xb = torch.cat([xb, xb], 1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, 32, self.scale_zeros)
+        return y.to(x.dtype) if cast else y
 
     def tensors(self) -> list[torch.Tensor]:
+        """The int4 layout (the dense copy is an opaque oneDNN tensor without storage: see dense_nbytes)."""
         return [self.packed, self.scale_zeros]
+
+    @property
+    def dense_nbytes(self) -> int:
+        return 0 if self.dense is None else 2 * self.out_features * self.in_features
 
 
 def pack(g: GroupQuant) -> Int4Weight | None:

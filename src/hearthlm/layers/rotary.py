@@ -14,14 +14,17 @@ class Rotary:
         self.inv_freq = rope_inv_freq(head_dim, theta, rope_scaling, freq_factors).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim]
+        """positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim]; sin carries rotate_half's sign (its
+        first half negated), as apply_rotary expects. Computed once per step for all layers."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        sin = emb.sin()
+        sin[:, :freqs.shape[1]].neg_()
+        return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, heads, head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """HF's x * cos + rotate_half(x) * sin, bit for bit: rotate_half(x) * sin == roll(x, half) * signed sin
+    (negation is exact), in 4 ops instead of 7. x: [num_tokens, heads, head_dim] (any strides; bf16 x with
+    float32 cos/sin gives float32, the same as x.float() would); cos, sin from Rotary.cos_sin."""
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1) * sin)

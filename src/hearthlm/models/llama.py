@@ -63,22 +63,35 @@ class LlamaLayer:
     def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                   kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # h: [num_tokens, hidden]
+        return self.o(self.attend(h, cos, sin, meta, kv_cache))
+
+    def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Attention before the output projection. h: [num_tokens, hidden] -> [num_tokens, heads * head_dim]."""
         cfg = self.cfg
         n = h.shape[0]
-        q, k, v = self.project_qkv(h)
         if self.q_norm is not None:
-            q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = self.project_qkv(h)
+            q, k = apply_rotary(self.norm(q, self.q_norm), cos, sin), apply_rotary(self.norm(k, self.k_norm), cos, sin)
+        else:  # q and k are adjacent in the fused projection: one RoPE over both. A CPU int4 projection stays in
+            # bf16: RoPE's products with float32 cos/sin upcast it exactly and write_kv casts v to the pool's dtype
+            qkv = self.qkv.native(h)
+            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), cos, sin)
+            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
+            v = qkv[:, self.q_size + self.kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
-        return self.o(o.reshape(n, self.q_size))
+        return o.reshape(n, self.q_size)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(gated_act(self.gate_up(h), self.cfg.hidden_act))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = h + self.attention(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.norm(h, self.post_attn_norm))
+        # reference path (CPU). The residual adds take o/down's bf16 result as is when their weights are CPU int4
+        # (Linear.native): adding it to the float32 stream upcasts it exactly, the same sums without a cast op.
+        h = torch.add(h, self.o.native(self.attend(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)))
+        return torch.add(h, self.down.native(gated_act(self.gate_up(self.norm(h, self.post_attn_norm)),
+                                                       self.cfg.hidden_act)))
 
     def fused(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
               cos_sin: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]

@@ -1,6 +1,7 @@
 """Sampling: penalties -> temperature -> top-k / top-p / min-p -> seeded sample; raw logprobs."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,28 @@ def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return -torch.log(u)
 
 
+@functools.cache
+def _argmax_block(vocab: int) -> int | None:
+    """A divisor of vocab near 1024 (49,152 -> 1024), or None."""
+    return next((c for c in range(1024, 4097) if vocab % c == 0), None) or \
+        next((c for c in range(1023, 255, -1) if vocab % c == 0), None)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first index of each row's maximum, NaN counting as the maximum). On CPU as two
+    vectorized passes: the block maxima, then an argmax over the winning block; torch's CPU argmax walks a row one
+    element at a time (49,152 logits: ~40 us a row, 0.33 ms for 16 rows, vs ~8 / ~30 us). logits: [R, V] -> [R]."""
+    r, vocab = logits.shape
+    block = _argmax_block(vocab)
+    if logits.device.type != "cpu" or block is None or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    n = vocab // block
+    blocks = logits.view(r * n, block)
+    best = blocks.amax(-1).view(r, n).argmax(-1)  # [R] first block holding the maximum (both propagate NaN)
+    rows = best if r == 1 else best + torch.arange(0, r * n, n)
+    return best * block + blocks.index_select(0, rows).argmax(-1)
+
+
 def needs_host_sampling(params: SamplingParams) -> bool:
     """Penalties, min_tokens and logprobs read the sequence's token history on the host."""
     return params.logprobs is not None or params.needs_penalties or bool(params.min_tokens)
@@ -100,7 +123,7 @@ def needs_host_sampling(params: SamplingParams) -> bool:
 def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch.Tensor | None = None) -> torch.Tensor:
     """Token per row on logits' device, without a host sync. logits: [R, V] (penalties already applied);
     greedy: the argmax if already computed (CUDA graphs emit it)."""
-    tokens = logits.argmax(dim=-1) if greedy is None else greedy
+    tokens = greedy_tokens(logits) if greedy is None else greedy
     rand_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if not rand_rows:
         return tokens
