@@ -7,9 +7,10 @@ through the block table with an online softmax in fp32, and either writes the ou
 merges. The split count depends only on shapes (never on seq_lens values), so launches are
 CUDA-graph safe; each program splits its own sequence, so any split count is correct.
 
-Quantized pools (KV_QUANT, see kv_quant.py): codes are converted to the query dtype in registers (exact
-for e4m3 and int8) and the per-key scales applied outside the dots: scores = (q . k_codes) x k_scale,
-and p x v_scale weights the value codes.
+Quantized pools (KV_QUANT, see kv_quant.py): codes are converted to fp16 in registers (exact for e4m3 and
+int8; the query is cast to fp16 too, as e4m3 -> fp16 is one instruction per pair on SM 8.9+ and -> bf16 is
+not) and the per-key scales applied outside the dots: scores = (q . k_codes) x k_scale, and p x v_scale
+weights the value codes.
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ if HAS_TRITON:
         seq64 = seq.to(tl.int64)
         q = tl.load(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        if KV_QUANT and not FP32_DOT:  # codes -> fp16 is native (e4m3x2 -> f16x2); -> bf16 is emulated
+            q = q.to(tl.float16)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)

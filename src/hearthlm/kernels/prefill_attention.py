@@ -58,6 +58,8 @@ if HAS_TRITON:
         q_mask = row_valid[:, None] & d_mask[None, :]
         q = tl.load(q_ptr + tok64[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=q_mask, other=0.0)
+        if KV_QUANT and not FP32_DOT:  # codes -> fp16 is native (e4m3x2 -> f16x2); -> bf16 is emulated
+            q = q.to(tl.float16)
 
         hi = tl.minimum(ctx_start + tl.minimum(t0 + BLOCK_Q, q_len), seq_len)  # last query pos + 1
         lo = 0
