@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
-from .gemv import _join_rows
 
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV kernel runs; above, the tl.dot kernel
 MM_MAX_M = 16  # rows up to which the tl.dot kernel runs; above, dequantize + dense matmul (measured faster)
@@ -81,6 +80,8 @@ def quant_matmul_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .gemv import _join_rows
 
     @triton.jit
     def _sub(q, t: tl.constexpr, T: tl.constexpr):
