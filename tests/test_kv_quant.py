@@ -36,7 +36,7 @@ def test_unknown_kv_cache_dtype_names_the_choices(tiny, capsys):
         LLM(model=tiny.path("llama"), device="cpu", kv_cache_dtype="e5m2")
     assert main(["serve", "--kv-cache-dtype", "fp4"]) == 1
     assert "choose one of auto, fp8, int8" in capsys.readouterr().err
-    assert CacheConfig(cache_dtype="FP8").cache_dtype == "fp8" and KV_CACHE_DTYPES == ("auto", "fp8", "int8")
+    assert CacheConfig(cache_dtype="FP8").cache_dtype == "fp8" and KV_CACHE_DTYPES == ("auto", "fp8", "int8", "fp8_e4m3")
 
 
 def test_quantized_pools_hold_1_9x_the_tokens_of_bf16():
@@ -120,8 +120,27 @@ def test_prefix_cache_reuses_quantized_blocks(engine_for):
 
 # ----------------------------------------------------------------------------- CUDA (kernels, CUDA graphs)
 
+def test_fp8_e4m3_is_unscaled_e4m3_and_cuda_only():
+    """--kv-cache-dtype fp8_e4m3: vLLM's default fp8 cache, e4m3 values without scales (1 byte per value)."""
+    from hearthlm.config import normalize_cache_dtype
+    from hearthlm.kernels.kv_quant import new_pool, to_pool_dtype
+    from hearthlm.plan.memory import kv_bytes_per_token, kv_scale_bytes_per_token
+    from hearthlm.plan.presets import preset_config
+
+    assert [normalize_cache_dtype(v) for v in ("fp8_e4m3", "FP8-E4M3", "fp8")] == ["fp8_e4m3", "fp8_e4m3", "fp8"]
+    cfg = preset_config("qwen3-0.6b")
+    assert 2 * kv_bytes_per_token(cfg, "fp8_e4m3") == kv_bytes_per_token(cfg, "auto")
+    assert kv_scale_bytes_per_token(cfg, "fp8_e4m3") == 0
+    assert kv_bytes_per_block(cfg, 16, torch.bfloat16, "fp8_e4m3") * cfg.num_layers // 16 == \
+        kv_bytes_per_token(cfg, "fp8_e4m3")
+    with pytest.raises(InvalidRequestError, match="CUDA GPUs only.*fp8 or int8"):
+        new_pool((4, 16, 2, 64), "fp8_e4m3", torch.float32, torch.device("cpu"), zero=True)
+    x = torch.tensor([1000.0, -1000.0, 1.0, 0.3])  # saturates instead of NaN
+    assert to_pool_dtype(x, torch.float8_e4m3fn).float().tolist() == [448.0, -448.0, 1.0, 0.3125]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["fp8_e4m3"])
 # float32: kernel and reference K/V differ by float rounding, so a value on a code boundary can take the
 # neighbouring int8/fp8 code (measured up to 0.012 on the logits on an H100); bf16 adds its own rounding
 @pytest.mark.parametrize("dtype,tol", [("float32", 5e-2), ("bfloat16", 1.0)])
@@ -136,7 +155,8 @@ def test_cuda_kernels_and_graphs_match_reference(tiny, kind, dtype, tol):
                   kv_cache_dtype=kind, cuda_graphs=graphs)
         runner = llm.engine.runner
         assert runner.use_kernels and (runner.graphs is not None) == graphs
-        assert isinstance(runner.kv_caches[0][0], QuantizedKVCache)
+        pool = runner.kv_caches[0][0]
+        assert isinstance(pool, QuantizedKVCache) if kind != "fp8_e4m3" else pool.dtype == torch.float8_e4m3fn
         outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         kernel = _logits(llm, prompts[2]).float()  # after generate: overwrites blocks, so no more requests
         runner.use_kernels = False

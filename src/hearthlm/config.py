@@ -5,13 +5,14 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
-# --kv-cache-dtype: auto = the model dtype; fp8 (e4m3) / int8 = codes + a float32 scale per slot and kv head
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-_KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "fp8-e4m3": "fp8", "float8_e4m3fn": "fp8"}
+# --kv-cache-dtype: auto = the model dtype; fp8 (e4m3) / int8 = codes + a float32 scale per slot and kv head;
+# fp8_e4m3 = e4m3 values without scales, as vLLM's default fp8 cache (|x| > 448 saturates; CUDA, SM 8.9+)
+KV_CACHE_DTYPES = ("auto", "fp8", "int8", "fp8_e4m3")
+_KV_CACHE_DTYPE_ALIASES = {"fp8-e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"}
 
 
 def normalize_cache_dtype(value: str) -> str:
-    """'auto' | 'fp8' | 'int8' (case-insensitive, fp8_e4m3 accepted); anything else is an InvalidRequestError."""
+    """'auto' | 'fp8' | 'int8' | 'fp8_e4m3' (case-insensitive); anything else is an InvalidRequestError."""
     v = str(value).strip().lower()
     v = _KV_CACHE_DTYPE_ALIASES.get(v, v)
     if v not in KV_CACHE_DTYPES:

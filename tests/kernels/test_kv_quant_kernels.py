@@ -138,3 +138,33 @@ def test_prefill_triton_quantized_cuda(prefill_case, kind, dtype, shape, softcap
     want = pf.paged_prefill_attention_ref(q, kq, vq, *args)
     got = pf.paged_prefill_attention_triton(q, kq, vq, *args)
     torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (16, 8, 128)), (torch.float16, (32, 8, 64)),
+                                         (torch.float32, (28, 4, 128))])
+def test_plain_e4m3_pools_cuda(decode_case, prefill_case, dtype, shape):
+    """--kv-cache-dtype fp8_e4m3: e4m3 codes without scales; the kernels vs the reference on the same pools, and
+    the Triton writer vs the torch writer (saturating at +-448)."""
+    from hearthlm.kernels.kv_quant import to_pool_dtype
+
+    num_heads, num_kv_heads, head_dim = shape
+    pb, q = decode_case([1, 17, 300, 2049], num_heads, num_kv_heads, head_dim, 16, dtype, "cuda")
+    kc, vc = (to_pool_dtype(c * 3, torch.float8_e4m3fn) for c in (pb.k_cache, pb.v_cache))
+    want = pa.paged_decode_attention_ref(q, kc, vc, pb.block_tables, pb.seq_lens, 0.1)
+    for splits in (None, 1, 4):
+        got = pa.paged_decode_attention_triton(q, kc, vc, pb.block_tables, pb.seq_lens, 0.1, num_splits=splits)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+    pb, q, cu = prefill_case([300, 77, 1], [300, 20, 1], num_heads, num_kv_heads, head_dim, 16, dtype, "cuda")
+    kc, vc = (to_pool_dtype(c, torch.float8_e4m3fn) for c in (pb.k_cache, pb.v_cache))
+    args = (pb.block_tables, cu, pb.seq_lens, 0.1, None, None)
+    torch.testing.assert_close(pf.paged_prefill_attention_triton(q, kc, vc, *args),
+                               pf.paged_prefill_attention_ref(q, kc, vc, *args), **_tol(dtype))
+    slots = torch.randperm(64 * 16, device="cuda")[:200]
+    pools = [new_pool((64, 16, num_kv_heads, head_dim), "fp8_e4m3", dtype, torch.device("cuda"), zero=True)
+             for _ in range(4)]
+    kv = (torch.randn(2, 200, num_kv_heads, head_dim, device="cuda") * 200).to(dtype)
+    reshape_and_cache_ref(kv[0], kv[1], pools[0], pools[1], slots)
+    reshape_and_cache_triton(kv[0], kv[1], pools[2], pools[3], slots)
+    assert torch.equal(as_bytes(pools[0]), as_bytes(pools[2])) and torch.equal(as_bytes(pools[1]), as_bytes(pools[3]))
+

@@ -54,7 +54,9 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="share of the GPU memory left after loading that the KV cache and a step's activations "
                         "may use (0.9); the KV pool is this share minus the peak of a profiled largest step")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="KV cache storage: auto (model dtype), fp8 or int8 (~1.9x the tokens of bf16)")
+                   help="KV cache storage: auto (model dtype), fp8 or int8 (codes + a scale per token and head: "
+                        "~1.9x the tokens of bf16), fp8_e4m3 (e4m3 without scales, as vLLM's fp8: 2x the tokens, "
+                        "values beyond +-448 saturate; CUDA SM 8.9+)")
     p.add_argument("--quantization", default="none",
                    help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), "
                         "int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already "

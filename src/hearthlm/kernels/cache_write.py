@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
-from .kv_quant import QMAX, KVPool, QuantizedKVCache, as_bytes, quantize_kv, split_pool
+from .kv_quant import QMAX, KVPool, QuantizedKVCache, as_bytes, quantize_kv, split_pool, to_pool_dtype
 
 if HAS_TRITON:
     import triton
@@ -28,6 +28,13 @@ if HAS_TRITON:
         sub = (tl.abs(y) + 24576.0) - 24576.0
         sub = tl.where(y < 0.0, -sub, sub)
         return tl.where(tl.abs(y) < 0.015625, sub, normal)
+
+    @triton.jit
+    def _store_e4m3(x, dst, mask, HW_CAST: tl.constexpr):
+        y = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        if not HW_CAST:
+            y = _round_to_e4m3(y)
+        tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _quantize_store(x, dst, scale_dst, mask, h_mask, QMAX_: tl.constexpr, FP8: tl.constexpr,
@@ -70,6 +77,9 @@ if HAS_TRITON:
             h_mask = heads < NUM_HEADS
             _quantize_store(k, k_dst, k_scale_ptr + slot * stride_kss + heads, mask, h_mask, QMAX_, FP8, HW_CAST)
             _quantize_store(v, v_dst, v_scale_ptr + slot * stride_vss + heads, mask, h_mask, QMAX_, FP8, HW_CAST)
+        elif FP8:  # plain e4m3 pool (fp8_e4m3): saturate, then the same rounding as torch
+            _store_e4m3(k, k_dst, mask, HW_CAST)
+            _store_e4m3(v, v_dst, mask, HW_CAST)
         else:
             tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
             tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -89,7 +99,7 @@ def reshape_and_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_c
             as_bytes(cache.codes).view(-1, num_kv_heads, head_dim)[slots] = as_bytes(codes)
             cache.scales.view(-1, num_kv_heads)[slots] = scales
         else:
-            cache.view(-1, num_kv_heads, head_dim)[slots] = x[keep].to(cache.dtype)
+            as_bytes(cache).view(-1, num_kv_heads, head_dim)[slots] = as_bytes(to_pool_dtype(x[keep], cache.dtype))
 
 
 def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -113,7 +123,8 @@ def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, 
         ks.stride(1) if quant else 0, vs.stride(1) if quant else 0,
         NUM_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim),
-        QUANT=quant, QMAX_=QMAX.get(kind, 0.0), FP8=kind == "fp8", HW_CAST=not triton.knobs.runtime.interpret,
+        QUANT=quant, QMAX_=QMAX.get(kind, 0.0), FP8=kind == "fp8" or kc.dtype == torch.float8_e4m3fn,
+        HW_CAST=not triton.knobs.runtime.interpret,
         num_warps=4,
     )
 

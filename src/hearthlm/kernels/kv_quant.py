@@ -56,8 +56,14 @@ def pool_nbytes(pool: KVPool) -> int:
     return pool.nbytes if isinstance(pool, QuantizedKVCache) else pool.numel() * pool.element_size()
 
 
+PLAIN_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn}  # codes without scales
+FP8_MAX = 448.0
+
+
 def bytes_per_slot_head(head_dim: int, cache_dtype: str, model_dtype: torch.dtype) -> int:
     """Bytes of one kv head of one cached token in one pool (K or V): codes + scale, or head_dim x model dtype."""
+    if cache_dtype in PLAIN_DTYPES:
+        return head_dim
     if cache_dtype in CODE_DTYPES:
         return head_dim * torch.empty((), dtype=CODE_DTYPES[cache_dtype]).element_size() + SCALE_BYTES
     return head_dim * torch.empty((), dtype=model_dtype).element_size()
@@ -67,7 +73,13 @@ def new_pool(shape: tuple[int, int, int, int], cache_dtype: str, model_dtype: to
              zero: bool) -> KVPool:
     """An empty pool; zero=False leaves it uninitialized except the null block 0."""
     device = torch.device(device)
-    if cache_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if cache_dtype in PLAIN_DTYPES and device.type != "cuda":
+        from ..errors import InvalidRequestError
+
+        raise InvalidRequestError(f"--kv-cache-dtype {cache_dtype} (e4m3 without scales) runs on CUDA GPUs only; on "
+                                  "the CPU use fp8 or int8 (codes with a scale per token and head)",
+                                  param="kv_cache_dtype")
+    if cache_dtype.startswith("fp8") and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         from ..errors import InvalidRequestError
 
         raise InvalidRequestError(f"--kv-cache-dtype fp8 needs an Ada or Hopper GPU (compute capability 8.9+); "
@@ -75,7 +87,7 @@ def new_pool(shape: tuple[int, int, int, int], cache_dtype: str, model_dtype: to
                                   param="kv_cache_dtype")
     make = torch.zeros if zero else torch.empty
     if cache_dtype not in CODE_DTYPES:
-        pool = make(shape, dtype=model_dtype, device=device)
+        pool = make(shape, dtype=PLAIN_DTYPES.get(cache_dtype, model_dtype), device=device)
         parts = [pool]
     else:
         pool = QuantizedKVCache(make(shape, dtype=CODE_DTYPES[cache_dtype], device=device),
@@ -118,7 +130,7 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 def gather_dequant(pool: KVPool, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """pool[index] (indexing dim 0: slots of a `flat_view`, or block ids of a 4-d pool), dequantized to dtype."""
     if not isinstance(pool, QuantizedKVCache):
-        return pool[index].to(dtype)
+        return as_bytes(pool)[index].view(pool.dtype).to(dtype)
     codes = as_bytes(pool.codes)[index]
     if pool.codes.dtype == torch.float8_e4m3fn:
         codes = codes.view(torch.float8_e4m3fn)
@@ -128,12 +140,19 @@ def gather_dequant(pool: KVPool, index: torch.Tensor, dtype: torch.dtype) -> tor
 def write_pool(pool: KVPool, x: torch.Tensor, slots: torch.Tensor) -> None:
     """pool.view(-1, kv_heads, head_dim)[slots] = x (quantized when the pool is); x: [n, kv_heads, head_dim]."""
     kv_heads, head_dim = pool.shape[2:]
-    if not isinstance(pool, QuantizedKVCache):
-        pool.view(-1, kv_heads, head_dim).index_copy_(0, slots, x.to(pool.dtype))
+    if not isinstance(pool, QuantizedKVCache):  # (fp8 viewed as bytes: no fp8 index_copy_ on CPU or CUDA)
+        as_bytes(pool).view(-1, kv_heads, head_dim).index_copy_(0, slots, as_bytes(to_pool_dtype(x, pool.dtype)))
         return
     codes, scales = quantize_kv(x, pool.kind)
     as_bytes(pool.codes).view(-1, kv_heads, head_dim).index_copy_(0, slots, as_bytes(codes))
     pool.scales.view(-1, kv_heads).index_copy_(0, slots, scales)
+
+
+def to_pool_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast for a plain pool; e4m3 saturates at +-448 (a plain cast would give NaN)."""
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
 
 
 def flat_view(pool: KVPool) -> KVPool:

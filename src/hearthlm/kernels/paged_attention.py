@@ -10,14 +10,15 @@ CUDA-graph safe; each program splits its own sequence, so any split count is cor
 Quantized pools (KV_QUANT, see kv_quant.py): codes are converted to fp16 in registers (exact for e4m3 and
 int8; the query is cast to fp16 too, as e4m3 -> fp16 is one instruction per pair on SM 8.9+ and -> bf16 is
 not) and the per-key scales applied outside the dots: scores = (q . k_codes) x k_scale, and p x v_scale
-weights the value codes.
+weights the value codes. Plain e4m3 pools (--kv-cache-dtype fp8_e4m3: codes, no scales) take the same path
+without the scales (KV_QUANT without KV_SCALED).
 """
 from __future__ import annotations
 
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
-from .kv_quant import KVPool, gather_dequant, split_pool
+from .kv_quant import KVPool, as_bytes, gather_dequant, split_pool
 
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
@@ -33,7 +34,8 @@ if HAS_TRITON:
     @triton.jit
     def _tile_scores(q, bt_row, pos, n_mask, offs_d, d_mask, kvh, scale, softcap, block_size,
                      k_cache_ptr, stride_kb, stride_kt, stride_kh, k_scale_ptr, stride_ksb, stride_kst,
-                     USE_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, KV_QUANT: tl.constexpr):
+                     USE_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, KV_QUANT: tl.constexpr,
+                     KV_SCALED: tl.constexpr):
         """Scores of q against one tile of paged keys at positions pos: (q . k^T) * scale, softcapped.
         Returns (scores [rows, BLOCK_N] fp32, block ids, in-block offsets) of the tile."""
         blk = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
@@ -47,7 +49,7 @@ if HAS_TRITON:
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale
-        if KV_QUANT:
+        if KV_SCALED:
             ks = tl.load(k_scale_ptr + blk * stride_ksb + off * stride_kst + kvh, mask=n_mask, other=0.0)
             s = s * ks[None, :]
         if USE_SOFTCAP:
@@ -57,7 +59,7 @@ if HAS_TRITON:
     @triton.jit
     def _tile_accumulate(q, s, m_i, l_i, acc, blk, off, n_mask, offs_d, d_mask, kvh,
                          v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb, stride_vst,
-                         FP32_DOT: tl.constexpr, KV_QUANT: tl.constexpr):
+                         FP32_DOT: tl.constexpr, KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr):
         """Online-softmax step: fold one tile (s: masked scores in the log2 domain) into (m_i, l_i, acc)."""
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,6 +71,7 @@ if HAS_TRITON:
         pv = p
         if KV_QUANT:
             v = v.to(q.dtype)
+        if KV_SCALED:
             vs = tl.load(v_scale_ptr + blk * stride_vsb + off * stride_vst + kvh, mask=n_mask, other=0.0)
             pv = p * vs[None, :]
         if FP32_DOT:
@@ -90,7 +93,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -125,11 +128,11 @@ if HAS_TRITON:
             n_mask = pos < hi
             s, blk, off = _tile_scores(q, bt_row, pos, n_mask, offs_d, d_mask, kvh, scale, softcap, block_size,
                                        k_cache_ptr, stride_kb, stride_kt, stride_kh, k_scale_ptr, stride_ksb,
-                                       stride_kst, USE_SOFTCAP, FP32_DOT, KV_QUANT)
+                                       stride_kst, USE_SOFTCAP, FP32_DOT, KV_QUANT, KV_SCALED)
             s = tl.where(n_mask[None, :], s * 1.4426950408889634, float("-inf"))  # log2 domain
             m_i, l_i, acc = _tile_accumulate(q, s, m_i, l_i, acc, blk, off, n_mask, offs_d, d_mask, kvh,
                                              v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb,
-                                             stride_vst, FP32_DOT, KV_QUANT)
+                                             stride_vst, FP32_DOT, KV_QUANT, KV_SCALED)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_mask = g_mask[:, None] & d_mask[None, :]
@@ -178,8 +181,8 @@ def gather_kv(cache: KVPool, block_table: torch.Tensor, seq_len: int) -> torch.T
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
     ids = block_table[:num_blocks].long()
-    if isinstance(cache, torch.Tensor):
-        return cache[ids].flatten(0, 1)[:seq_len]
+    if isinstance(cache, torch.Tensor):  # (fp8 gathered as bytes: no fp8 indexing kernels)
+        return as_bytes(cache)[ids].view(cache.dtype).flatten(0, 1)[:seq_len]
     return gather_dequant(cache, ids, torch.float32).flatten(0, 1)[:seq_len]
 
 
@@ -253,11 +256,13 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales = split_pool(k_cache)
     v_cache, v_scales = split_pool(v_cache)
-    kv_quant = k_scales is not None
+    kv_scaled = k_scales is not None  # fp8/int8 codes + scales; fp8_e4m3: plain e4m3 codes, no scales
+    kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert kv_quant == (v_scales is not None) and (not kv_quant or k_scales.stride(-1) == v_scales.stride(-1) == 1)
-    if not kv_quant:
+    assert kv_scaled == (v_scales is not None) and v_cache.dtype == k_cache.dtype
+    assert not kv_scaled or k_scales.stride(-1) == v_scales.stride(-1) == 1
+    if not kv_scaled:
         k_scales = v_scales = k_cache  # unused
     assert window is None or window > 0
     group = num_heads // num_kv_heads
@@ -284,13 +289,13 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_quant
+        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_scaled
           else (0, 0, 0, 0)),
         block_tables.stride(0), block_size, num_heads, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
-        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant,
+        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

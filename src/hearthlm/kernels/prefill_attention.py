@@ -33,7 +33,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr,
     ):
         q_tile = tl.program_id(0)
         seq = tl.program_id(1)
@@ -75,14 +75,14 @@ if HAS_TRITON:
             n_mask = pos < hi
             s, blk, off = _tile_scores(q, bt_row, pos, n_mask, offs_d, d_mask, kvh, scale, softcap, block_size,
                                        k_cache_ptr, stride_kb, stride_kt, stride_kh, k_scale_ptr, stride_ksb,
-                                       stride_kst, USE_SOFTCAP, FP32_DOT, KV_QUANT)
+                                       stride_kst, USE_SOFTCAP, FP32_DOT, KV_QUANT, KV_SCALED)
             mask = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 mask = mask & (pos[None, :] > q_pos[:, None] - window)
             s = tl.where(mask, s * 1.4426950408889634, float("-inf"))  # log2 domain
             m_i, l_i, acc = _tile_accumulate(q, s, m_i, l_i, acc, blk, off, n_mask, offs_d, d_mask, kvh,
                                              v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb,
-                                             stride_vst, FP32_DOT, KV_QUANT)
+                                             stride_vst, FP32_DOT, KV_QUANT, KV_SCALED)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -118,11 +118,13 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales = split_pool(k_cache)
     v_cache, v_scales = split_pool(v_cache)
-    kv_quant = k_scales is not None
+    kv_scaled = k_scales is not None  # fp8/int8 codes + scales; fp8_e4m3: plain e4m3 codes, no scales
+    kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert kv_quant == (v_scales is not None) and (not kv_quant or k_scales.stride(-1) == v_scales.stride(-1) == 1)
-    if not kv_quant:
+    assert kv_scaled == (v_scales is not None) and v_cache.dtype == k_cache.dtype
+    assert not kv_scaled or k_scales.stride(-1) == v_scales.stride(-1) == 1
+    if not kv_scaled:
         k_scales = v_scales = k_cache  # unused
     assert window is None or window > 0
     group = num_heads // num_kv_heads
@@ -147,12 +149,12 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_quant
+        *((k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1)) if kv_scaled
           else (0, 0, 0, 0)),
         block_tables.stride(0), block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, FP32_DOT=q.dtype == torch.float32,
-        KV_QUANT=kv_quant,
+        KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

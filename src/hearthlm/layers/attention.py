@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..kernels.kv_quant import KVPool, QuantizedKVCache, flat_view, gather_dequant, write_pool
+from ..kernels.kv_quant import KVPool, QuantizedKVCache, as_bytes, flat_view, gather_dequant, write_pool
 
 
 @dataclass
@@ -50,7 +50,7 @@ class AttentionMetadata:
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
              slot_mapping: torch.Tensor) -> None:
     # k, v: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
-    if isinstance(k_cache, QuantizedKVCache) or isinstance(v_cache, QuantizedKVCache):
+    if isinstance(k_cache, QuantizedKVCache) or k_cache.dtype == torch.float8_e4m3fn:
         write_pool(k_cache, k, slot_mapping)
         write_pool(v_cache, v, slot_mapping)
         return
@@ -66,7 +66,7 @@ def _gather(pool: KVPool, slots: torch.Tensor, shape: torch.Size, dtype: torch.d
     advanced indexing with a 2-d index on CPU)."""
     if isinstance(pool, QuantizedKVCache):
         return gather_dequant(pool, slots.view(shape), dtype)
-    kv = pool.index_select(0, slots).view(*shape, *pool.shape[1:])
+    kv = as_bytes(pool).index_select(0, slots).view(pool.dtype).view(*shape, *pool.shape[1:])
     return kv if kv.dtype == dtype else kv.to(dtype)
 
 

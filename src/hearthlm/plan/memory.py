@@ -50,12 +50,12 @@ _QUANT_ALIASES = {"fp16": "f16", "float16": "f16", "half": "f16", "bfloat16": "b
 # row length is not a multiple of 256 -- for these pure block formats.
 _HEAD_UPGRADED = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k")
 
-KV_DTYPE_BYTES: dict[str, int] = {"auto": 2, "bf16": 2, "f16": 2, "f32": 4, "fp8": 1, "int8": 1}
+KV_DTYPE_BYTES: dict[str, int] = {"auto": 2, "bf16": 2, "f16": 2, "f32": 4, "fp8": 1, "int8": 1, "fp8_e4m3": 1}
 # Scale bytes per (token, kv head) for K and for V: fp8 and int8 pools keep one f32 scale per token and head
 # next to the codes (kernels/kv_quant.py; the runner's kv_bytes_per_block counts the same bytes).
 KV_SCALE_BYTES_PER_HEAD: dict[str, int] = {"fp8": 4, "int8": 4}
 _KV_ALIASES = {"fp16": "f16", "float16": "f16", "bfloat16": "bf16", "float32": "f32", "fp32": "f32",
-               "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}
+               "fp8_e5m2": "fp8"}
 
 CPU_RAM_BANDWIDTH_BYTES_PER_S = 50e9  # dual-channel DDR5 desktop / one socket of a server, roughly
 DEFAULT_GPU_BANDWIDTH_BYTES_PER_S = 1e12  # a GPU given only by its memory size
