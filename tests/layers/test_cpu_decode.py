@@ -20,7 +20,7 @@ from hearthlm.layers.rotary import Rotary, apply_rotary
 from hearthlm.runtime.runner import Batch
 from hearthlm.runtime.sampler import greedy_tokens
 
-from ..conftest import needs_default_model, prompts_of
+from ..conftest import assert_diverges_only_at_near_ties, needs_default_model, prompts_of
 from .test_quant_linear import close, dequant_ref, random_blocks
 
 
@@ -178,15 +178,4 @@ def test_default_model_batched_greedy_matches_batch_1_or_diverges_at_a_near_tie(
     batched = [o.outputs[0].token_ids for o in llm.generate(prompts + fill, sp, use_tqdm=False)][:len(prompts)]
     alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     ref = LLM(dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4)
-    agree = 0
-    for prompt, a, b in zip(prompts, batched, alone):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
-        agree += k
-        if k == len(b):
-            continue
-        ids = ref.tokenizer.encode(prompt) + b[:k]
-        lp = ref.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)
-        lp = lp[0].outputs[0].logprobs[0]
-        gap = abs(lp.get(b[k], float("-inf")) - lp.get(a[k], float("-inf")))
-        assert gap <= 0.25, f"{prompt!r}: diverged at token {k} with logit gap {gap:.3f} (not a near-tie)"
-    assert agree >= len(prompts) * 32 // 2, f"only {agree} of {len(prompts) * 32} tokens before divergence"
+    assert_diverges_only_at_near_ties(ref, prompts, batched, alone)
