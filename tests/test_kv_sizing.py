@@ -60,3 +60,18 @@ def test_gguf_on_cuda_stays_quantized_only_when_the_bf16_copy_would_crowd_the_de
     assert not load.keep_quantized(None, "auto", cuda, 4 * GIB)  # 1B-8B class in bf16 fits: cuBLAS
     assert load.keep_quantized(None, "auto", cuda, 10 * GIB)  # > 60% of free memory: stay quantized
     assert not load.keep_quantized("dequantize", "auto", cuda, 10 * GIB)
+
+
+def test_profiling_step_that_runs_out_of_memory_is_a_clear_error(engine_for, monkeypatch):
+    """A device too small for one step of the token budget: the typed error with advice, not CUDA's OOM."""
+    runner = engine_for("llama").engine.runner
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner.model, "forward", oom)
+    with pytest.raises(OutOfMemoryError, match="one step of 512 tokens.*--max-num-batched-tokens 512.*hearth plan"):
+        runner._profile_step_bytes(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024))

@@ -172,12 +172,21 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        with torch.inference_mode():
-            ids, pos, meta, _ = self.prepare(batch)
-            hidden = self.model.forward(ids, pos, meta, scratch)
-            rows = hidden[-1:].expand(min(sched.max_num_seqs, 256), -1).contiguous()
-            self.model.compute_logits(rows).softmax(-1)
-        torch.cuda.synchronize(dev)
+        try:
+            with torch.inference_mode():
+                ids, pos, meta, _ = self.prepare(batch)
+                hidden = self.model.forward(ids, pos, meta, scratch)
+                rows = hidden[-1:].expand(min(sched.max_num_seqs, 256), -1).contiguous()
+                self.model.compute_logits(rows).softmax(-1)
+            torch.cuda.synchronize(dev)
+        except torch.cuda.OutOfMemoryError:
+            del scratch
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"after loading the weights, one step of {n} tokens (--max-num-batched-tokens "
+                f"{sched.max_num_batched_tokens}) does not fit in device memory: lower --max-num-batched-tokens or "
+                f"--max-num-seqs, offload layers (--gpu-layers) or use a smaller quantization (hearth plan shows "
+                f"what fits)") from None
         peak = torch.cuda.max_memory_allocated(dev) - base
         del scratch, ids, pos, meta, hidden, rows
         torch.cuda.empty_cache()
