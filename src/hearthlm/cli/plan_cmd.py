@@ -102,6 +102,17 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
         raise ValueError(f"--gpu-memory-utilization must be a number in (0, 1], got {args.gpu_memory_utilization!r}") from None
     gpu_layers = _gpu_layers(getattr(args, "gpu_layers", None))
     device = device_spec(str(getattr(args, "device", "auto")))
+    gguf_note = None
+    if weights is not None and src.gpu_weights is not None and device.kind == "gpu":
+        # as the loader does on CUDA (keep_quantized, against the whole device here): dequantized to bf16 while
+        # that copy takes at most DENSE_SHARE of the memory, else the GPU kernels' repacked codes
+        from ..loader.load import DENSE_SHARE
+
+        if src.gpu_dense_bytes <= DENSE_SHARE * device.memory_bytes:
+            weights, gguf_note = src.gpu_weights["dense"], "GGUF on the GPU: dequantized to bf16 (the copy fits)"
+        else:
+            weights = src.gpu_weights["quantized"]
+            gguf_note = "GGUF on the GPU: kept quantized (the kernels' repacked codes + fp16 scales)"
     plan = make_plan(
         src.cfg, quant, ctx, _tokens(getattr(args, "concurrency", 1), "--concurrency"),
         str(getattr(args, "kv_cache_dtype", "auto")), device, util, gpu_layers,
@@ -110,6 +121,8 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     if src.weights is not None and weights is None:
         plan.warnings = [w for w in plan.warnings if not w.startswith("weights estimated")]
         plan.warnings.append(f"the file stores {src.quant}; weights for {quant} are estimated from the config")
+    if gguf_note:
+        plan.warnings.append(gguf_note)
     return src, plan
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from ..errors import OutOfMemoryError
@@ -29,14 +28,20 @@ _QUANTIZATION_PLAN = {"int8": "q8_0", "int4": "q4_1", "fp8": "fp8"}
 
 def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none") -> WeightBytes | None:
     """Weight bytes as the engine will hold them, or None (= `dtype` throughout): --quantization block matrices
-    next to embeddings/head in `dtype`; a GGUF kept quantized on CUDA at its file's sizes."""
+    next to embeddings/head in `dtype`; a GGUF on CUDA kept quantized (the kernels' repacked sizes) when the
+    loader keeps it so (loader.load.keep_quantized: HEARTHLM_WEIGHTS, or a bf16 copy too large for free memory)."""
     dense = _DTYPE_QUANT.get(dtype, "bf16")
     if quantization in _QUANTIZATION_PLAN:
         d, q = weights_bytes(cfg, dense), weights_bytes(cfg, _QUANTIZATION_PLAN[quantization])
         return WeightBytes(d.embedding_bytes, d.lm_head_bytes, q.layer_bytes, d.other_bytes, exact=False)
-    if src.kind == "gguf" and src.weights is not None and device_type == "cuda" and dense != "f32" \
-            and os.environ.get("HEARTHLM_WEIGHTS", "auto") == "quantized":
-        return src.weights
+    if src.kind == "gguf" and src.gpu_weights is not None and device_type == "cuda" and dense != "f32":
+        import torch
+
+        from ..loader.load import keep_quantized
+
+        if keep_quantized(None, dtype, torch.device("cuda"), src.gpu_dense_bytes):
+            return src.gpu_weights["quantized"]
+        return src.gpu_weights["dense"]
     return None
 
 

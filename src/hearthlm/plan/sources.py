@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ class ModelSource:
     quant: str  # the quantization the files (or the preset's checkpoint) are stored in
     kind: str  # "preset" | "gguf" | "hf"
     path: str | None = None
+    # GGUF only: what the engine holds on a CUDA device -- "dense" (dequantized to bf16) or "quantized" (the
+    # GPU kernels' repacked codes + fp16 scales, gpu_tensor_bytes); which one: loader.load.keep_quantized
+    gpu_weights: dict[str, WeightBytes] | None = None
+
+    @property
+    def gpu_dense_bytes(self) -> int | None:
+        return None if self.gpu_weights is None else self.gpu_weights["dense"].total_bytes
 
 
 def smollm2_path() -> Path:
@@ -37,19 +45,39 @@ def smollm2_path() -> Path:
 
 def read_gguf(path: str | Path) -> ModelSource:
     """Config from GGUF key/values, exact sizes from its tensor table (header only, no tensor data)."""
-    from gguf import LlamaFileType
+    from gguf import GGMLQuantizationType, LlamaFileType
 
     from ..loader.gguf import GGUFWeights
 
     weights = GGUFWeights(Path(path))
     cfg = weights.config(name=Path(path).name)
     tensors = [(t.name, t.nbytes) for t in weights.tensors.values()]
+    typed = [(t.name, GGMLQuantizationType(t.ggml_type).name, t.shape) for t in weights.tensors.values()]
+    gpu = {"dense": weights_bytes_from_tensors((n, 2 * math.prod(s)) for n, _, s in typed),
+           "quantized": weights_bytes_from_tensors((n, gpu_tensor_bytes(ty, s)) for n, ty, s in typed)}
     try:
         quant = LlamaFileType(int(weights.metadata.get("general.file_type"))).name
         quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
     except (TypeError, ValueError):
         quant = "gguf"
-    return ModelSource(cfg, weights_bytes_from_tensors(tensors), quant, "gguf", str(path))
+    return ModelSource(cfg, weights_bytes_from_tensors(tensors), quant, "gguf", str(path), gpu)
+
+
+# GGUF types the GPU kernels keep quantized (layers/quant_linear.GPU_QUANT_TYPES) -> bytes per weight after the
+# repack (layers/gpu_quant.QuantWeight): 4-bit codes, or 5/6/8-bit codes one per byte, plus fp16 scale (and
+# min) per group
+_GPU_BYTES_PER_WEIGHT = {"Q4_0": 0.5 + 4 / 32, "Q4_1": 0.5 + 4 / 32, "Q4_K": 0.5 + 4 / 32,
+                         "Q5_0": 1 + 4 / 32, "Q5_1": 1 + 4 / 32, "Q5_K": 1 + 4 / 32,
+                         "Q8_0": 1 + 2 / 32, "Q6_K": 1 + 2 / 16}
+
+
+def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of one GGUF tensor kept quantized on a CUDA device: matrices of the kernels' types repacked, the
+    rest (norms, other block types) dequantized to bf16."""
+    n = math.prod(shape)
+    if len(shape) == 2 and type_name in _GPU_BYTES_PER_WEIGHT:
+        return math.ceil(n * _GPU_BYTES_PER_WEIGHT[type_name])
+    return 2 * n
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:

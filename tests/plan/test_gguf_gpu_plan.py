@@ -1,0 +1,55 @@
+"""GGUF on a CUDA device: the plan counts what the loader will hold (bf16 copy or the kernels' repacked codes)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hearthlm.plan.sources import gpu_tensor_bytes, resolve_model
+
+from ..conftest import needs_default_model
+
+
+def test_gpu_tensor_bytes_by_type():
+    assert gpu_tensor_bytes("Q4_K", (4096, 4096)) == 4096 * 4096 * 5 // 8  # 4-bit codes + fp16 scale, min per 32
+    assert gpu_tensor_bytes("Q6_K", (4096, 4096)) == 4096 * 4096 * 9 // 8  # one byte a code + fp16 scale per 16
+    assert gpu_tensor_bytes("Q8_0", (64, 64)) == 64 * 64 * 17 // 16
+    assert gpu_tensor_bytes("F32", (4096,)) == 2 * 4096  # norms: bf16
+    assert gpu_tensor_bytes("Q3_K", (256, 256)) == 2 * 256 * 256  # no GPU kernel layout: dequantized
+
+
+@needs_default_model
+def test_default_model_gpu_bytes_match_a_hand_calculation():
+    # SmolLM2-135M Q4_1: 30 blocks x 7 Q4_1 matrices (576x576 q/o, 192x576 k/v, 1536x576 gate/up/down), a tied
+    # Q8_0 embedding 49,152 x 576, 61 f32 norms of 576
+    src = resolve_model("smollm2")
+    matrices = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
+    embedding = 49152 * 576
+    norms = 61 * 576
+    assert src.gpu_weights["dense"].total_bytes == 2 * (matrices + embedding + norms) == 2 * 134_515_008
+    assert src.gpu_weights["quantized"].total_bytes == matrices * 5 // 8 + embedding * 17 // 16 + 2 * norms
+    assert len(src.gpu_weights["quantized"].layer_bytes) == 30
+
+
+@needs_default_model
+def test_plan_picks_the_copy_the_loader_would_make(capsys, monkeypatch):
+    from hearthlm.cli.plan_cmd import build_plan
+    from hearthlm.plan import preflight as pf
+
+    src = resolve_model("smollm2")
+
+    def plan(device: str):
+        args = argparse.Namespace(model="smollm2", device=device, ctx="2048", concurrency=1)
+        return build_plan(args)[1]
+
+    big, small = plan("h100"), plan("0.3")  # 0.27 GB bf16 copy: fits 60% of 80 GiB, not of 0.3 GiB
+    assert big.weights_bytes == src.gpu_weights["dense"].total_bytes
+    assert any("dequantized to bf16" in w for w in big.warnings)
+    assert small.weights_bytes == src.gpu_weights["quantized"].total_bytes
+    assert any("kept quantized" in w for w in small.warnings)
+    assert plan("cpu").weights_bytes == src.weights.total_bytes  # CPU: the file's blocks as they are
+    # the engine's start-up plan asks the loader's rule with the free memory it sees
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 << 20, 1 << 30))
+    assert pf.planned_weights(src.cfg, src, "cuda", "bfloat16") is src.gpu_weights["quantized"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    assert pf.planned_weights(src.cfg, src, "cuda", "bfloat16") is src.gpu_weights["dense"]
