@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
-from .kv_quant import QMAX, KVPool, QuantizedKVCache, as_bytes, quantize_kv, split_pool, to_pool_dtype
+from .kv_quant import QMAX, KVPool, split_pool, write_pool
 
 if HAS_TRITON:
     import triton
@@ -92,14 +92,8 @@ def reshape_and_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_c
     # slot_mapping: [num_tokens] int64 (block_id * block_size + offset; -1 = do not write)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    for x, cache in ((k, k_cache), (v, v_cache)):
-        if isinstance(cache, QuantizedKVCache):
-            codes, scales = quantize_kv(x[keep], cache.kind)
-            as_bytes(cache.codes).view(-1, num_kv_heads, head_dim)[slots] = as_bytes(codes)
-            cache.scales.view(-1, num_kv_heads)[slots] = scales
-        else:
-            as_bytes(cache).view(-1, num_kv_heads, head_dim)[slots] = as_bytes(to_pool_dtype(x[keep], cache.dtype))
+    write_pool(k_cache, k[keep], slots)
+    write_pool(v_cache, v[keep], slots)
 
 
 def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -123,7 +117,7 @@ def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, 
         ks.stride(1) if quant else 0, vs.stride(1) if quant else 0,
         NUM_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim),
-        QUANT=quant, QMAX_=QMAX.get(kind, 0.0), FP8=kind == "fp8" or kc.dtype == torch.float8_e4m3fn,
+        QUANT=quant, QMAX_=QMAX.get(kind, 0.0), FP8=kc.dtype == torch.float8_e4m3fn,
         HW_CAST=not triton.knobs.runtime.interpret,
         num_warps=4,
     )

@@ -52,6 +52,19 @@ def split_pool(pool: KVPool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return pool, None
 
 
+def attention_pools(k_pool: KVPool, v_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, bool, bool]:
+    """What the attention kernels take: (k data, k scales, v data, v scales, codes, scaled). codes: 8-bit pools
+    (converted in registers); scaled: codes with per-token scales (fp8/int8), not plain e4m3 (fp8_e4m3). Without
+    scales the data tensors stand in for the unused scale pointers."""
+    k, ks = split_pool(k_pool)
+    v, vs = split_pool(v_pool)
+    scaled = ks is not None
+    assert scaled == (vs is not None) and v.dtype == k.dtype and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert not scaled or ks.stride(-1) == vs.stride(-1) == 1
+    return k, ks if scaled else k, v, vs if scaled else k, k.dtype in (torch.float8_e4m3fn, torch.int8), scaled
+
+
 def pool_nbytes(pool: KVPool) -> int:
     return pool.nbytes if isinstance(pool, QuantizedKVCache) else pool.numel() * pool.element_size()
 

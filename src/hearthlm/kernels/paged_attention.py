@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
-from .kv_quant import KVPool, as_bytes, gather_dequant, split_pool
+from .kv_quant import KVPool, as_bytes, attention_pools, gather_dequant
 
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
@@ -254,16 +254,9 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    k_cache, k_scales = split_pool(k_cache)
-    v_cache, v_scales = split_pool(v_cache)
-    kv_scaled = k_scales is not None  # fp8/int8 codes + scales; fp8_e4m3: plain e4m3 codes, no scales
-    kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
+    k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert kv_scaled == (v_scales is not None) and v_cache.dtype == k_cache.dtype
-    assert not kv_scaled or k_scales.stride(-1) == v_scales.stride(-1) == 1
-    if not kv_scaled:
-        k_scales = v_scales = k_cache  # unused
+    assert q.stride(-1) == 1
     assert window is None or window > 0
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

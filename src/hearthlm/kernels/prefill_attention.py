@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
-from .kv_quant import KVPool, split_pool
+from .kv_quant import KVPool, attention_pools
 from .paged_attention import attend_ref, gather_kv
 
 if HAS_TRITON:
@@ -116,16 +116,9 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
                                    num_stages: int = 2) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    k_cache, k_scales = split_pool(k_cache)
-    v_cache, v_scales = split_pool(v_cache)
-    kv_scaled = k_scales is not None  # fp8/int8 codes + scales; fp8_e4m3: plain e4m3 codes, no scales
-    kv_quant = k_cache.dtype in (torch.float8_e4m3fn, torch.int8)
+    k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert kv_scaled == (v_scales is not None) and v_cache.dtype == k_cache.dtype
-    assert not kv_scaled or k_scales.stride(-1) == v_scales.stride(-1) == 1
-    if not kv_scaled:
-        k_scales = v_scales = k_cache  # unused
+    assert q.stride(-1) == 1
     assert window is None or window > 0
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]

@@ -50,15 +50,8 @@ class AttentionMetadata:
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
              slot_mapping: torch.Tensor) -> None:
     # k, v: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
-    if isinstance(k_cache, QuantizedKVCache) or k_cache.dtype == torch.float8_e4m3fn:
-        write_pool(k_cache, k, slot_mapping)
-        write_pool(v_cache, v, slot_mapping)
-        return
-    kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k if k.dtype == k_cache.dtype else
-                                                     k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else
-                                                     v.to(v_cache.dtype))
+    write_pool(k_cache, k, slot_mapping)
+    write_pool(v_cache, v, slot_mapping)
 
 
 def _gather(pool: KVPool, slots: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
