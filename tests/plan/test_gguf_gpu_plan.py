@@ -16,6 +16,10 @@ def test_gpu_tensor_bytes_by_type():
     assert gpu_tensor_bytes("Q8_0", (64, 64)) == 64 * 64 * 17 // 16
     assert gpu_tensor_bytes("F32", (4096,)) == 2 * 4096  # norms: bf16
     assert gpu_tensor_bytes("Q3_K", (256, 256)) == 2 * 256 * 256  # no GPU kernel layout: dequantized
+    from hearthlm.layers.quant_linear import GPU_QUANT_TYPES
+    from hearthlm.plan.sources import _GPU_BYTES_PER_WEIGHT
+
+    assert set(_GPU_BYTES_PER_WEIGHT) == set(GPU_QUANT_TYPES)  # one entry per type the loader keeps quantized
 
 
 @needs_default_model

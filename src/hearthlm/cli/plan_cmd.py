@@ -104,11 +104,10 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     device = device_spec(str(getattr(args, "device", "auto")))
     gguf_note = None
     if weights is not None and src.gpu_weights is not None and device.kind == "gpu":
-        # as the loader does on CUDA (keep_quantized, against the whole device here): dequantized to bf16 while
-        # that copy takes at most DENSE_SHARE of the memory, else the GPU kernels' repacked codes
-        from ..loader.load import DENSE_SHARE
+        # the loader's rule (keep_quantized), against the whole device here: the bf16 copy, or the kernels' codes
+        from ..loader.load import dense_copy_fits
 
-        if src.gpu_dense_bytes <= DENSE_SHARE * device.memory_bytes:
+        if dense_copy_fits(src.gpu_dense_bytes, device.memory_bytes):
             weights, gguf_note = src.gpu_weights["dense"], "GGUF on the GPU: dequantized to bf16 (the copy fits)"
         else:
             weights = src.gpu_weights["quantized"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
+from .gemv import _SMS_GUESS
 
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV kernel runs; above, the tl.dot kernel
 MM_MAX_M = 16  # rows up to which the tl.dot kernel runs; above, dequantize + dense matmul (measured faster)
@@ -289,7 +290,7 @@ def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
     codes with 2+ rows of x: 256 words, prefetched one step ahead. block_n stays small enough for >= 2
     programs per SM (N = 1024 projections)."""
     block_n = 8
-    while block_n > 1 and -(-n // block_n) < 2 * 132:
+    while block_n > 1 and -(-n // block_n) < 2 * _SMS_GUESS:
         block_n //= 2
     if bits == 4 and m > 1:
         return GemvConfig(block_n, min(256, max(8, next_pow2(w))), 2, 2 if w > 256 else 1)
@@ -390,5 +391,6 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins
     return torch.matmul(x, dequantize_triton(codes, scale, mins, bits, group, x.dtype).t())
 
 
-__all__ = ["GEMV_MAX_M", "MM_MAX_M", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref", "dequantize_triton", "gemv_config", "mm_config",
-           "pack_codes", "quant_gemv_triton", "quant_matmul", "quant_matmul_ref", "quant_mm_triton", "unpack_codes"]
+__all__ = ["GEMV_MAX_M", "MM_MAX_M", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref",
+           "dequantize_triton", "gemv_config", "mm_config", "pack_codes", "quant_gemv_triton", "quant_matmul",
+           "quant_matmul_ref", "quant_mm_triton", "unpack_codes"]

@@ -95,11 +95,17 @@ def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.
     if weights == "quantized":
         return True
     if device.type == "cuda":
-        return dense_bytes is not None and dense_bytes > DENSE_SHARE * torch.cuda.mem_get_info(device)[0]
+        return dense_bytes is not None and not dense_copy_fits(dense_bytes, torch.cuda.mem_get_info(device)[0])
     return dtype not in ("float32", "fp32", torch.float32)
 
 
 DENSE_SHARE = 0.6  # auto on CUDA: dequantize GGUF weights only while the bf16 copy leaves room for KV and activations
+
+
+def dense_copy_fits(dense_bytes: int, memory_bytes: int) -> bool:
+    """Whether a GGUF model's bf16 copy is small enough to dequantize into `memory_bytes` of device memory (the
+    loader asks with free memory; `hearth plan`, planning for a device it may not be on, with its size)."""
+    return dense_bytes <= DENSE_SHARE * memory_bytes
 
 
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")
