@@ -133,33 +133,35 @@ def sweep(formats: list[str], mm: bool = True) -> None:
         except Exception:  # noqa: BLE001 - e.g. out of registers/shared memory for this config
             return float("inf")
 
+    def ranked(kernel, default, grid, x, ws, bits, group):
+        """(time of default(x, ...), the 3 fastest (time, config) of kernel(x, ..., config) over grid)."""
+        res = sorted(((bench(lambda c, s_, mn, cfg=cfg: kernel(x, c, s_, mn, bits, group, cfg), ws), cfg)
+                      for cfg in grid), key=lambda r: r[0])
+        return bench(lambda c, s_, mn: default(x, c, s_, mn, bits, group), ws), res[:3]
+
     for (n, k), name in itertools.product(SHAPES, formats):
         bits, group, has_min = FORMATS[name]
         ws = weight(n, k, bits, group, has_min)
         wbytes = nbytes(*ws)
         for m in (1, 2, 4):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             grid = [qm.GemvConfig(bn, bw, warps, stages)
                     for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8],
                                                                    [1, 2])
                     if 128 * warps <= bw <= 512 * warps and (stages == 1 or bw < codes_w(ws))]
-            res = sorted(((bench(lambda c, s_, mn, cfg=cfg: qm.quant_gemv_triton(x, c, s_, mn, bits, group, cfg), ws),
-                          cfg) for cfg in grid), key=lambda r: r[0])
-            t_def = bench(lambda c, s_, mn: qm.quant_gemv_triton(x, c, s_, mn, bits, group), ws)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_def, best = ranked(qm.quant_gemv_triton, qm.quant_gemv_triton, grid, x, ws, bits, group)
             print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
                   + "; ".join(f"{t * 1e3:.1f}us GemvConfig({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
-                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in res[:3]))
+                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
         for m in (16, 128, 512) if mm else ():
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bms = [16] if m <= 16 else [64, 128]
             grid = [qm.KernelConfig(bm, bn, bk, 0 if m <= 16 else 1, warps, stages)
                     for bm, bn, bk, warps, stages in itertools.product(bms, [64, 128], [32, 64, 128], [4, 8], [3, 4])]
-            res = sorted(((bench(lambda c, s_, mn, cfg=cfg: qm.quant_mm_triton(x, c, s_, mn, bits, group, cfg), ws),
-                          cfg) for cfg in grid), key=lambda r: r[0])
-            t_def = bench(lambda c, s_, mn: qm.quant_matmul(x, c, s_, mn, bits, group), ws)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_def, best = ranked(qm.quant_mm_triton, qm.quant_matmul, grid, x, ws, bits, group)
             print(f"mm {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us; "
                   + "; ".join(f"{t * 1e3:.1f}us bm={c.block_m} bn={c.block_n} bk={c.block_k} split={c.split_k} "
-                              f"w={c.num_warps} s={c.num_stages}" for t, c in res[:3]))
+                              f"w={c.num_warps} s={c.num_stages}" for t, c in best))
 
 
 if __name__ == "__main__":
