@@ -66,3 +66,25 @@ def test_triton_matches_ref_cuda(dtype, heads, kv_heads, head_dim):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(q, q2, atol=tol, rtol=tol)
     torch.testing.assert_close(k, k2, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_fused_kv_write_matches_reshape_and_cache_cuda(pool_dtype):
+    from hearthlm.kernels.cache_write import reshape_and_cache_ref
+
+    cache = build_cos_sin_cache(128, 4096, 1e6, device="cuda")
+    qkv = torch.randn(64, 16 + 16, 128, device="cuda").to(torch.bfloat16)
+    q, k, v = qkv[:, :16], qkv[:, 16:24], qkv[:, 24:]
+    pos = torch.randint(0, 4096, (64,), device="cuda")
+    slots = torch.randperm(20 * 16, device="cuda")[:64]
+    slots[::7] = -1
+    pools = [torch.zeros(20, 16, 8, 128, device="cuda").to(pool_dtype) for _ in range(4)]
+    qn = (torch.rand(128, device="cuda") + 0.5).to(torch.bfloat16), (torch.rand(128, device="cuda") + 0.5).to(torch.bfloat16)
+    q2, k2 = q.clone(), k.clone()
+    apply_rope_triton_(q2, k2, pos, cache, (*qn, 1e-6))
+    reshape_and_cache_ref(k2, v, pools[0], pools[1], slots)
+    apply_rope_triton_(q, k, pos, cache, (*qn, 1e-6), kv_write=(v, pools[2], pools[3], slots))
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    for want, got in zip(pools[:2], pools[2:]):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

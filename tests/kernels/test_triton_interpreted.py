@@ -45,6 +45,20 @@ def test_prefill_mixed_q_len(prefill_case, softcap, window):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_step_split_between_the_decode_and_prefill_kernels(prefill_case):
+    """A mixed step as the attention layer runs it: leading q_len-1 rows through the decode kernel into
+    out[:d], the rest through the prefill kernel from first_seq=d into the same out."""
+    pb, q, cu = prefill_case([21, 30, 45, 17], [1, 1, 13, 17], num_heads=6, num_kv_heads=2, block_size=12)
+    args = (pb.k_cache, pb.v_cache, pb.block_tables, cu, pb.seq_lens, 0.2, None, 9)
+    want = pf.paged_prefill_attention_ref(q, *args)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_decode_attention_triton(q[:2], pb.k_cache, pb.v_cache, pb.block_tables[:2], pb.seq_lens[:2], 0.2,
+                                     None, 9, block_n=16, out=out[:2])
+    got = pf.paged_prefill_attention_triton(q, *args, block_m=16, block_n=16, first_seq=2, out=out)
+    assert got is out
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_cache_write():
     k_cache, v_cache = torch.zeros(2, 4, 4, 2, 8).unbind(0)
     kv = torch.randn(5, 3, 2, 8)
@@ -134,6 +148,26 @@ def test_rope_with_qk_norm(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(q, q2, atol=tol, rtol=tol)
     torch.testing.assert_close(k, k2, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_rope_writes_kv_like_reshape_and_cache(pool_dtype):
+    """apply_rope_ with kv_write: the rotated k and v land in the pool exactly as reshape_and_cache puts them."""
+    cache = rope.build_cos_sin_cache(16, 64, 10000.0)
+    qkv = 3 * torch.randn(5, 8, 16)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    pos = torch.tensor([0, 5, 63, 2, 9])
+    slots = torch.tensor([3, -1, 17, 40, 8])
+    pools = [torch.zeros(4, 12, 2, 16).to(pool_dtype) for _ in range(4)]
+    q2, k2 = q.clone(), k.clone()
+    rope.apply_rope_ref_(q2, k2, pos, cache)
+    cache_write.reshape_and_cache_ref(k2, v, pools[0], pools[1], slots)
+    rope.apply_rope_triton_(q, k, pos, cache, kv_write=(v, pools[2], pools[3], slots))
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(k, k2)
+    for want, got in zip(pools[:2], pools[2:]):
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=0)
+        assert got.float().abs().sum() > 0
 
 
 def test_activations():

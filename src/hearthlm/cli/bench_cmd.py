@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (default 16384 for throughput, as vLLM's offline engine; else 8192)")
     p.add_argument("--baseline", choices=["none", "hf", "hf-cb"], default="none",
                    help="HF transformers in the same run: hf = generate (and, for throughput, its continuous "
                         "batching too); hf-cb = throughput against continuous batching only")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     hf, loaded = build_pair(args.preset, dtype, device, quantization=args.quantization)
     llm = LLM(loaded=loaded, device=str(device), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
+              max_num_batched_tokens=args.max_num_batched_tokens or (16384 if args.mode == "throughput" else 8192),
+              kv_cache_dtype=args.kv_cache_dtype)
     print(f"# hearth bench {args.mode} --preset {args.preset}: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}; engine ready in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(0)

@@ -9,12 +9,13 @@ from .cache_write import reshape_and_cache
 from .paged_attention import paged_decode_attention
 from .prefill_attention import paged_prefill_attention
 from .rmsnorm import rms_norm
-from .rope import apply_rope_, build_cos_sin_cache, rope_inv_freq
+from .rope import apply_rope_, build_cos_sin_cache, can_fuse_kv_write, rope_inv_freq
 
 __all__ = [
     "HAS_TRITON",
     "apply_rope_",
     "build_cos_sin_cache",
+    "can_fuse_kv_write",
     "gelu_tanh_and_mul",
     "paged_decode_attention",
     "paged_prefill_attention",

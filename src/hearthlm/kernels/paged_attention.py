@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache: one query token per sequence, split-K over the context.
 
-Triton path: `_decode_kernel` runs one program per (sequence, kv head, context split); the program
+Triton path: `_decode_kernel` runs one program per (kv head, sequence, context split), the kv heads of a
+sequence side by side (they read interleaved rows of the same blocks: 2-3% faster at 256 sequences); the program
 handles all query heads of its GQA group at once (padded to 16 rows for tl.dot), streams keys/values
 through the block table with an online softmax in fp32, and either writes the output directly
 (one split) or a partial (normalized output, running max, running sum) that `_reduce_kernel`
@@ -93,10 +94,14 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HEADS_INNER: tl.constexpr,
     ):
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+        if HEADS_INNER:  # the kv heads of one sequence run side by side: they share its blocks' DRAM rows
+            kvh = tl.program_id(0)
+            seq = tl.program_id(1)
+        else:
+            seq = tl.program_id(0)
+            kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
         start = 0
@@ -237,10 +242,12 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool
 # ---------------------------------------------------------------------------------------------
 
 def _num_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.device,
-                programs_per_sm: int = 2) -> int:
-    """Enough programs to fill the GPU programs_per_sm times, at least _MIN_TOKENS_PER_SPLIT keys each."""
+                programs_per_sm: int = 20) -> int:
+    """About programs_per_sm programs per SM (rounded: one split while the batch alone nearly fills that),
+    at least _MIN_TOKENS_PER_SPLIT keys each. H100, Qwen3-0.6B shape, mixed context lengths
+    (benchmarks/decode_attn_sweep.py): 20 picks within 1-3% of the best split count from 32 to 256 sequences."""
     by_length = -(-max_ctx // _MIN_TOKENS_PER_SPLIT)
-    by_occupancy = -(-programs_per_sm * num_sms(device) // max(1, num_seqs * num_kv_heads))
+    by_occupancy = round(programs_per_sm * num_sms(device) / max(1, num_seqs * num_kv_heads))
     return max(1, min(by_length, by_occupancy, _MAX_SPLITS))
 
 
@@ -248,8 +255,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   softcap: float | None = None, window: int | None = None,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
-                                  block_n: int | None = None, num_warps: int = 4, num_stages: int = 2
-                                  ) -> torch.Tensor:
+                                  block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                                  heads_inner: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim] -> out: [num_seqs, num_heads, head_dim] (q.dtype)
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
     num_seqs, num_heads, head_dim = q.shape
@@ -259,7 +266,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     assert q.stride(-1) == 1
     assert window is None or window > 0
     group = num_heads // num_kv_heads
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
     if num_splits is None:
@@ -274,9 +282,10 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     else:
         part_out = part_m = part_l = out  # unused
     block_d = next_pow2(head_dim)
-    if block_n is None:  # H100, head_dim 64: 128 beat 64 by 1-15% (tests/kernels/bench_paged_decode.py)
-        block_n = 128 if block_d <= 64 else 64
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    if block_n is None:  # H100: 128 beat 64 by 1-15% at head_dim 64 (tests/kernels/bench_paged_decode.py)
+        block_n = 128 if block_d <= 64 or (block_d <= 128 and num_splits == 1) else 64  # and 2-3% unsplit at 128
+    grid = (num_kv_heads, num_seqs, num_splits) if heads_inner else (num_seqs, num_kv_heads, num_splits)
+    _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l, k_scales, v_scales,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -288,7 +297,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
-        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
+        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled, HEADS_INNER=heads_inner,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
@@ -302,18 +311,21 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
 
 def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+                           softcap: float | None = None, window: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each sequence's single new token (position seq_len - 1) over its cached context.
 
     q: [num_seqs, num_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     (or kv_quant.QuantizedKVCache pools: fp8/int8 codes of that shape + float32 scales)
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. the new token)
     softcap: logits = softcap * tanh(logits / softcap) after scaling; window: attend p - window < pos <= p.
-    returns [num_seqs, num_heads, head_dim] in q.dtype (zeros for seq_len == 0).
+    returns [num_seqs, num_heads, head_dim] in q.dtype (zeros for seq_len == 0), in `out` when given.
     """
     if use_triton(q):
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window)
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window,
+                                             out=out)
+    res = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window)
+    return res if out is None else out.copy_(res)
 
 
 __all__ = ["attend_ref", "gather_kv", "paged_decode_attention", "paged_decode_attention_ref",

@@ -21,10 +21,10 @@ if HAS_TRITON:
 
     from .paged_attention import _tile_accumulate, _tile_scores
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["first_seq"])
     def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-        k_scale_ptr, v_scale_ptr,
+        k_scale_ptr, v_scale_ptr, first_seq,
         scale, softcap, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -36,7 +36,7 @@ if HAS_TRITON:
         KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr,
     ):
         q_tile = tl.program_id(0)
-        seq = tl.program_id(1)
+        seq = tl.program_id(1) + first_seq
         kvh = tl.program_id(2)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -92,12 +92,16 @@ if HAS_TRITON:
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 scale: float, softcap: float | None = None, window: int | None = None,
-                                max_seqlen_q: int | None = None) -> torch.Tensor:
+                                max_seqlen_q: int | None = None, first_seq: int = 0,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_tokens, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1] int32; seq_lens: [num_seqs] int32
     # -> [num_tokens, num_heads, head_dim]
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     cu = cu_seqlens_q.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
+        if i < first_seq:
+            continue
         q_len = cu[i + 1] - cu[i]
         if q_len == 0:
             continue
@@ -113,7 +117,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
                                    scale: float, softcap: float | None = None, window: int | None = None,
                                    max_seqlen_q: int | None = None, block_m: int | None = None,
                                    block_n: int | None = None, num_warps: int = 4,
-                                   num_stages: int = 2) -> torch.Tensor:
+                                   num_stages: int = 2, first_seq: int = 0,
+                                   out: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
@@ -122,8 +127,9 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
     assert window is None or window > 0
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if num_tokens == 0 or num_seqs == 0:
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs <= first_seq:
         return out
     if max_seqlen_q is None:  # host sync; callers usually know it already
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
@@ -135,9 +141,9 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
     if block_n is None:
         block_n = 32 if block_d > 128 else 64
     block_q = block_m // group
-    grid = (-(-max_seqlen_q // block_q), num_seqs, num_kv_heads)
+    grid = (-(-max_seqlen_q // block_q), num_seqs - first_seq, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, k_scales, v_scales,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, k_scales, v_scales, first_seq,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -156,7 +162,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
 def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, softcap: float | None = None, window: int | None = None,
-                            max_seqlen_q: int | None = None) -> torch.Tensor:
+                            max_seqlen_q: int | None = None, first_seq: int = 0,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for a ragged batch of new tokens (any q_len >= 1 per sequence).
 
     q: [num_tokens, num_heads, head_dim], packed by sequence; cu_seqlens_q: [num_seqs + 1] int32
@@ -164,9 +171,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     kv_quant.QuantizedKVCache pools (fp8/int8 codes of that shape + float32 scales)
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. new tokens)
     Token i of sequence b sits at position seq_len_b - q_len_b + i. returns [num_tokens, num_heads, head_dim].
+    first_seq: attend only sequences first_seq.. (their rows of `out`, which is returned; others untouched).
     """
     if use_triton(q):
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                              scale, softcap, window, max_seqlen_q)
+                                              scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                       scale, softcap, window, max_seqlen_q)
+                                       scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out)

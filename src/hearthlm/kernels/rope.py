@@ -2,7 +2,8 @@
 
 cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * inv_freq)], shape [max_pos, head_dim] fp32.
 For x = [x1 | x2] (halves of head_dim): out = [x1 cos - x2 sin | x2 cos + x1 sin], computed in fp32.
-Optionally each head is RMS-normalised first (Qwen3's q_norm / k_norm), in the same pass.
+Optionally each head is RMS-normalised first (Qwen3's q_norm / k_norm), in the same pass, and the rotated k
+with v is written into an unscaled paged KV pool (what `reshape_and_cache` does, one launch less per layer).
 """
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import math
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
+from .kv_quant import KVPool, QuantizedKVCache
 from .rmsnorm import rms_norm_ref
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .cache_write import _store_e4m3
 
     @triton.jit
     def _rotate(x_ptr, tok, stride_t, stride_h, num_heads, cos, sin, w_ptr, eps,
@@ -34,15 +38,28 @@ if HAS_TRITON:
             x2 = (x2 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w2
             x1 = x1.to(x_ptr.dtype.element_ty).to(tl.float32)
             x2 = x2.to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+        o1 = (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty)
+        o2 = (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty)
+        tl.store(p1, o1, mask=mask)
+        tl.store(p1 + HALF, o2, mask=mask)
+        return o1, o2, mask
+
+    @triton.jit
+    def _store_row(x, dst, mask, FP8: tl.constexpr, HW_CAST: tl.constexpr):
+        if FP8:
+            _store_e4m3(x, dst, mask, HW_CAST)
+        else:
+            tl.store(dst, x.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr, eps,
+                     v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+                     stride_vt, stride_vh, stride_ks, stride_kch, stride_vs, stride_vch,
                      num_q_heads, num_k_heads,
                      HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+                     BLOCK_HALF: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr,
+                     FP8: tl.constexpr, HW_CAST: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         offs_i = tl.arange(0, BLOCK_HALF)[None, :]
@@ -50,7 +67,19 @@ if HAS_TRITON:
         cos = tl.load(cache_ptr + pos * stride_cache + offs_i, mask=c_mask, other=0.0)
         sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs_i, mask=c_mask, other=0.0)
         _rotate(q_ptr, tok, stride_qt, stride_qh, num_q_heads, cos, sin, qw_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM)
-        _rotate(k_ptr, tok, stride_kt, stride_kh, num_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF, NORM)
+        k1, k2, mask = _rotate(k_ptr, tok, stride_kt, stride_kh, num_k_heads, cos, sin, kw_ptr, eps, HALF, BLOCK_HK,
+                               BLOCK_HALF, NORM)
+        if WRITE_KV:  # slot -1: nothing to write (padded rows)
+            slot = tl.load(slot_ptr + tok)
+            if slot >= 0:
+                offs_h = tl.arange(0, BLOCK_HK)[:, None]
+                k_dst = k_cache_ptr + slot * stride_ks + offs_h * stride_kch + offs_i
+                _store_row(k1, k_dst, mask, FP8, HW_CAST)
+                _store_row(k2, k_dst + HALF, mask, FP8, HW_CAST)
+                v_src = v_ptr + tok * stride_vt + offs_h * stride_vh + offs_i
+                v_dst = v_cache_ptr + slot * stride_vs + offs_h * stride_vch + offs_i
+                _store_row(tl.load(v_src, mask=mask), v_dst, mask, FP8, HW_CAST)
+                _store_row(tl.load(v_src + HALF, mask=mask), v_dst + HALF, mask, FP8, HW_CAST)
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
@@ -114,7 +143,8 @@ def apply_rope_ref_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, c
 
 
 def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                       cos_sin_cache: torch.Tensor, qk_norm: QKNorm | None = None) -> None:
+                       cos_sin_cache: torch.Tensor, qk_norm: QKNorm | None = None,
+                       kv_write: tuple[torch.Tensor, KVPool, KVPool, torch.Tensor] | None = None) -> None:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert cos_sin_cache.shape[-1] == head_dim and k.shape[-1] == head_dim, "rotary_dim must equal head_dim"
@@ -124,20 +154,43 @@ def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
         return
     half = head_dim // 2
     qw, kw, eps = qk_norm if qk_norm is not None else (cos_sin_cache, cos_sin_cache, 0.0)
+    if kv_write is not None:
+        v, kc, vc, slots = kv_write
+        assert can_fuse_kv_write(kc, vc) and v.stride(-1) == 1 and kc.shape[2:] == (num_kv_heads, head_dim)
+        kv_args = (v, kc, vc, slots)
+        kv_strides = (v.stride(0), v.stride(1), kc.stride(1), kc.stride(2), vc.stride(1), vc.stride(2))
+    else:
+        kv_args, kv_strides = (k, k, k, positions), (0,) * 6
     _rope_kernel[(num_tokens,)](
-        q, k, positions, cos_sin_cache, qw, kw, eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        q, k, positions, cos_sin_cache, qw, kw, eps, *kv_args,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), *kv_strides,
         num_heads, num_kv_heads,
         HALF=half, BLOCK_HQ=next_pow2(num_heads), BLOCK_HK=next_pow2(num_kv_heads),
-        BLOCK_HALF=next_pow2(half), NORM=qk_norm is not None, num_warps=4,
+        BLOCK_HALF=next_pow2(half), NORM=qk_norm is not None, WRITE_KV=kv_write is not None,
+        FP8=kv_write is not None and kv_write[1].dtype == torch.float8_e4m3fn,
+        HW_CAST=not triton.knobs.runtime.interpret, num_warps=4,
     )
 
 
+def can_fuse_kv_write(k_cache: KVPool, v_cache: KVPool) -> bool:
+    """Whether apply_rope_ can write K/V into these pools itself: unscaled, contiguous pools."""
+    return not isinstance(k_cache, QuantizedKVCache) and not isinstance(v_cache, QuantizedKVCache) \
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+
+
 def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                qk_norm: QKNorm | None = None) -> None:
+                qk_norm: QKNorm | None = None,
+                kv_write: tuple[torch.Tensor, KVPool, KVPool, torch.Tensor] | None = None) -> None:
     """Rotate q and k in place (rotate_half style), after a per-head RMSNorm when qk_norm = (q weight,
-    k weight, eps) is given. q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+    k weight, eps) is given. q: [T, H, D], k: [T, KVH, D], positions: [T].
+    kv_write = (v, k_cache, v_cache, slot_mapping): also store the rotated k and v into those (unscaled) pools,
+    as reshape_and_cache would (slot -1: skipped)."""
     if use_triton(q):
-        apply_rope_triton_(q, k, positions, cos_sin_cache, qk_norm)
-    else:
-        apply_rope_ref_(q, k, positions, cos_sin_cache, qk_norm)
+        apply_rope_triton_(q, k, positions, cos_sin_cache, qk_norm, kv_write)
+        return
+    apply_rope_ref_(q, k, positions, cos_sin_cache, qk_norm)
+    if kv_write is not None:
+        from .cache_write import reshape_and_cache_ref
+
+        v, kc, vc, slots = kv_write
+        reshape_and_cache_ref(k, v, kc, vc, slots)

@@ -43,6 +43,9 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32 (kernel path)
     max_query_len: int = 0
     use_kernels: bool = False
+    # kernel path, mixed steps: the first num_decodes sequences decode one token each (the scheduler puts running
+    # sequences first) and take the decode kernel
+    num_decodes: int = 0
     # --gpu-layers: the same step's metadata on the offloaded blocks' device (reference path), built once per step
     host: AttentionMetadata | None = None
 
@@ -117,18 +120,28 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-                    meta: AttentionMetadata, layer: int, scale: float, softcap: float | None) -> torch.Tensor:
-    """Store this step's K/V and attend over each sequence's cached context."""
+                    meta: AttentionMetadata, layer: int, scale: float, softcap: float | None,
+                    kv_written: bool = False) -> torch.Tensor:
+    """Store this step's K/V (unless the caller already did: kv_written) and attend over each sequence's
+    cached context."""
     gm = meta.groups[meta.layer_group[layer]]
     k_cache, v_cache = kv_cache
     if meta.use_kernels:
         from ..kernels import paged_decode_attention, paged_prefill_attention, reshape_and_cache
 
-        reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
+        if not kv_written:
+            reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
         if meta.max_query_len == 1:
             return paged_decode_attention(q, k_cache, v_cache, gm.block_tables, meta.seq_lens, scale,
                                           softcap=softcap, window=gm.window)
+        d, out = meta.num_decodes, None
+        if d:  # the prefill kernel would pad each decode row to a whole query tile and never split its context
+            out = torch.empty_like(q)
+            paged_decode_attention(q[:d], k_cache, v_cache, gm.block_tables[:d], meta.seq_lens[:d], scale,
+                                   softcap=softcap, window=gm.window, out=out[:d])
         return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                       scale, softcap=softcap, window=gm.window, max_seqlen_q=meta.max_query_len)
-    write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
+                                       scale, softcap=softcap, window=gm.window, max_seqlen_q=meta.max_query_len,
+                                       first_seq=d, out=out)
+    if not kv_written:
+        write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
     return paged_attention_ref(q, k_cache, v_cache, gm, scale, softcap)

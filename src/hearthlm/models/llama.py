@@ -105,8 +105,13 @@ class LlamaLayer:
             x, residual = K.rms_norm(h, self.input_norm, eps, residual=residual)
         n = x.shape[0]
         q, k, v = self.project_qkv(x)
-        K.apply_rope_(q, k, positions, cos_sin, None if self.q_norm is None else (self.q_norm, self.k_norm, eps))
-        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
+        kc, vc = kv_cache  # unscaled pools: RoPE's kernel stores k and v too (one launch less)
+        write = (v, kc, vc, meta.groups[meta.layer_group[self.idx]].slot_mapping) \
+            if K.can_fuse_kv_write(kc, vc) else None
+        K.apply_rope_(q, k, positions, cos_sin, None if self.q_norm is None else (self.q_norm, self.k_norm, eps),
+                      write)
+        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
+                            kv_written=write is not None)
         x, residual = K.rms_norm(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual=residual)
         return self.down(K.silu_and_mul(self.gate_up(x))), residual
 

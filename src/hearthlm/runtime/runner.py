@@ -274,6 +274,10 @@ class ModelRunner:
         if use_kernels:
             meta.seq_lens = seq_lens.to(dev, torch.int32)
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
+            q_lens = (cu[1:] - cu[:-1]).tolist()
+            d = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+            if d < len(q_lens):  # mixed step: the leading decodes take the decode kernel
+                meta.num_decodes = d
         return meta
 
     def _sub_batch(self, tables: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
