@@ -119,7 +119,7 @@ def codes_w(ws) -> int:
     return ws[0].shape[1]
 
 
-def sweep(formats: list[str], mm: bool = True) -> None:
+def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[int, ...] = (16, 128, 512)) -> None:
     """Best block sizes per shape: GEMV for M = 1, 2, 4; tl.dot kernel for M = 16, 128, 512 (CUDA-graph times,
     W rotated through copies as in the table)."""
     print("\n# sweeps (graph us; best 3 of each grid)")
@@ -143,7 +143,7 @@ def sweep(formats: list[str], mm: bool = True) -> None:
         bits, group, has_min = FORMATS[name]
         ws = weight(n, k, bits, group, has_min)
         wbytes = nbytes(*ws)
-        for m in (1, 2, 4):
+        for m in (1, 2, 4) if gemv else ():
             grid = [qm.GemvConfig(bn, bw, warps, stages)
                     for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8],
                                                                    [1, 2])
@@ -153,10 +153,11 @@ def sweep(formats: list[str], mm: bool = True) -> None:
             print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
                   + "; ".join(f"{t * 1e3:.1f}us GemvConfig({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
                               f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
-        for m in (16, 128, 512) if mm else ():
-            bms = [16] if m <= 16 else [64, 128]
-            grid = [qm.KernelConfig(bm, bn, bk, 0 if m <= 16 else 1, warps, stages)
-                    for bm, bn, bk, warps, stages in itertools.product(bms, [64, 128], [32, 64, 128], [4, 8], [3, 4])]
+        for m in mm_ms if mm else ():
+            bms = [16] if m <= 16 else [32, 64, 128] if m <= 64 else [64, 128]
+            grid = [qm.KernelConfig(bm, bn, bk, split, warps, stages)
+                    for bm, bn, bk, split, warps, stages in itertools.product(
+                        bms, [32, 64, 128], [64, 128, 256], [0, 1], [4, 8], [2, 4]) if bm <= m or bm == 16]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_def, best = ranked(qm.quant_mm_triton, qm.quant_matmul, grid, x, ws, bits, group)
             print(f"mm {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us; "
@@ -171,9 +172,12 @@ if __name__ == "__main__":
     ap.add_argument("--no-table", action="store_true", help="skip the main table (sweep only)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts of the table (comma-separated)")
     ap.add_argument("--no-mm-sweep", action="store_true", help="sweep the decode GEMV only")
+    ap.add_argument("--no-gemv-sweep", action="store_true", help="sweep the tl.dot kernel only")
+    ap.add_argument("--mm-ms", default="16,128,512", help="row counts of the tl.dot sweep (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if not args.no_table:
         table([int(m) for m in args.ms.split(",")])
     if args.sweep:
-        sweep(args.sweep_formats.split(","), mm=not args.no_mm_sweep)
+        sweep(args.sweep_formats.split(","), mm=not args.no_mm_sweep, gemv=not args.no_gemv_sweep,
+              mm_ms=tuple(int(m) for m in args.mm_ms.split(",")))

@@ -107,6 +107,32 @@ def test_interpreted_out_buffer():
     torch.testing.assert_close(out, gv.gemv_ref(x, w))
 
 
+@interpreted
+@pytest.mark.parametrize("m", [1, 3])
+def test_interpreted_fp8_weights(m):
+    """W8A16: e4m3 codes with a scale per output column, read directly (16 codes per thread vector)."""
+    from hearthlm.kernels.fp8_quant import quantize_rows_fp8_ref
+
+    x, w, b = _case(m, 13, 96, torch.float32, True, seed=7)
+    w8, scale = quantize_rows_fp8_ref(w)
+    y = gv.gemv_triton(x.to(torch.float16), w8, b.to(torch.float16), block_n=4, block_k=32, num_warps=1,
+                       w_scale=scale.view(-1))
+    want = gv.gemv_ref(x.to(torch.float16), w8, b.to(torch.float16), w_scale=scale.view(-1))
+    torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)
+    assert _rel_err(want, x @ w.t() + b) < 0.1  # e4m3 keeps ~3 bits of mantissa
+
+
+@interpreted
+def test_interpreted_fp8_row_quantization():
+    from hearthlm.kernels import fp8_quant as fq
+
+    x = torch.randn(5, 300) * torch.tensor([1e-3, 1.0, 50.0, 0.0, 3.0])[:, None]
+    q, s = fq.quantize_rows_fp8_triton(x)
+    q_ref, s_ref = fq.quantize_rows_fp8_ref(x)
+    torch.testing.assert_close(s, s_ref)
+    assert torch.equal(q.float(), q_ref.float())  # (the reference keeps -0.0 where x is -0.0; equal as values)
+
+
 def test_gemv_under_interpreter() -> None:
     run_interpreted(Path(__file__), "interpreted")
 
@@ -143,14 +169,15 @@ def test_gpu_configs_odd_shape(block_n, block_k, num_warps, num_stages, m):
 def test_gpu_linear_hook(monkeypatch):
     from hearthlm.layers import linear as lin
 
-    x, w, b = _case(3, 3072, 1024, torch.bfloat16, True, device="cuda")
+    m = lin.GEMV_MAX_M
+    x, w, b = _case(m, 3072, 1024, torch.bfloat16, True, device="cuda")
     layer = lin.Linear(w, b)
     calls = []
     real = lin.gemv
     monkeypatch.setattr(lin, "gemv", lambda *a: calls.append(1) or real(*a))
-    y = layer(x.view(3, 1, 1024))  # 3-D input: viewed as [3, K]
-    assert calls and y.shape == (3, 1, 3072)
-    assert _rel_err(y.view(3, -1), gv.gemv_ref(x, w, b)) < 1e-2
+    y = layer(x.view(m, 1, 1024))  # 3-D input: viewed as [m, K]
+    assert calls and y.shape == (m, 1, 3072)
+    assert _rel_err(y.view(m, -1), gv.gemv_ref(x, w, b)) < 1e-2
     calls.clear()
     layer(torch.randn(lin.GEMV_MAX_M + 1, 1024, device="cuda", dtype=torch.bfloat16))  # prefill: cuBLAS
     monkeypatch.setattr(lin, "USE_GEMV", False)  # HEARTH_GEMV=0
@@ -173,3 +200,40 @@ def test_gpu_cuda_graph_capture_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert _rel_err(y_static, gv.gemv_ref(x_new, w, b)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 3072), (6144, 4096), (4096, 14336), (1000, 1040)])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_gpu_fp8_weights(m, n, k):
+    from hearthlm.kernels.fp8_quant import quantize_rows_fp8_ref
+
+    x, w, _ = _case(m, n, k, torch.bfloat16, False, device="cuda", seed=n + k)
+    w8, scale = quantize_rows_fp8_ref(w)
+    y = gv.gemv_triton(x, w8, w_scale=scale.view(-1))
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert _rel_err(y, gv.gemv_ref(x, w8, w_scale=scale.view(-1))) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_row_quantization_exact():
+    from hearthlm.kernels import fp8_quant as fq
+
+    x = (torch.randn(33, 4100, device="cuda") * torch.rand(33, 1, device="cuda") * 100).to(torch.bfloat16)
+    x[3] = 0
+    q, s = fq.quantize_rows_fp8_triton(x)
+    q_ref, s_ref = fq.quantize_rows_fp8_ref(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 128])
+def test_gpu_fp8_linear_by_row_count(m):
+    """Fp8Weight: GEMV up to FP8_GEMV_MAX_M rows, per-token scaled _scaled_mm above; both near x @ dequant(W)^T."""
+    from hearthlm.layers.gpu_quant import Fp8Weight
+
+    x, w, _ = _case(m, 3072, 1024, torch.bfloat16, False, device="cuda", seed=m)
+    fw = Fp8Weight.quantize(w)
+    y = fw(x)
+    assert y.shape == (m, 3072) and y.dtype == torch.bfloat16
+    assert _rel_err(y, x.float() @ fw.dequantize(torch.float32).t()) < 0.05

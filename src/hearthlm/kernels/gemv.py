@@ -14,6 +14,9 @@ small decode shapes (and adds a split-K reduce kernel). `_gemv_kernel`:
     num_stages = 1 is a plain load-then-use loop (latency is then hidden by occupancy alone);
   * the K loop runs unmasked over whole BLOCK_K tiles, then one masked tail tile if K % BLOCK_K != 0; rows past N
     re-read row N - 1 (clamped) so W loads are never masked along N; only the store is.
+FP8 weights (e4m3, W8A16): W may be float8_e4m3fn with one float32 scale per output column (`w_scale`); codes
+are converted in registers (VEC = 16 codes per 16-byte load, so x loads 32 bytes per vector) and the scale is
+applied once to each column's sum.
 Capturable in CUDA graphs: no host syncs, the output is the only allocation (a Triton compile happens on the
 first call for each (M, dtype, config) and must precede capture, as for every Triton kernel here).
 
@@ -32,9 +35,12 @@ from ._triton_utils import HAS_TRITON, next_pow2, use_triton
 MAX_M = 8  # rows of x one program handles (accumulators are unrolled per row)
 
 
-def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K], w: [N, K] -> [M, N] in x.dtype (fp32 matmul, bias added in fp32)."""
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K], w: [N, K] -> [M, N] in x.dtype (fp32 matmul, bias added in fp32); w_scale [N]: column scales."""
     y = x.float() @ w.float().t()
+    if w_scale is not None:
+        y = y * w_scale.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -97,9 +103,9 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
                      BLOCK_M: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
+                     NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, HAS_SCALE: tl.constexpr):
         pid = tl.program_id(0)
         if ALIGNED:  # strides are multiples of VEC: lets 16-byte loads through when they are not multiples of 16
             stride_wn = tl.multiple_of(stride_wn, VEC)
@@ -130,6 +136,8 @@ if HAS_TRITON:
         acc = tl.reshape(tl.sum(_join_rows(a0, a1, a2, a3, a4, a5, a6, a7, P), axis=1), [BLOCK_N, P])
         r0 = tl.zeros_like(offs_n)
         m = tl.reshape(_join_rows(r0, r0 + 1, r0 + 2, r0 + 3, r0 + 4, r0 + 5, r0 + 6, r0 + 7, P), [BLOCK_N, P])
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + rows).to(tl.float32)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
         tl.store(y_ptr + m * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
@@ -197,29 +205,34 @@ def gemv_config(m: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, num_warps, num_stages)
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_scale: torch.Tensor | None) -> None:
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
     assert 1 <= x.shape[0] <= MAX_M, f"gemv handles 1..{MAX_M} rows, got {x.shape[0]}"
-    assert x.dtype == w.dtype and (bias is None or bias.shape == (w.shape[0],)), (x.dtype, w.dtype)
+    if w_scale is not None:
+        assert w.dtype == torch.float8_e4m3fn and w_scale.shape == (w.shape[0],) and w_scale.stride(0) == 1
+    else:
+        assert x.dtype == w.dtype, (x.dtype, w.dtype)
+    assert bias is None or bias.shape == (w.shape[0],)
     assert w.stride(1) == 1 and (bias is None or bias.stride(0) == 1), "W rows (and bias) must be contiguous"
 
 
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None,
                 block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (rows contiguous, any row stride), w: [N, K] (rows contiguous) -> [M, N] in x.dtype.
     Tile arguments left None come from gemv_config(M, N, K). `out` ([M, N], unit column stride) is written
-    in place when given."""
+    in place when given. w_scale [N] float32: w holds float8_e4m3fn codes and column n is scaled by w_scale[n]."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    _check(x, w, bias)
+    _check(x, w, bias, w_scale)
     m, k = x.shape
     n = w.shape[0]
     cfg = gemv_config(m, n, k)
     bn = block_n or cfg.block_n
-    bk = block_k or cfg.block_k
+    vec = max(1, 16 // w.element_size())  # one 16-byte load of W per thread and step
+    # fp8 W: twice the table's K tile (the same bytes of W per thread), at most K rounded up
+    bk = block_k or (cfg.block_k if w.element_size() > 1 else min(2 * cfg.block_k, max(cfg.block_k, next_pow2(k))))
     stages = num_stages or cfg.num_stages
-    vec = max(1, 16 // x.element_size())
     assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0 and bk >= vec, (bn, bk)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -227,9 +240,11 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     aligned = (k % vec == 0 and w.stride(0) % vec == 0 and x.stride(0) % vec == 0
                and w.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0)
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, bias if bias is not None else w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
+        x, w, bias if bias is not None else w, w_scale if w_scale is not None else w, out, n, k,
+        x.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=m, P=next_pow2(m), BLOCK_N=bn, BLOCK_K=bk, VEC=vec, NUM_STAGES=stages,
-        HAS_BIAS=bias is not None, ALIGNED=aligned, num_warps=num_warps or cfg.num_warps, num_stages=stages)
+        HAS_BIAS=bias is not None, ALIGNED=aligned, HAS_SCALE=w_scale is not None,
+        num_warps=num_warps or cfg.num_warps, num_stages=stages)
     return out
 
 

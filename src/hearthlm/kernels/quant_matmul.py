@@ -15,7 +15,7 @@ Kernels (fp32 accumulation both):
   _gemv_kernel  decode (M <= 4): kernels/gemv.py's design -- one program per BLOCK_N rows over all of K; per
                 chunk a thread sums code * x in registers and applies the chunk's scale once (and min * sum(x));
                 no shared memory or barriers inside the K loop, no split-K
-  _mm_kernel    M <= 16: tl.dot per sub-code plane on tiles dequantized in registers, optional split-K
+  _mm_kernel    M <= MM_MAX_M: tl.dot per sub-code plane on tiles dequantized in registers, optional split-K
   _dequant_kernel  larger M (prefill): W to bf16/fp16 in one pass, then torch.matmul
 `quant_matmul` dispatches (Triton for CUDA tensors, else the torch reference `quant_matmul_ref`).
 """
@@ -29,7 +29,8 @@ from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
 from .gemv import _SMS_GUESS
 
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV kernel runs; above, the tl.dot kernel
-MM_MAX_M = 16  # rows up to which the tl.dot kernel runs; above, dequantize + dense matmul (measured faster)
+MM_MAX_M = 128  # rows up to which the tl.dot kernel runs (1.6-2.2x dequantize + cuBLAS at 64-128, H100); above,
+# dequantize + dense matmul (prefill chunks, where that one pass is amortized)
 
 
 # ----------------------------------------------------------------------------------------- layouts + reference
@@ -298,11 +299,15 @@ def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
 
 
 def mm_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
+    """Tiles of the tl.dot kernel from an H100 sweep (benchmarks/quant_matmul_bench.py --sweep --no-gemv-sweep,
+    int4, Llama-3.1-8B shapes at M = 16, 64, 128): 256 weights of K per step, 2 stages; wide-N projections
+    (N >= 2 K) take narrower N tiles without split-K."""
+    wide = n >= 2 * k
     if m <= 16:
-        return KernelConfig(16, 64, 128, 0, 4, 3)
+        return KernelConfig(16, 64, 256, 1, 4, 4) if wide else KernelConfig(16, 128, 256, 0, 8, 4)
     if m <= 64:
-        return KernelConfig(64, 64, 64, 0, 4, 3)
-    return KernelConfig(128, 128, 64, 1, 8, 3)
+        return KernelConfig(64, 64, 256, 1, 4, 2) if wide else KernelConfig(64, 128, 256, 0, 4, 2)
+    return KernelConfig(128, 128, 256, 1 if wide else 0, 8, 2)
 
 
 def _splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:

@@ -4,14 +4,22 @@
                16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4) four per word; 5/6/8-bit codes
                (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in float16 (float32 when a
                value would lose range in float16). Serves as a Linear weight and as a (row-gathered) embedding.
-  Fp8Weight    e4m3 weights with one float32 scale per output channel; activations scaled per token at run
-               time (dynamic), product on torch._scaled_mm (CUDA, compute capability >= 8.9).
+  Fp8Weight    e4m3 weights with one float32 scale per output channel. Up to FP8_GEMV_MAX_M rows: the decode
+               GEMV (kernels/gemv.py) reads the codes directly (W8A16, activations untouched); more rows:
+               activations scaled per token at run time (dynamic, one kernel: kernels/fp8_quant.py), product on
+               torch._scaled_mm (CUDA, compute capability >= 8.9).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..errors import InvalidRequestError
+from ..kernels.fp8_quant import FP8_MAX, quantize_rows_fp8
+from ..kernels.gemv import MAX_M as _GEMV_ROWS
+from ..kernels.gemv import gemv_triton
+from ..kernels._triton_utils import use_triton
 from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
 
@@ -90,7 +98,8 @@ class QuantWeight:
 
 
 # ------------------------------------------------------------------------------------------------------ FP8
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_GEMV_MAX_M = 4  # rows up to which the W8A16 GEMV runs instead of quantizing x for _scaled_mm
+USE_FP8_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -132,10 +141,11 @@ class Fp8Weight:
         return (self.w8.float() * self.scale[:, None]).to(dtype or self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype; activations scaled per token (dynamic)
-        xf = x.float()
-        sx = (xf.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1]
-        x8 = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # x: [M, K] -> [M, N] in x.dtype; few rows: W8A16 GEMV, else activations scaled per token (dynamic)
+        if (0 < x.shape[0] <= min(FP8_GEMV_MAX_M, _GEMV_ROWS) and x.dtype in (torch.bfloat16, torch.float16)
+                and x.stride(-1) == 1 and USE_FP8_GEMV and use_triton(x)):
+            return gemv_triton(x, self.w8, w_scale=self.scale)
+        x8, sx = quantize_rows_fp8(x)  # [M, K] e4m3, [M, 1]
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self._rowwise is not False:
             try:
