@@ -14,6 +14,7 @@ import itertools
 from functools import partial
 
 import torch
+import triton.testing
 
 from hearthlm.kernels import paged_attention as pa
 
@@ -21,21 +22,8 @@ H, KV, D, BS, DT = 16, 8, 128, 16, torch.bfloat16
 
 
 def graph_us(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (3 * iters)
+    """Median time of one call replayed from a CUDA graph (as decode steps run), in us."""
+    return triton.testing.do_bench_cudagraph(fn, rep=iters * 2, return_mode="median") * 1e3
 
 
 def workload(batch: int, max_model_len: int, gen: torch.Generator):
