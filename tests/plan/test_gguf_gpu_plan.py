@@ -1,7 +1,9 @@
-"""GGUF on a CUDA device: the plan counts what the loader will hold (bf16 copy or the kernels' repacked codes)."""
+"""GGUF on a CUDA device (the bf16 copy or the kernels' repacked codes) and on the CPU (the int4 kernel's layout
+plus bf16 copies): the plan counts what the loader will hold."""
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 
@@ -51,9 +53,34 @@ def test_plan_picks_the_copy_the_loader_would_make(capsys, monkeypatch):
     assert any("dequantized to bf16" in w for w in big.warnings)
     assert small.weights_bytes == src.gpu_weights["quantized"].total_bytes
     assert any("kept quantized" in w for w in small.warnings)
-    assert plan("cpu").weights_bytes == src.weights.total_bytes  # CPU: the file's blocks as they are
+    assert plan("cpu").weights_bytes == src.cpu_weights()[0].total_bytes  # CPU: the int4 kernel's layout
     # the engine's start-up plan asks the loader's rule with the free memory it sees
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 << 20, 1 << 30))
     assert pf.planned_weights(src.cfg, src, "cuda", "bfloat16") is src.gpu_weights["quantized"]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
     assert pf.planned_weights(src.cfg, src, "cuda", "bfloat16") is src.gpu_weights["dense"]
+
+
+def test_cpu_plan_counts_what_the_engine_holds():
+    """GGUF on the CPU: the int4 kernel's repacked blocks, the embedding kept for lookups and packed again as the
+    tied head, float32 norms, plus the bf16 copies for batched decode; by hand for the default model, and equal to
+    the loaded engine's tensors."""
+    from hearthlm.layers import quant_linear as ql
+    from hearthlm.loader.load import load_model
+
+    src = resolve_model("smollm2")
+    blocks, embedding, norms = 30 * 3_538_944, 49152 * 576, 30 * 2 * 576 + 576
+    held = blocks * 20 // 32 + embedding * 5 // 4 + embedding * 5 // 4 + 4 * norms  # Q4_1 0.625 B, Q8_0 1.25 B x2
+    copies = 2 * (blocks + embedding)
+    assert held == 137_274_624 and copies == 268_959_744
+    assert src.cpu_weights(0) == (src.cpu_weights(0)[0], 0) and src.cpu_weights(0)[0].total_bytes == held
+    assert src.cpu_weights(1 << 30)[1] == copies and src.cpu_weights(1 << 30)[0].total_bytes == held + copies
+    # a budget that stops part-way: whole matrices in load order (blocks first), as Int4Weight allocates them
+    part = src.cpu_weights(100 << 20)[1]
+    assert 99 << 20 < part <= 100 << 20
+    gc.collect()  # copies of models other tests dropped are released now, not during the load
+    before = ql._dense_bytes[0]
+    net = load_model("smollm2", device="cpu").model
+    engine = sum(t.numel() * t.element_size() for t in net.weight_tensors()) + ql._dense_bytes[0] - before
+    want, _ = src.cpu_weights(max(0, ql._dense_budget() - before) if ql.dense_supported() else 0)
+    assert engine == want.total_bytes

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hearthlm.plan.sources import resolve_model
+
 from hearthlm.cli import plan_cmd
 
 GiB = 1024**3
@@ -119,8 +121,10 @@ def test_gguf_file_sizes_are_exact(capsys):
     assert rc == 0 and plan["source"]["kind"] == "gguf" and plan["quant"] == "q4_1"
     assert plan["weights_exact"] and plan["num_layers"] == 30
     # 30 x (3,538,944 Q4_1 weights x 20/32 B + 2 f32 norms of 576) + tied embedding in Q8_0 (34/32) + norm
-    assert plan["weights_bytes"] == 30 * (3_538_944 * 20 // 32 + 2 * 576 * 4) + 49152 * 576 * 34 // 32 + 576 * 4
-    assert plan["kv_bytes_per_token"] == 23_040
+    assert resolve_model(str(path)).weights.total_bytes == \
+        30 * (3_538_944 * 20 // 32 + 2 * 576 * 4) + 49152 * 576 * 34 // 32 + 576 * 4
+    assert plan["weights_bytes"] == resolve_model(str(path)).cpu_weights()[0].total_bytes  # as the CPU holds it
+    assert plan["kv_bytes_per_token"] == 2 * 23_040 and plan["kv_dtype"] == "f32"  # the CPU caches K/V in float32
     rc, out, _ = hearth_plan(capsys, "smollm2", "--device", "cpu")  # the default alias, human output
     assert rc == 0 and "fits" in out and "exact" in out
 
@@ -161,8 +165,11 @@ def test_hf_directory_uses_safetensors_headers(capsys, tmp_path):
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = z(h)
     write_safetensors(tmp_path / "model.safetensors", tensors)
     rc, plan = plan_json(capsys, str(tmp_path), "--device", "cpu", "--ctx", "1024")
-    assert rc == 0 and plan["weights_exact"] and plan["quant"] == "f16"
-    assert plan["weights_bytes"] == sum(t.nbytes for t in tensors.values())
+    assert rc == 0 and plan["weights_exact"] and plan["quant"] == "f32"  # the CPU engine upcasts f16 (dtype auto)
+    assert plan["weights_bytes"] == 2 * sum(t.nbytes for t in tensors.values())
+    assert plan["kv_bytes_per_token"] == layers * 2 * 2 * 16 * 4
+    rc, plan = plan_json(capsys, str(tmp_path), "--device", "h100", "--ctx", "1024")
+    assert rc == 0 and plan["quant"] == "f16" and plan["weights_bytes"] == sum(t.nbytes for t in tensors.values())
     assert plan["kv_bytes_per_token"] == layers * 2 * 2 * 16 * 2
 
 

@@ -112,6 +112,14 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
         else:
             weights = src.gpu_weights["quantized"]
             gguf_note = "GGUF on the GPU: kept quantized (the kernels' repacked codes + fp16 scales)"
+    if weights is not None and src.cpu_f32_weights is not None and device.kind == "cpu":
+        weights, quant = src.cpu_f32_weights, "f32"
+        gguf_note = "HF weights on the CPU: held in float32 (the engine's dtype auto there)"
+    if weights is not None and src.tensor_types is not None and device.kind == "cpu":
+        weights, copies = src.cpu_weights()
+        gguf_note = (f"GGUF on the CPU: the int4 kernel's layout, plus {copies / 2**20:,.0f} MiB of bf16 copies for "
+                     "batched decode (HEARTH_CPU_DENSE_MB caps them)") if copies else \
+            "GGUF on the CPU: the int4 kernel's layout (no bf16 copies on this CPU or budget)"
     plan = make_plan(
         src.cfg, quant, ctx, _tokens(getattr(args, "concurrency", 1), "--concurrency"),
         str(getattr(args, "kv_cache_dtype", "auto")), device, util, gpu_layers,

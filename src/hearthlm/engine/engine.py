@@ -78,7 +78,8 @@ class LLMEngine:
             dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
             plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
                              config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
-                             kv_dtype=config.cache.cache_dtype, quantization=quantization, gpu_layers=gpu_layers)
+                             kv_dtype=config.cache.cache_dtype, quantization=quantization, gpu_layers=gpu_layers,
+                             requested_dtype=str(config.dtype).replace("torch.", ""))
             loaded = load_model(path, config.dtype, self.device, quantization=quantization,
                                 gpu_layers=offloaded_layers(plan))
         self.loaded = loaded

@@ -396,6 +396,9 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
     usable = int(dev.memory_bytes * gpu_memory_utilization)
     overhead = overhead_bytes(dev)
     act_dtype = "f32" if q == "f32" else "bf16"
+    if on_cpu:  # the CPU engine computes (and caches K/V) in float32 unless given a 16-bit dtype
+        act_dtype = q if q in ("bf16", "f16") else "f32"
+        kv = act_dtype if kv == "auto" else kv
     tied = w.lm_head_bytes == 0
 
     def placement(n: int) -> tuple[int, int]:

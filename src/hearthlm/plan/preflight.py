@@ -26,11 +26,21 @@ _DTYPE_QUANT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _QUANTIZATION_PLAN = {"int8": "q8_0", "int4": "q4_1", "fp8": "fp8"}
 
 
-def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none") -> WeightBytes | None:
+def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none",
+                    requested_dtype: str | None = None) -> WeightBytes | None:
     """Weight bytes as the engine will hold them, or None (= `dtype` throughout): --quantization block matrices
     next to embeddings/head in `dtype`; a GGUF on CUDA kept quantized (the kernels' repacked sizes) when the
-    loader keeps it so (loader.load.keep_quantized: HEARTHLM_WEIGHTS, or a bf16 copy too large for free memory)."""
+    loader keeps it so (loader.load.keep_quantized: HEARTHLM_WEIGHTS, or a bf16 copy too large for free memory);
+    a GGUF on the CPU as its int4-kernel layout plus bf16 copies (sources.cpu_gguf_weights) unless the requested
+    dtype (before `auto` was resolved) is float32."""
     dense = _DTYPE_QUANT.get(dtype, "bf16")
+    if src.kind == "gguf" and src.tensor_types is not None and device_type == "cpu" and quantization == "none":
+        import torch
+
+        from ..loader.load import keep_quantized
+
+        if keep_quantized(None, requested_dtype or dtype, torch.device("cpu")):
+            return src.cpu_weights()[0]
     if quantization in _QUANTIZATION_PLAN:
         d, q = weights_bytes(cfg, dense), weights_bytes(cfg, _QUANTIZATION_PLAN[quantization])
         return WeightBytes(d.embedding_bytes, d.lm_head_bytes, q.layer_bytes, d.other_bytes, exact=False)
@@ -47,7 +57,7 @@ def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = 
 
 def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int, max_num_batched_tokens: int,
               gpu_memory_utilization: float, kv_dtype: str = "auto", quantization: str = "none",
-              gpu_layers: int | str | None = None) -> MemoryPlan:
+              gpu_layers: int | str | None = None, requested_dtype: str | None = None) -> MemoryPlan:
     """Plan one sequence of max_model_len on this device; raise OutOfMemoryError with advice if it cannot run.
 
     gpu_layers (CUDA): N = the last N blocks on the GPU, the rest (and their KV) in RAM, checked against both;
@@ -62,7 +72,7 @@ def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int
                      gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.9,
                      max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
                      gpu_layers=gpu_layers if on_gpu else None,
-                     weights=planned_weights(cfg, src, device_type, dtype, quantization),
+                     weights=planned_weights(cfg, src, device_type, dtype, quantization, requested_dtype),
                      host_bytes=system_memory_bytes() if on_gpu else None)
     if plan.ok:
         if plan.verdict == "partial_offload":

@@ -17,6 +17,7 @@ from .presets import PRESETS, preset_config
 SMOLLM2_ALIAS = "smollm2"
 
 _HF_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+_FLOAT_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F8_E4M3": "fp8", "F8_E5M2": "fp8", "I8": "int8"}
 
 
@@ -30,10 +31,20 @@ class ModelSource:
     # GGUF only: what the engine holds on a CUDA device -- "dense" (dequantized to bf16) or "quantized" (the
     # GPU kernels' repacked codes + fp16 scales, gpu_tensor_bytes); which one: loader.load.keep_quantized
     gpu_weights: dict[str, WeightBytes] | None = None
+    # GGUF only: (name, type, shape) of every tensor, for cpu_weights
+    tensor_types: list[tuple[str, str, tuple[int, ...]]] | None = None
+    # HF only: the floating-point tensors upcast to float32, as the CPU engine holds them with dtype auto
+    cpu_f32_weights: WeightBytes | None = None
 
     @property
     def gpu_dense_bytes(self) -> int | None:
         return None if self.gpu_weights is None else self.gpu_weights["dense"].total_bytes
+
+    def cpu_weights(self, dense_budget: int | None = None) -> tuple[WeightBytes, int] | None:
+        """GGUF only: (what the CPU engine holds, of which bf16 copies) -- see cpu_gguf_weights."""
+        if self.tensor_types is None:
+            return None
+        return cpu_gguf_weights(self.tensor_types, self.cfg.tie_word_embeddings, dense_budget)
 
 
 def smollm2_path() -> Path:
@@ -60,7 +71,7 @@ def read_gguf(path: str | Path) -> ModelSource:
         quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
     except (TypeError, ValueError):
         quant = "gguf"
-    return ModelSource(cfg, weights_bytes_from_tensors(tensors), quant, "gguf", str(path), gpu)
+    return ModelSource(cfg, weights_bytes_from_tensors(tensors), quant, "gguf", str(path), gpu, typed)
 
 
 # GGUF types the GPU kernels keep quantized (layers/quant_linear.GPU_QUANT_TYPES) -> bytes per weight after the
@@ -78,6 +89,60 @@ def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
     if len(shape) == 2 and type_name in _GPU_BYTES_PER_WEIGHT:
         return math.ceil(n * _GPU_BYTES_PER_WEIGHT[type_name])
     return 2 * n
+
+
+# On the CPU (layers/quant_linear.py, dtype auto) a 2-D GGUF weight of the int4 kernel's types becomes an
+# Int4Weight when its rows are a multiple of 16: 4-bit codes two a byte + a bf16 scale and zero per 32 weights
+# (0.625 B a weight), 5/8-bit types as two 4-bit halves (1.25 B). The token embedding stays a GroupQuant for row
+# lookups (a byte a code + float32 scale and min per 32: 1.25 B); a tied head packs it once more. Everything else
+# is float32. Each Int4Weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's
+# HEARTH_CPU_DENSE_MB budget has room, in load order: each block's qkv, o, gate_up, down, then the head.
+_CPU_INT4_BYTES = {"Q4_0": 0.625, "Q4_1": 0.625, "Q4_K": 0.625, "Q5_0": 1.25, "Q5_1": 1.25, "Q5_K": 1.25, "Q8_0": 1.25}
+_CPU_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+
+
+def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
+                     dense_budget: int | None = None) -> tuple[WeightBytes, int]:
+    """(weight bytes the CPU engine holds for a GGUF, with the bf16 copies counted in, bytes of those copies).
+    typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: layers.quant_linear's, 0 on
+    CPUs without native bf16 GEMMs, where no copies are made)."""
+    from ..layers.quant_linear import _dense_budget, dense_supported
+
+    budget = (_dense_budget() if dense_supported() else 0) if dense_budget is None else dense_budget
+    by_name = {n: (ty, shape) for n, ty, shape in typed}
+    held: list[tuple[str, int]] = []
+    linears: list[tuple[str, int]] = []  # (name for placement, bf16 copy bytes) in load order
+
+    def packed(ty: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and ty in _CPU_INT4_BYTES and shape[0] % 16 == 0
+
+    for name, ty, shape in typed:
+        n = math.prod(shape)
+        if name == "token_embd.weight" and packed(ty, shape):
+            held.append((name, math.ceil(n * 1.25)))
+            if tied:
+                held.append(("output.weight", math.ceil(n * _CPU_INT4_BYTES[ty])))
+        elif packed(ty, shape):
+            held.append((name, math.ceil(n * _CPU_INT4_BYTES[ty])))
+        else:
+            held.append((name, 4 * n))
+    blocks = sorted({int(n.split(".")[1]) for n, _, _ in typed if n.startswith("blk.")})
+    for b in blocks:
+        for group in _CPU_LINEARS:
+            names = [f"blk.{b}.{g}.weight" for g in group if f"blk.{b}.{g}.weight" in by_name]
+            kinds = {by_name[n][0] for n in names}
+            if names and all(packed(*by_name[n]) for n in names):  # fused when all parts share one type
+                parts = [names] if len(kinds) == 1 else [[n] for n in names]
+                linears += [(p[0], sum(2 * math.prod(by_name[n][1]) for n in p)) for p in parts]
+    head = "output.weight" if "output.weight" in by_name else "token_embd.weight" if tied else None
+    if head is not None and head in by_name and packed(*by_name[head]):
+        linears.append(("output.weight", 2 * math.prod(by_name[head][1])))
+    used = 0
+    for name, nbytes in linears:
+        if used + nbytes <= budget:
+            used += nbytes
+            held.append((name, nbytes))
+    return weights_bytes_from_tensors(held), used
 
 
 def safetensors_header(path: str | Path) -> dict[str, Any]:
@@ -98,12 +163,14 @@ def read_hf_dir(path: str | Path) -> ModelSource:
         raise ModelLoadError(f"cannot read {root / 'config.json'}: {e}") from e
     cfg = config_from_hf_dict(d, name=root.name)
     tensors: list[tuple[str, int]] = []
+    f32: list[tuple[str, int]] = []
     dtype_bytes: dict[str, int] = {}
     for shard in sorted(root.glob("*.safetensors")):
         for name, info in safetensors_header(shard).items():
             if name != "__metadata__":
                 nbytes = info["data_offsets"][1] - info["data_offsets"][0]
                 tensors.append((name, nbytes))
+                f32.append((name, nbytes * 4 // _FLOAT_BYTES.get(info["dtype"], 4)))
                 dtype_bytes[info["dtype"]] = dtype_bytes.get(info["dtype"], 0) + nbytes
     qc = d.get("quantization_config") or {}
     if qc.get("quant_method") == "fp8":
@@ -117,7 +184,8 @@ def read_hf_dir(path: str | Path) -> ModelSource:
     weights = weights_bytes_from_tensors(tensors) if tensors else None
     if weights is not None and len(weights.layer_bytes) != cfg.num_layers:
         weights = None  # names we cannot map to blocks (e.g. a multimodal checkpoint): estimate instead
-    return ModelSource(cfg, weights, quant, "hf", str(root))
+    cpu = weights_bytes_from_tensors(f32) if weights is not None and quant in ("bf16", "f16", "f32") else None
+    return ModelSource(cfg, weights, quant, "hf", str(root), cpu_f32_weights=cpu)
 
 
 def resolve_model(spec: str) -> ModelSource:
