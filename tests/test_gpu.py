@@ -69,6 +69,14 @@ def test_cuda_graph_and_eager_agree(tiny):
     ta = [o.outputs[0].token_ids for o in a.generate(prompts, sp)]
     tb = [o.outputs[0].token_ids for o in b.generate(prompts, sp)]
     assert ta == tb
+    # sampled rows and logprobs read the graph's logits (left in bf16 by the graph, upcast by the runner)
+    for extra in ({"temperature": 0.8, "top_p": 0.9, "seed": 7}, {"temperature": 0, "logprobs": 2}):
+        sp = SamplingParams(max_tokens=12, ignore_eos=True, **extra)
+        oa, ob = a.generate(prompts, sp), b.generate(prompts, sp)
+        assert [o.outputs[0].token_ids for o in oa] == [o.outputs[0].token_ids for o in ob]
+        if "logprobs" in extra:
+            la, lb = oa[0].outputs[0].logprobs, ob[0].outputs[0].logprobs
+            assert la is not None and len(la) == 12 and str(la) == str(lb)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])

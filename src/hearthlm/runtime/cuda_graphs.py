@@ -5,7 +5,8 @@ seq_lens, block tables per group) mirrored by two pairs of pinned host buffers (
 step N+1's inputs never races the copy of step N's), so a step costs a few async copies and one replay.
 Padded rows write nowhere (slot -1) and attend to nothing (seq_len 0). A row whose source row is >= 0 takes
 its input id from `prev_tokens` (the previous step's sampled tokens, still on the device). Each graph writes
-its greedy argmax into `prev_tokens`.
+its greedy argmax into `prev_tokens`; its logits are the head's raw output (model dtype) unless the model
+softcaps them, and the runner upcasts them only when a row samples.
 """
 from __future__ import annotations
 
@@ -61,7 +62,11 @@ class DecodeGraphs:
                                  max_query_len=1, use_kernels=True)
         rows = src[:bs]
         inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
-        logits = self.model.compute_logits(self.model.forward(inputs, pos[:bs], meta, self.kv_caches))
+        hidden = self.model.forward(inputs, pos[:bs], meta, self.kv_caches)
+        # without a final softcap the argmax of the head's raw output is the argmax of its fp32 copy (the upcast is
+        # exact): skip that copy; the runner makes it only when a row samples
+        cap = self.model.cfg.final_logit_softcapping
+        logits = self.model.compute_logits(hidden) if cap else self.model.lm_head(hidden)
         tokens = self.prev_tokens[:bs]
         torch.argmax(logits, dim=-1, out=tokens)
         return logits, tokens

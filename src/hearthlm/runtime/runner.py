@@ -142,6 +142,8 @@ class ModelRunner:
         # Offloaded blocks compute on this thread, so there is nothing to overlap: off, and no CUDA graphs.
         self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
         self.can_overlap = self.can_overlap and self.host is None
+        if cache.cpu_compile and device.type == "cpu" and self.host is None:
+            model.enable_cpu_compile()
         self.graphs = None
         rows = max(sched.max_num_seqs, 256)
         if self.can_overlap or self.use_kernels:  # the decode graphs write their argmax here too
@@ -321,6 +323,8 @@ class ModelRunner:
         graph_out = self._graph_decode(batch)
         if graph_out is not None:
             logits, greedy = graph_out
+            if any(not r.params.greedy or needs_host_sampling(r.params) for r in reqs):
+                logits = logits.float()  # the head's raw output (cuda_graphs.py); a no-op for fp32 logits
         else:
             input_ids, positions, meta, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
