@@ -1,6 +1,7 @@
 """Configuration dataclasses shared by loader, planner, engine and servers."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
@@ -103,9 +104,14 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     cuda_graphs: bool = True  # decode steps replay captured graphs on CUDA
+    # --compile: CPU decode steps run a torch.compile'd layer stack (models/cpu_compile.py); None = the
+    # HEARTH_CPU_COMPILE environment variable (1 = on), off when unset
+    cpu_compile: bool | None = None
 
     def __post_init__(self) -> None:
         self.cache_dtype = normalize_cache_dtype(self.cache_dtype)
+        if self.cpu_compile is None:
+            self.cpu_compile = os.environ.get("HEARTH_CPU_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass

@@ -17,15 +17,18 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
                  cuda_graphs: bool = True, async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
                  quantization: str = "none", gpu_layers: int | str | None = None,
-                 gpu_memory_utilization: float = 0.9, loaded=None):
+                 gpu_memory_utilization: float = 0.9, cpu_compile: bool | None = None, loaded=None):
         """gpu_layers (CUDA): the last N blocks on the GPU, the others on the CPU (llama.cpp's -ngl); "auto" = the
-        most that fit; None = all on the GPU. With `loaded`, the loaded model's placement applies."""
+        most that fit; None = all on the GPU. With `loaded`, the loaded model's placement applies.
+        cpu_compile (CPU): decode steps run a torch.compile'd layer stack (each graph compiles on first use, then
+        comes from inductor's disk cache); None = the HEARTH_CPU_COMPILE environment variable."""
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill,
                                 async_scheduling=async_scheduling)
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
                             enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs,
-                            cache_dtype=kv_cache_dtype, memory_fraction=gpu_memory_utilization)
+                            cache_dtype=kv_cache_dtype, memory_fraction=gpu_memory_utilization,
+                            cpu_compile=cpu_compile)
         if max_model_len is None:
             sched.max_model_len = 1 << 30  # clamped to the model's context by the engine
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,

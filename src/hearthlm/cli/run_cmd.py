@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 
 def add_parser(sub) -> None:
-    from .serve_cmd import add_memory_args
+    from .serve_cmd import add_compile_arg, add_memory_args
 
     p = sub.add_parser("run", help="chat with a model (one-shot with a prompt, else interactive)")
     p.add_argument("model_or_prompt", nargs="*", help="[model] [prompt]; the model defaults to the embedded smollm2")
@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--device", default="auto")
     add_memory_args(p)
+    add_compile_arg(p)
     p.add_argument("--local", action="store_true", help="load the model in this process even if a server runs")
     p.set_defaults(func=run)
 
@@ -52,7 +53,7 @@ def _local_backend(args: argparse.Namespace, model: str | None) -> Callable[[lis
 
     llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, max_num_seqs=4,
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, gpu_layers=args.gpu_layers,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, cpu_compile=args.compile or None)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, truncate="left")
 

@@ -184,6 +184,16 @@ def dense_supported() -> bool:
         return False
 
 
+# The dense GEMM as an op torch.compile keeps opaque (models/cpu_compile.py): inductor's own lowering of
+# mkldnn._linear_pointwise only takes weights it prepacked itself (freezing), not ours passed in as graph inputs.
+# Registered for every backend: its weight is a oneDNN (MkldnnCPU) tensor.
+_lib = torch.library.Library("hearthlm", "FRAGMENT")
+_lib.define("cpu_dense_linear(Tensor x, Tensor w, int out_features) -> Tensor")
+_lib.impl("cpu_dense_linear", lambda x, w, n: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+          "CompositeExplicitAutograd")
+torch.library.register_fake("hearthlm::cpu_dense_linear", lambda x, w, n: x.new_empty(x.shape[0], n), lib=_lib)
+
+
 class Int4Weight:
     """4-bit codes, groups of 32, for aten._weight_int4pack_mm_for_cpu (needs N % 16 == 0, bf16 x).
     5/8-bit codes run as two 4-bit halves (GroupQuant.nibble_split): twice the K, x fed twice.
@@ -217,7 +227,10 @@ class Int4Weight:
         # x: [M, K] -> [M, N] in x.dtype (cast=False: in the kernels' bf16)
         xb = x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] >= self.dense_min_rows:
-            y = torch.ops.mkldnn._linear_pointwise(xb, self.dense, None, "none", [], "")
+            if torch.compiler.is_compiling():
+                y = torch.ops.hearthlm.cpu_dense_linear(xb, self.dense, self.out_features)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(xb, self.dense, None, "none", [], "")
         else:
             if self.split:
                 xb = torch.cat([xb, xb], 1)

@@ -4,6 +4,7 @@ Weights are looked up by their HF names; q/k/v and gate/up are fused at load.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,7 @@ from ..layers.norm import rms_norm
 from ..layers.rotary import Rotary, apply_rotary
 
 WeightGetter = Callable[[str], "torch.Tensor | None"]
+log = logging.getLogger("hearthlm")
 
 
 def require(get: WeightGetter, name: str) -> torch.Tensor:
@@ -200,10 +202,24 @@ class LlamaModel:
             self.host_rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.placement.host,
                                       freq_factors)
         self.dtype = self.embed.dtype
+        self.cpu_graph = None  # compiled CPU decode step (enable_cpu_compile)
         self.cos_sin = None
         if device.type == "cuda" and not self.layer_cls.gemma and cfg.hidden_act == "silu":
             self.cos_sin = K.build_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                                  cfg.rope_scaling, freq_factors, device=device)
+
+    def enable_cpu_compile(self) -> None:
+        """Run decode-only steps through a torch.compile'd layer stack (models/cpu_compile.py). CPU models with
+        nothing offloaded only; raises InvalidRequestError where inductor cannot build kernels."""
+        if self.device.type != "cpu" or self.placement.offloaded:
+            raise InvalidRequestError("--compile applies to models that run on the CPU without --gpu-layers; drop "
+                                      "--compile or run with --device cpu", param="cpu_compile")
+        if self.layer_cls.gemma:  # its attention's compiled rounding differs from eager's in the last bits
+            log.info("--compile: Gemma 2 decode steps run eagerly")
+            return
+        from .cpu_compile import CpuDecodeGraph
+
+        self.cpu_graph = CpuDecodeGraph(self)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         e = self.embed  # a tensor, or a GroupQuant kept quantized (CPU)
@@ -232,6 +248,10 @@ class LlamaModel:
                     h, residual = self.layers[i].fused(h, residual, pos, self.cos_sin, m, kv_caches[i])
                 continue
             cos, sin = (self.host_rotary if on_host else self.rotary).cos_sin(pos, h.dtype)
+            if self.cpu_graph is not None and self.cpu_graph.can_run(m, h.shape[0]):  # whole stack + final norm
+                out = self.cpu_graph(h, cos, sin, m, kv_caches)
+                if out is not None:
+                    return out
             for i in range(start, end):
                 h = self.layers[i](h, cos, sin, m, kv_caches[i])
         if residual is not None:
