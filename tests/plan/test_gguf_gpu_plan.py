@@ -82,5 +82,5 @@ def test_cpu_plan_counts_what_the_engine_holds():
     before = ql._dense_bytes[0]
     net = load_model("smollm2", device="cpu").model
     engine = sum(t.numel() * t.element_size() for t in net.weight_tensors()) + ql._dense_bytes[0] - before
-    want, _ = src.cpu_weights(max(0, ql._dense_budget() - before) if ql.dense_supported() else 0)
+    want, _ = src.cpu_weights(max(0, ql.dense_budget_bytes() - before))
     assert engine == want.total_bytes

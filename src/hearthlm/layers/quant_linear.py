@@ -169,6 +169,11 @@ def _dense_budget() -> int:
     return int(float(os.environ.get("HEARTH_CPU_DENSE_MB", "1024")) * 2**20)
 
 
+def dense_budget_bytes() -> int:
+    """Bytes of bf16 copies a fresh process would keep: HEARTH_CPU_DENSE_MB, or 0 without native bf16 GEMMs."""
+    return _dense_budget() if dense_supported() else 0
+
+
 def _release(nbytes: int) -> None:
     _dense_bytes[0] -= nbytes
 

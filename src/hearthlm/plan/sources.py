@@ -106,9 +106,9 @@ def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
     """(weight bytes the CPU engine holds for a GGUF, with the bf16 copies counted in, bytes of those copies).
     typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: layers.quant_linear's, 0 on
     CPUs without native bf16 GEMMs, where no copies are made)."""
-    from ..layers.quant_linear import _dense_budget, dense_supported
+    from ..layers.quant_linear import dense_budget_bytes
 
-    budget = (_dense_budget() if dense_supported() else 0) if dense_budget is None else dense_budget
+    budget = dense_budget_bytes() if dense_budget is None else dense_budget
     by_name = {n: (ty, shape) for n, ty, shape in typed}
     held: list[tuple[str, int]] = []
     linears: list[tuple[str, int]] = []  # (name for placement, bf16 copy bytes) in load order
