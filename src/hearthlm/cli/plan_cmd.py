@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from ..config import normalize_gpu_layers
 from ..errors import HearthError
 
 # hearthlm.plan is imported inside the functions: it reaches torch through hearthlm.loader, and building the
@@ -77,13 +78,6 @@ def _tokens(value: str, flag: str) -> int:
     return n
 
 
-def _gpu_layers(value: Any) -> int | str | None:
-    """None (all blocks), 'auto', or a block count >= 0 (config.normalize_gpu_layers); InvalidRequestError else."""
-    from ..config import normalize_gpu_layers
-
-    return normalize_gpu_layers(value)
-
-
 def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     """Resolve the model and device from `args` and make the plan (raises HearthError / ValueError)."""
     from ..plan.memory import device_spec, make_plan, normalize_quant, system_memory_bytes
@@ -100,7 +94,7 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
         util = float(getattr(args, "gpu_memory_utilization", 0.9))
     except ValueError:
         raise ValueError(f"--gpu-memory-utilization must be a number in (0, 1], got {args.gpu_memory_utilization!r}") from None
-    gpu_layers = _gpu_layers(getattr(args, "gpu_layers", None))
+    gpu_layers = normalize_gpu_layers(getattr(args, "gpu_layers", None))
     device = device_spec(str(getattr(args, "device", "auto")))
     gguf_note = None
     if weights is not None and src.gpu_weights is not None and device.kind == "gpu":

@@ -25,7 +25,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .cache_write import _round_to_e4m3
+    from .cache_write import _store_e4m3
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
@@ -41,10 +41,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK):
             m = k0 + offs < K
             v = tl.load(x_ptr + row * stride_x + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
-            if not HW_CAST:  # the interpreter's float32 -> fp8 cast misrounds; the GPU's cvt.rn is exact
-                y = _round_to_e4m3(y)
-            tl.store(q_ptr + row * stride_q + k0 + offs, y.to(q_ptr.dtype.element_ty), mask=m)
+            _store_e4m3(tl.math.div_rn(v, scale), q_ptr + row * stride_q + k0 + offs, m, HW_CAST)
 
 
 def quantize_rows_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,14 +11,12 @@
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import InvalidRequestError
-from ..kernels.fp8_quant import FP8_MAX, quantize_rows_fp8
+from ..kernels.fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from ..kernels.gemv import MAX_M as _GEMV_ROWS
-from ..kernels.gemv import gemv_triton
+from ..kernels.gemv import USE_GEMV, gemv_triton
 from ..kernels._triton_utils import use_triton
 from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
@@ -99,7 +97,6 @@ class QuantWeight:
 
 # ------------------------------------------------------------------------------------------------------ FP8
 FP8_GEMV_MAX_M = 4  # rows up to which the W8A16 GEMV runs instead of quantizing x for _scaled_mm
-USE_FP8_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -123,11 +120,9 @@ class Fp8Weight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, dtype: torch.dtype | None = None) -> Fp8Weight:
-        """w: [N, K] float -> per-row absmax scaling to e4m3."""
-        wf = w.float()
-        scale = (wf.abs().amax(1) / FP8_MAX).clamp(min=1e-12)
-        w8 = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return cls(w8.contiguous(), scale.contiguous(), dtype or w.dtype)
+        """w: [N, K] float -> per-row absmax scaling to e4m3 (the activations' per-token rule, once per weight)."""
+        w8, scale = quantize_rows_fp8_ref(w)
+        return cls(w8.contiguous(), scale.view(-1).contiguous(), dtype or w.dtype)
 
     @staticmethod
     def cat(parts: list[Fp8Weight]) -> Fp8Weight:
@@ -143,7 +138,7 @@ class Fp8Weight:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, K] -> [M, N] in x.dtype; few rows: W8A16 GEMV, else activations scaled per token (dynamic)
         if (0 < x.shape[0] <= min(FP8_GEMV_MAX_M, _GEMV_ROWS) and x.dtype in (torch.bfloat16, torch.float16)
-                and x.stride(-1) == 1 and USE_FP8_GEMV and use_triton(x)):
+                and x.stride(-1) == 1 and USE_GEMV and use_triton(x)):
             return gemv_triton(x, self.w8, w_scale=self.scale)
         x8, sx = quantize_rows_fp8(x)  # [M, K] e4m3, [M, 1]
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16

@@ -8,20 +8,16 @@ An Fp8Weight (--quantization fp8) or a QuantWeight may also be passed as is.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ..kernels.gemv import gemv, gemv_supported
+from ..kernels.gemv import USE_GEMV, gemv, gemv_supported
 from .gpu_quant import Fp8Weight, QuantWeight
 from .quant_linear import GroupQuant, Int4Weight, pack
 
 Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
 
 GEMV_MAX_M = 2  # dense CUDA weights: up to this many rows kernels.gemv runs instead of cuBLAS (faster on H100 to M=2)
-# HEARTH_GEMV=0 (or HEARTH_DISABLE_KERNELS=1) keeps cuBLAS for every row count, e.g. for A/B benchmarks
-USE_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
 
 
 class Linear:
