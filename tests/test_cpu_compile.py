@@ -70,3 +70,13 @@ def test_compile_flag_plumbing(monkeypatch):
     monkeypatch.setenv("HEARTH_CPU_COMPILE", "1")
     assert CacheConfig().cpu_compile is True
     assert CacheConfig(cpu_compile=False).cpu_compile is False
+    # hearth serve --compile reaches the engines' CacheConfig through ServeConfig, not the environment
+    import argparse
+
+    from hearthlm.cli import serve_cmd
+
+    monkeypatch.delenv("HEARTH_CPU_COMPILE", raising=False)
+    parser = argparse.ArgumentParser(prog="hearth")
+    serve_cmd.add_parser(parser.add_subparsers())
+    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--compile"])).cpu_compile is True
+    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m"])).cpu_compile is None

@@ -111,7 +111,8 @@ def config_from_args(args: argparse.Namespace):
                        max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                        quantization=args.quantization, gpu_layers=args.gpu_layers,
-                       gpu_memory_utilization=args.gpu_memory_utilization, device=args.device,
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       cpu_compile=getattr(args, "compile", False) or None, device=args.device,
                        dtype=args.dtype or _default_dtype(args.device),
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload)
@@ -123,8 +124,6 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import create_app
 
     cfg = config_from_args(args)
-    if args.compile:  # read by CacheConfig where the server builds its engines
-        os.environ["HEARTH_CPU_COMPILE"] = "1"
     if cfg.preload:
         from ..loader import resolve_model_path
 

@@ -182,7 +182,7 @@ class ModelRunner:
                 self.model.compute_logits(rows).softmax(-1)
             torch.cuda.synchronize(dev)
         except torch.cuda.OutOfMemoryError:
-            del scratch
+            scratch.clear()
             torch.cuda.empty_cache()
             raise OutOfMemoryError(
                 f"after loading the weights, one step of {n} tokens (--max-num-batched-tokens "
@@ -246,7 +246,9 @@ class ModelRunner:
                     if len(rows):
                         subs.append(self._sub_batch(tables, rows, starts, q_lens_t, cu, window))
             groups.append((tables, self._slots(tables, seq_rows, positions), subs))
-        meta = self._metadata(groups, dev, self.use_kernels, max(q_lens), seq_lens, cu)
+        # mixed step: the leading one-token sequences (running ones come first) take the decode kernel
+        num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), 0)
+        meta = self._metadata(groups, dev, self.use_kernels, max(q_lens), seq_lens, cu, num_decodes)
         if self.host is not None:  # --gpu-layers: the same step for the offloaded blocks, on their device
             meta.host = self._metadata(groups, self.host, False, max(q_lens), seq_lens, cu)
         sample_rows = torch.tensor([int(cu[i + 1]) - 1 for i, s in enumerate(batch.sample) if s is not None],
@@ -259,8 +261,8 @@ class ModelRunner:
         return input_ids, positions.to(dev), meta, sample_rows.to(dev)
 
     def _metadata(self, groups: list[tuple[torch.Tensor, torch.Tensor, list[SubBatch]]], dev: torch.device,
-                  use_kernels: bool, max_query_len: int, seq_lens: torch.Tensor, cu: torch.Tensor
-                  ) -> AttentionMetadata:
+                  use_kernels: bool, max_query_len: int, seq_lens: torch.Tensor, cu: torch.Tensor,
+                  num_decodes: int = 0) -> AttentionMetadata:
         """The step's attention metadata on `dev`: block tables + lengths for the kernels, else sub-batches."""
         gms = []
         for window, (tables, slots, subs) in zip(self.windows, groups):
@@ -276,10 +278,7 @@ class ModelRunner:
         if use_kernels:
             meta.seq_lens = seq_lens.to(dev, torch.int32)
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
-            q_lens = (cu[1:] - cu[:-1]).tolist()
-            d = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
-            if d < len(q_lens):  # mixed step: the leading decodes take the decode kernel
-                meta.num_decodes = d
+            meta.num_decodes = num_decodes
         return meta
 
     def _sub_batch(self, tables: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,

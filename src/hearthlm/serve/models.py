@@ -35,6 +35,7 @@ class ServeConfig:
     quantization: str = "none"  # none | int8 | int4 | fp8 (weights)
     gpu_memory_utilization: float = 0.9  # CacheConfig.memory_fraction
     gpu_layers: int | str | None = None  # --gpu-layers N | auto (EngineConfig.gpu_layers); None = all on the GPU
+    cpu_compile: bool | None = None  # --compile (CacheConfig.cpu_compile); None = HEARTH_CPU_COMPILE
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -178,7 +179,7 @@ class ModelManager:
                                 max_model_len=c.max_model_len)
         cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching,
                             memory_fraction=c.gpu_memory_utilization,
-                            cache_dtype=c.kv_cache_dtype)
+                            cache_dtype=c.kv_cache_dtype, cpu_compile=c.cpu_compile)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
                               scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
                               gpu_layers=c.gpu_layers)
