@@ -12,6 +12,8 @@ scales (+ mins) + x + y, over the graph time), and the speed-up vs bf16 torch.ma
   int8   int8 codes, group 32, fp16 scale              (Q8_0, --quantization int8)
   q6k    int8 codes, group 16, fp16 scale              (Q6_K)
   fp8    e4m3 W, per-channel scales, dynamic per-token x scales, torch._scaled_mm (SM 8.9+)
+  <format>-a8  (M <= 4) the int8-activation dp4a GEMV (kernels/quant_gemv_a8.py, the engine's decode path),
+         its x quantization launch included; the plain <format> row is the float GEMV
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.testing
 
+from hearthlm.kernels import quant_gemv_a8 as a8
 from hearthlm.kernels import quant_matmul as qm
 from hearthlm.layers.gpu_quant import Fp8Weight
 
@@ -95,6 +98,16 @@ def table(ms: list[int]) -> None:
 
             t = timed(rotating(quant, nbytes(codes, scale, mins)))
             rows.append((name, t, nbytes(codes, scale, mins, x) + m * n * 2, err))
+            if m <= a8.MAX_M:
+                y = a8.quant_gemv_a8_triton(x, codes, scale, mins, bits, group)
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+
+                def quant8(i, bits=bits, group=group, ws=(codes, scale, mins)):
+                    c, s_, mn = ws if i == 0 else [t.clone() if t is not None else None for t in ws]
+                    return lambda: a8.quant_gemv_a8_triton(x, c, s_, mn, bits, group)
+
+                t = timed(rotating(quant8, nbytes(codes, scale, mins)))
+                rows.append((name + "-a8", t, nbytes(codes, scale, mins, x) + m * n * 2, err))
             del codes, scale, mins
         if fp8:
             f = Fp8Weight.quantize(w)
@@ -119,9 +132,10 @@ def codes_w(ws) -> int:
     return ws[0].shape[1]
 
 
-def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[int, ...] = (16, 128, 512)) -> None:
-    """Best block sizes per shape: GEMV for M = 1, 2, 4; tl.dot kernel for M = 16, 128, 512 (CUDA-graph times,
-    W rotated through copies as in the table)."""
+def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[int, ...] = (16, 128, 512),
+          a8_sweep: bool = True, gemv_ms: tuple[int, ...] = (1, 2, 4)) -> None:
+    """Best block sizes per shape: GEMVs (float and int8-activation) for M = 1, 2, 4; tl.dot kernel for M = 16,
+    128, 512 (CUDA-graph times, W rotated through copies as in the table)."""
     print("\n# sweeps (graph us; best 3 of each grid)")
 
     def bench(call, ws):
@@ -143,7 +157,7 @@ def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[i
         bits, group, has_min = FORMATS[name]
         ws = weight(n, k, bits, group, has_min)
         wbytes = nbytes(*ws)
-        for m in (1, 2, 4) if gemv else ():
+        for m in gemv_ms if gemv else ():
             grid = [qm.GemvConfig(bn, bw, warps, stages)
                     for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8],
                                                                    [1, 2])
@@ -152,6 +166,16 @@ def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[i
             t_def, best = ranked(qm.quant_gemv_triton, qm.quant_gemv_triton, grid, x, ws, bits, group)
             print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
                   + "; ".join(f"{t * 1e3:.1f}us GemvConfig({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
+                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
+        for m in gemv_ms if a8_sweep else ():
+            grid = [a8.A8Config(bn, bw, warps, stages)
+                    for bn, bw, warps, stages in itertools.product([1, 2, 4, 8, 16], [64, 128, 256, 512, 1024],
+                                                                   [1, 2, 4, 8], [1, 2])
+                    if 128 * warps <= bn * bw <= 4096 * warps and (stages == 1 or bw < codes_w(ws) // 2)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_def, best = ranked(a8.quant_gemv_a8_triton, a8.quant_gemv_a8_triton, grid, x, ws, bits, group)
+            print(f"gemv-a8 {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
+                  + "; ".join(f"{t * 1e3:.1f}us A8Config({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
                               f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
         for m in mm_ms if mm else ():
             bms = [16] if m <= 16 else [32, 64, 128] if m <= 64 else [64, 128]
@@ -172,12 +196,18 @@ if __name__ == "__main__":
     ap.add_argument("--no-table", action="store_true", help="skip the main table (sweep only)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts of the table (comma-separated)")
     ap.add_argument("--no-mm-sweep", action="store_true", help="sweep the decode GEMV only")
-    ap.add_argument("--no-gemv-sweep", action="store_true", help="sweep the tl.dot kernel only")
+    ap.add_argument("--no-gemv-sweep", action="store_true", help="skip the float GEMV sweep")
+    ap.add_argument("--no-a8-sweep", action="store_true", help="skip the int8-activation GEMV sweep")
     ap.add_argument("--mm-ms", default="16,128,512", help="row counts of the tl.dot sweep (comma-separated)")
+    ap.add_argument("--gemv-ms", default="1,2,4", help="row counts of the GEMV sweeps (comma-separated)")
+    ap.add_argument("--shapes", default=None, help="N x K shapes instead of the 8B ones, e.g. 1024x4096,6144x4096")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.shapes:
+        SHAPES[:] = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     if not args.no_table:
         table([int(m) for m in args.ms.split(",")])
     if args.sweep:
         sweep(args.sweep_formats.split(","), mm=not args.no_mm_sweep, gemv=not args.no_gemv_sweep,
-              mm_ms=tuple(int(m) for m in args.mm_ms.split(",")))
+              mm_ms=tuple(int(m) for m in args.mm_ms.split(",")), a8_sweep=not args.no_a8_sweep,
+              gemv_ms=tuple(int(m) for m in args.gemv_ms.split(",")))

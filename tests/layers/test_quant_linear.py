@@ -79,6 +79,10 @@ def test_fused_permuted_bias_and_fallbacks():
     mixed = Linear.fused([parts[1], q8, dense[2]], bias[1:] + bias[2:])
     assert [type(p.packed) for p in mixed.parts] == [Int4Weight, Int4Weight, type(None)]
     close(mixed(x), x @ torch.cat([dense[1], q8.dequantize(), dense[2]]).T + torch.cat(bias[1:] + bias[2:]))
+    # adjacent same-format weights (Q4_K q/k before a Q6_K v) still fuse: one matmul per run
+    runs = Linear.fused([parts[1], parts[2], q8])
+    assert [p.packed.out_features for p in runs.parts] == [32, 16]
+    close(runs(x), x @ torch.cat([dense[1], dense[2], q8.dequantize()]).T)
     # batch invariance within the int4 kernel: each row's result is the same alone or inside a batch of any size
     # (with a dense copy, calls from dense_min_rows rows on run the bf16 GEMM instead: tests/layers/test_cpu_decode.py)
     head = Linear(q8)

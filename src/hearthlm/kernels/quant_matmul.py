@@ -300,14 +300,15 @@ def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
 
 def mm_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     """Tiles of the tl.dot kernel from an H100 sweep (benchmarks/quant_matmul_bench.py --sweep --no-gemv-sweep,
-    int4, Llama-3.1-8B shapes at M = 16, 64, 128): 256 weights of K per step, 2 stages; wide-N projections
-    (N >= 2 K) take narrower N tiles without split-K."""
+    int4, Llama-3.1-8B shapes at M = 16, 64, 128): 64 code words of K per step (256 4-bit weights, 128 8-bit),
+    2 stages; wide-N projections (N >= 2 K) take narrower N tiles without split-K."""
     wide = n >= 2 * k
+    bk = 256 if bits == 4 else 128  # the same 64 code words a step (8-bit codes at 256 overflow shared memory)
     if m <= 16:
-        return KernelConfig(16, 64, 256, 1, 4, 4) if wide else KernelConfig(16, 128, 256, 0, 8, 4)
+        return KernelConfig(16, 64, bk, 1, 4, 4) if wide else KernelConfig(16, 128, bk, 0, 8, 4)
     if m <= 64:
-        return KernelConfig(64, 64, 256, 1, 4, 2) if wide else KernelConfig(64, 128, 256, 0, 4, 2)
-    return KernelConfig(128, 128, 256, 1 if wide else 0, 8, 2)
+        return KernelConfig(64, 64, bk, 1, 4, 2) if wide else KernelConfig(64, 128, bk, 0, 4, 2)
+    return KernelConfig(128, 128, bk, 1 if wide else 0, 8, 2)
 
 
 def _splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:

@@ -1,9 +1,10 @@
 """Weights kept quantized on the GPU.
 
-  QuantWeight  group-wise codes for kernels/quant_matmul.py, repacked from a GroupQuant at load into its
-               16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4) four per word; 5/6/8-bit codes
-               (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in float16 (float32 when a
-               value would lose range in float16). Serves as a Linear weight and as a (row-gathered) embedding.
+  QuantWeight  group-wise codes for kernels/quant_matmul.py (decode rows: kernels/quant_gemv_a8.py), repacked
+               from a GroupQuant at load into its 16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4) four
+               per word; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in
+               float16 (float32 when a value would lose range in float16). Serves as a Linear weight and as a
+               (row-gathered) embedding.
   Fp8Weight    e4m3 weights with one float32 scale per output channel. Up to FP8_GEMV_MAX_M rows: the decode
                GEMV (kernels/gemv.py) reads the codes directly (W8A16, activations untouched); more rows:
                activations scaled per token at run time (dynamic, one kernel: kernels/fp8_quant.py), product on
@@ -18,6 +19,8 @@ from ..kernels.fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from ..kernels.gemv import MAX_M as _GEMV_ROWS
 from ..kernels.gemv import USE_GEMV, gemv_triton
 from ..kernels._triton_utils import use_triton
+from ..kernels.quant_gemv_a8 import MAX_M as _A8_ROWS
+from ..kernels.quant_gemv_a8 import USE_GEMV_A8, quant_gemv_a8_triton
 from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
 
@@ -76,7 +79,9 @@ class QuantWeight:
                            p.bits, p.group, p.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype
+        # x: [M, K] -> [M, N] in x.dtype; decode rows: int8 activations and dp4a (kernels/quant_gemv_a8.py)
+        if 0 < x.shape[0] <= _A8_ROWS and USE_GEMV_A8 and use_triton(x):
+            return quant_gemv_a8_triton(x, self.codes, self.scale, self.mins, self.bits, self.group)
         return quant_matmul(x, self.codes, self.scale, self.mins, self.bits, self.group)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

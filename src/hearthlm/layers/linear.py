@@ -20,6 +20,16 @@ Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
 GEMV_MAX_M = 2  # dense CUDA weights: up to this many rows kernels.gemv runs instead of cuBLAS (faster on H100 to M=2)
 
 
+def _same_format(a: Weight, b: Weight) -> bool:
+    """Whether Linear.fused can concatenate a and b into one weight."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (GroupQuant, QuantWeight)):
+        return (a.bits, a.group) == (b.bits, b.group) and \
+            (not isinstance(a, GroupQuant) or a.codes.dtype == b.codes.dtype)
+    return True
+
+
 class Linear:
     def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
         """weight: [out_features, in_features]. The kernel may depend on the row count, so a sequence's output can
@@ -56,8 +66,15 @@ class Linear:
             return cls(QuantWeight.cat(weights), bias)
         if all(isinstance(w, Fp8Weight) for w in weights):
             return cls(Fp8Weight.cat(weights), bias)
-        fused = cls(torch.empty(0), bias)  # mixed formats (e.g. Q4_K q/k with a Q6_K v): one matmul per part
-        fused.parts = [cls(w) for w in weights]
+        # mixed formats (e.g. Q4_K q/k with a Q6_K v): one matmul per run of adjacent same-format weights
+        runs: list[list[Weight]] = []
+        for w in weights:
+            if runs and _same_format(runs[-1][-1], w):
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+        fused = cls(torch.empty(0), bias)
+        fused.parts = [cls.fused(r) for r in runs]
         return fused
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
