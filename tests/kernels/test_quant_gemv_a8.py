@@ -119,3 +119,45 @@ def test_gpu_gemv_a8_cuda_graph():
     torch.cuda.synchronize()
     want = a8.quant_gemv_a8_ref(*a8.quantize_x_ref(x, 4), codes, scale, mins, 4, 32)
     check(out.float(), want, 1e-2)
+
+
+@interp
+@pytest.mark.parametrize("bits", [4, 8])
+def test_interp_producers_quantize_their_output(bits):
+    """RMSNorm (+ residual) and SiLU*mul emit x quantized as quantize_x_ref would, in their own launch."""
+    from hearthlm.kernels.activation import _act_and_mul_triton
+    from hearthlm.kernels.rmsnorm import rms_norm_triton
+
+    def same(xa, out):
+        rq, rd, rs = a8.quantize_x_ref(out, bits)
+        torch.testing.assert_close(xa.dx, rd)
+        torch.testing.assert_close(xa.xs, rs)
+        assert int((xa.xq.int() - rq.int()).abs().max()) <= 1
+
+    h, res, w = torch.randn(3, 96), torch.randn(3, 96), torch.rand(96) + 0.5  # hidden 96: a partial power-of-2 block
+    xa = a8.empty_quantized_x(3, 96, bits, h.device)
+    out, _ = rms_norm_triton(h, w, 1e-6, res, xa=xa)
+    same(xa, out)
+    g = torch.randn(2, 2 * 1056)  # inter 1056: two programs of 1024, the second mostly masked
+    xa = a8.empty_quantized_x(2, 1056, bits, g.device)
+    same(xa, _act_and_mul_triton(g, False, xa))
+
+
+@pytest.mark.gpu
+def test_gpu_producers_feed_the_gemv():
+    from hearthlm.kernels import rms_norm_a8, silu_and_mul_a8
+
+    codes, scale, mins = make_weight(2048, 4096, 4, 32, True, device="cuda", scale_dtype=torch.float16)
+    h = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(h)
+    w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    x, new_res, xa = rms_norm_a8(h, w, 1e-6, res, 4)
+    assert xa is not None and new_res is not None
+    own = a8.quant_gemv_a8_triton(x, codes, scale, mins, 4, 32)
+    torch.testing.assert_close(a8.quant_gemv_a8_triton(x, codes, scale, mins, 4, 32, xa=xa), own, rtol=2e-2,
+                               atol=2e-2 * float(own.abs().max()))
+    a, xa = silu_and_mul_a8(torch.randn(3, 2 * 4096, device="cuda", dtype=torch.bfloat16), 8)
+    rq, rd, rs = a8.quantize_x_ref(a, 8)
+    torch.testing.assert_close(xa.dx, rd)
+    torch.testing.assert_close(xa.xs, rs)
+    assert int((xa.xq.int() - rq.int()).abs().max()) <= 1

@@ -243,3 +243,28 @@ def test_gpu_tiny_llama_quantization(tiny, quantization, bound):
     assert isinstance(packed, Fp8Weight if quantization == "fp8" else QuantWeight)
     got = _logits(llm, prompt)
     assert rel(got, ref) < bound, rel(got, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_int8_activations_follow_the_float_gemv(tiny, monkeypatch):
+    """Steps of <= 4 rows run the dp4a GEMV with x quantized by RMSNorm / SiLU*mul in their own launches: logits
+    stay within int8 rounding of x of the float GEMV's, and decoding (CUDA graphs) starts the same."""
+    from hearthlm import LLM, SamplingParams
+    from hearthlm.layers import gpu_quant
+
+    prompt = prompts_of(1, [3], seed=31)[0]  # 3 rows: the decode GEMVs, eagerly
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    logits, tokens = {}, {}
+    for a8 in (True, False):
+        monkeypatch.setattr(gpu_quant, "USE_GEMV_A8", a8)
+        llm = LLM(model=tiny.path("llama"), dtype="bfloat16", device="cuda", max_model_len=256, max_num_seqs=4,
+                  quantization="int4")
+        layer = llm.engine.runner.model.layers[0]
+        assert (layer.qkv.a8_bits(3, torch.device("cuda")) == 4) == a8
+        logits[a8] = _logits(llm, prompt)
+        tokens[a8] = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        del llm
+    assert rel(logits[True], logits[False]) < 0.03, rel(logits[True], logits[False])
+    top2 = logits[False][-1].topk(2).values
+    if float(top2[0] - top2[1]) > 0.05 * float(logits[False][-1].std()):  # not a near-tie
+        assert tokens[True][0] == tokens[False][0], tokens

@@ -4,11 +4,11 @@ Triton runs when the inputs are CUDA tensors and triton imports; otherwise the `
 (CPU is a first-class target). HEARTHLM_KERNELS=torch forces the references everywhere.
 """
 from ._triton_utils import HAS_TRITON
-from .activation import gelu_tanh_and_mul, silu_and_mul
+from .activation import gelu_tanh_and_mul, silu_and_mul, silu_and_mul_a8
 from .cache_write import reshape_and_cache
 from .paged_attention import paged_decode_attention
 from .prefill_attention import paged_prefill_attention
-from .rmsnorm import rms_norm
+from .rmsnorm import rms_norm, rms_norm_a8
 from .rope import apply_rope_, build_cos_sin_cache, can_fuse_kv_write, rope_inv_freq
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "paged_prefill_attention",
     "reshape_and_cache",
     "rms_norm",
+    "rms_norm_a8",
     "rope_inv_freq",
     "silu_and_mul",
+    "silu_and_mul_a8",
 ]

@@ -74,6 +74,22 @@ def quant_gemv_a8_ref(xq: torch.Tensor, dx: torch.Tensor, xs: torch.Tensor, code
 
 
 @dataclass(frozen=True)
+class QuantizedX:
+    """x as the dp4a GEMV reads it: xq [M, K] int8 in storage order, dx / xs [M, C] float32, for `bits`-bit
+    codes. Producers of a decode GEMV's input (RMSNorm, SiLU*mul) can emit it in their own launch."""
+    xq: torch.Tensor
+    dx: torch.Tensor
+    xs: torch.Tensor
+    bits: int
+
+
+def empty_quantized_x(m: int, k: int, bits: int, device: torch.device) -> QuantizedX:
+    c = k * bits // 128
+    d = torch.empty((2, m, c), device=device, dtype=torch.float32)
+    return QuantizedX(torch.empty((m, k), device=device, dtype=torch.int8), d[0], d[1], bits)
+
+
+@dataclass(frozen=True)
 class A8Config:
     block_n: int  # rows of W per program
     block_w: int  # 32-bit code words per row per K step (4 per chunk)
@@ -100,27 +116,38 @@ if HAS_TRITON:
     from .gemv import _join_rows
 
     @triton.jit
+    def _quantize_store(v, c0, n_chunks, q_row, d_row, s_row, T: tl.constexpr, BLOCK: tl.constexpr):
+        """v: [BLOCK] float32 x values in K order from chunk c0 on (BLOCK a multiple of the chunk; values past
+        the row zero): int8 codes stored at their storage positions, dx and xs per chunk (chunks < n_chunks)."""
+        CH: tl.constexpr = 8 * T
+        H: tl.constexpr = T // 2
+        v2 = tl.reshape(v, [BLOCK // CH, CH])
+        amax = tl.max(tl.abs(v2), axis=1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        u = v2 * inv[:, None]
+        q = tl.where(u >= 0, tl.floor(u + 0.5), -tl.floor(0.5 - u))
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        j = tl.arange(0, CH)  # K offset in the chunk -> storage index (the inverse of x_perm)
+        t = j // 8
+        word = j % 8
+        i = 16 * (t % H) + 4 * (word // 2) + t // H + 2 * (word % 2)
+        c = c0 + tl.arange(0, BLOCK // CH)
+        cm = c < n_chunks
+        tl.store(q_row + c[:, None] * CH + i[None, :], q.to(tl.int8), mask=cm[:, None])
+        tl.store(d_row + c, amax / 127.0, mask=cm)
+        tl.store(s_row + c, tl.sum(v2, axis=1), mask=cm)
+
+    @triton.jit
     def _quant_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, C, stride_xm, stride_qm, stride_dm,
                         T: tl.constexpr, BLOCK_C: tl.constexpr):
-        # one program: BLOCK_C chunks of one row; x read in storage order (a gather inside each chunk)
-        CH: tl.constexpr = 8 * T
+        # one program: BLOCK_C chunks of one row
+        BLOCK: tl.constexpr = BLOCK_C * 8 * T
         row = tl.program_id(0)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        i = tl.arange(0, CH)
-        h = i // 16
-        p = (i // 4) % 4
-        b = i % 4
-        koff = 8 * ((b & 1) * (T // 2) + h) + 2 * p + (b >> 1)
-        cm = (c < C)[:, None]
-        x = tl.load(x_ptr + row * stride_xm + c[:, None] * CH + koff[None, :], mask=cm, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-        v = x * inv[:, None]
-        q = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + c[:, None] * CH + i[None, :], q.to(tl.int8), mask=cm)
-        tl.store(d_ptr + row * stride_dm + c, amax / 127.0, mask=c < C)
-        tl.store(s_ptr + row * stride_dm + c, tl.sum(x, axis=1), mask=c < C)
+        c0 = tl.program_id(1) * BLOCK_C
+        offs = c0 * 8 * T + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < C * 8 * T, other=0.0).to(tl.float32)
+        _quantize_store(x, c0, C, q_ptr + row * stride_qm, d_ptr + row * stride_dm, s_ptr + row * stride_dm, T,
+                        BLOCK)
 
     @triton.jit
     def _dp4a(a, b, acc, ASM: tl.constexpr):
@@ -258,14 +285,17 @@ def quantize_x_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
 
 def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
                          bits: int, group: int, cfg: A8Config | None = None,
-                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         out_dtype: torch.dtype | None = None, xa: QuantizedX | None = None) -> torch.Tensor:
     """x: [M, K] (M <= MAX_M; K % 32 == 0 for 4-bit codes, % 16 for 8-bit) -> [M, N] in out_dtype or x.dtype:
-    quantize x (one small launch), then the dp4a GEMV."""
+    quantize x (one small launch) unless its producer did (xa, for these bits), then the dp4a GEMV."""
     m, k = x.shape
     n, w16 = codes.shape
     assert 1 <= m <= MAX_M and codes.dtype == torch.int16 and codes.is_contiguous() and w16 * 16 // bits == k
     assert group % (128 // bits) == 0 and scale.is_contiguous() and scale.shape == (n, k // group)
-    xq, dx, xs = quantize_x_triton(x, bits)
+    if xa is not None and xa.bits == bits and xa.xq.shape == (m, k):
+        xq, dx, xs = xa.xq, xa.dx, xa.xs
+    else:
+        xq, dx, xs = quantize_x_triton(x, bits)
     w32 = w16 // 2
     cfg = cfg or a8_config(m, n, w32, bits)
     out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
@@ -278,5 +308,5 @@ def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
     return out
 
 
-__all__ = ["A8Config", "MAX_M", "USE_GEMV_A8", "a8_config", "quant_gemv_a8_ref", "quant_gemv_a8_triton",
+__all__ = ["A8Config", "MAX_M", "QuantizedX", "USE_GEMV_A8", "a8_config", "empty_quantized_x", "quant_gemv_a8_ref", "quant_gemv_a8_triton",
            "quantize_x_ref", "quantize_x_triton", "x_perm"]

@@ -20,7 +20,7 @@ from ..kernels.gemv import MAX_M as _GEMV_ROWS
 from ..kernels.gemv import USE_GEMV, gemv_triton
 from ..kernels._triton_utils import use_triton
 from ..kernels.quant_gemv_a8 import MAX_M as _A8_ROWS
-from ..kernels.quant_gemv_a8 import USE_GEMV_A8, quant_gemv_a8_triton
+from ..kernels.quant_gemv_a8 import USE_GEMV_A8, QuantizedX, quant_gemv_a8_triton
 from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
 
@@ -78,10 +78,18 @@ class QuantWeight:
         return QuantWeight(torch.cat([q.codes for q in parts]), torch.cat([q.scale.to(sdt) for q in parts]), mins,
                            p.bits, p.group, p.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype; decode rows: int8 activations and dp4a (kernels/quant_gemv_a8.py)
-        if 0 < x.shape[0] <= _A8_ROWS and USE_GEMV_A8 and use_triton(x):
-            return quant_gemv_a8_triton(x, self.codes, self.scale, self.mins, self.bits, self.group)
+    def a8_bits(self, rows: int, device: torch.device) -> int | None:
+        """Code bits of the int8-activation decode GEMV if it serves `rows` rows on `device`, else None: x's
+        producer may then quantize it for this weight (QuantizedX)."""
+        if 0 < rows <= _A8_ROWS and USE_GEMV_A8 and device.type == "cuda" and use_triton(self.codes):
+            return self.bits
+        return None
+
+    def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype; decode rows: int8 activations and dp4a (kernels/quant_gemv_a8.py), x
+        # quantized by its producer when xa matches these codes
+        if self.a8_bits(x.shape[0], x.device) is not None:
+            return quant_gemv_a8_triton(x, self.codes, self.scale, self.mins, self.bits, self.group, xa=xa)
         return quant_matmul(x, self.codes, self.scale, self.mins, self.bits, self.group)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.gemv import USE_GEMV, gemv, gemv_supported
+from ..kernels.quant_gemv_a8 import QuantizedX
 from .gpu_quant import Fp8Weight, QuantWeight
 from .quant_linear import GroupQuant, Int4Weight, pack
 
@@ -77,19 +78,25 @@ class Linear:
         fused.parts = [cls.fused(r) for r in runs]
         return fused
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in_features] -> [..., out_features]
+    def a8_bits(self, rows: int, device: torch.device) -> int | None:
+        """Code bits of the int8-activation decode GEMV this layer (its first part) runs for `rows` rows, else
+        None: the producer of x may quantize it in its own launch and pass it as xa."""
+        first = self.parts[0] if self.parts is not None else self
+        return first.packed.a8_bits(rows, device) if isinstance(first.packed, QuantWeight) else None
+
+    def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]; xa: x pre-quantized for a QuantWeight's decode GEMV
         if self._cpu is not None and x.dim() == 2:
             return self._cpu(x)
         if self.parts is not None:
-            y = torch.cat([p(x) for p in self.parts], dim=-1)
+            y = torch.cat([p(x, xa) for p in self.parts], dim=-1)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
             if USE_GEMV and self.weight.is_cuda and gemv_supported(x, self.weight, self.bias, GEMV_MAX_M):
                 return gemv(x.view(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = self.packed(x2)
+        y = self.packed(x2, xa) if xa is not None and isinstance(self.packed, QuantWeight) else self.packed(x2)
         y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

@@ -16,6 +16,7 @@ from .. import kernels as K
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError
 from ..layers.activation import gated_act
+from ..kernels.quant_gemv_a8 import QuantizedX
 from ..layers.attention import AttentionMetadata, paged_attention
 from ..layers.linear import Linear
 from ..layers.norm import rms_norm
@@ -55,10 +56,11 @@ class LlamaLayer:
     def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w, self.cfg.rms_norm_eps, gemma=self.gemma)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor, xa: QuantizedX | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [num_tokens, hidden] -> q [T, heads, head_dim], k/v [T, kv_heads, head_dim] (views of one buffer)
         cfg, n = self.cfg, x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv(x, xa).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return (q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
                 v.view(n, cfg.num_kv_heads, cfg.head_dim))
 
@@ -101,12 +103,11 @@ class LlamaLayer:
         """GPU path with fused kernels: residual add inside RMSNorm, in-place RoPE, fused SiLU*mul.
         h: [num_tokens, hidden] (this layer's input delta) -> (delta, residual stream)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        if residual is None:
-            x, residual = K.rms_norm(h, self.input_norm, eps), h
-        else:
-            x, residual = K.rms_norm(h, self.input_norm, eps, residual=residual)
-        n = x.shape[0]
-        q, k, v = self.project_qkv(x)
+        n, dev = h.shape[0], h.device
+        # decode rows into int8-activation GEMVs: each producer quantizes its output in its own launch
+        x, new_res, xa = K.rms_norm_a8(h, self.input_norm, eps, residual, self.qkv.a8_bits(n, dev))
+        residual = h if residual is None else new_res
+        q, k, v = self.project_qkv(x, xa)
         kc, vc = kv_cache  # unscaled pools: RoPE's kernel stores k and v too (one launch less)
         write = (v, kc, vc, meta.groups[meta.layer_group[self.idx]].slot_mapping) \
             if K.can_fuse_kv_write(kc, vc) else None
@@ -114,8 +115,10 @@ class LlamaLayer:
                       write)
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
                             kv_written=write is not None)
-        x, residual = K.rms_norm(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual=residual)
-        return self.down(K.silu_and_mul(self.gate_up(x))), residual
+        x, residual, xa = K.rms_norm_a8(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual,
+                                        self.gate_up.a8_bits(n, dev))
+        a, xa = K.silu_and_mul_a8(self.gate_up(x, xa), self.down.a8_bits(n, dev))
+        return self.down(a, xa), residual
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
