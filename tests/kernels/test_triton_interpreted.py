@@ -28,6 +28,20 @@ def test_decode(decode_case, softcap, window, num_splits):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_longest_first_order(decode_case, num_splits):
+    """seq_order only changes which program takes which sequence: results are bit-identical."""
+    pb, q = decode_case([5, 75, 30, 1, 52], num_heads=6, num_kv_heads=2, block_size=12)
+    lens = torch.tensor([5, 75, 30, 0, 52], dtype=torch.int32)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, lens, 0.2)
+    order = torch.from_numpy(pa.decode_order_of(lens.numpy()))
+    assert order.tolist() == [1, 4, 2, 0, 3]
+    plain = pa.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=16)
+    got = pa.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=16, seq_order=order)
+    assert torch.equal(got, plain)
+    torch.testing.assert_close(got, pa.paged_decode_attention_ref(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_decode_fp16_zero_length(decode_case):
     pb, q = decode_case([40, 9], dtype=torch.float16)
     seq_lens = torch.tensor([40, 0], dtype=torch.int32)

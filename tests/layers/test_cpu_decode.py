@@ -1,23 +1,19 @@
-"""CPU decode path: its shortcuts (fused RMSNorm call, one RoPE over q and k, index_select gathers, the additive
-mask built once a step, bf16 results added to the float32 stream, the vectorized greedy argmax) give the same bits
-as the plain formulas; the dense bf16 GEMM that multi-row calls take stays within bf16 rounding of
-dequantize-then-matmul; the default model's batched greedy output equals its batch-1 output up to near-tie logits."""
+"""CPU decode path: its shortcuts (fused RMSNorm call, one RoPE over q and k, bf16 results added to the float32
+stream, the vectorized greedy argmax) give the same bits as the plain formulas (attention: test_attention.py); the
+dense bf16 GEMM that multi-row calls take stays within bf16 rounding of dequantize-then-matmul; the default model's
+batched greedy output equals its batch-1 output up to near-tie logits."""
 from __future__ import annotations
 
 import gc
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from hearthlm.kernels.kv_quant import flat_view, gather_dequant, quantize_pool
 from hearthlm.layers import quant_linear
-from hearthlm.layers.attention import paged_attention_ref
 from hearthlm.layers.linear import Linear
 from hearthlm.layers.norm import rms_norm
 from hearthlm.layers.quant_linear import Int4Weight, unpack_gguf
 from hearthlm.layers.rotary import Rotary, apply_rotary
-from hearthlm.runtime.runner import Batch
 from hearthlm.runtime.sampler import greedy_tokens
 
 from ..conftest import assert_diverges_only_at_near_ties, needs_default_model, prompts_of
@@ -57,50 +53,6 @@ def test_rope_over_q_and_k_together_is_hf_rotate_half_bit_for_bit(scaling):
     assert torch.equal(out[:, :heads], hf(qk[:, :heads])) and torch.equal(out[:, heads:], hf(qk[:, heads:]))
     qb = qk.bfloat16()  # a bf16 projection (CPU int4 weights) is upcast exactly by the float32 products
     assert out.dtype == torch.float32 and torch.equal(apply_rotary(qb, cos, sin), hf(qb.float()))
-
-
-def _old_reference(q, k_cache, v_cache, gm, scale):
-    """The reference path before the CPU shortcuts: advanced-index gathers, bool mask, scatter."""
-    k_flat, v_flat = flat_view(k_cache), flat_view(v_cache)
-    out = torch.empty_like(q)
-    for sb in gm.sub_batches:
-        qp = q[sb.token_index].transpose(1, 2)
-        kp = gather_dequant(k_flat, sb.key_slots, q.dtype).transpose(1, 2)
-        vp = gather_dequant(v_flat, sb.key_slots, q.dtype).transpose(1, 2)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sb.mask, scale=scale,
-                                            enable_gqa=q.shape[1] != k_cache.shape[2]).transpose(1, 2)
-        out[sb.token_index[sb.valid_q]] = op[sb.valid_q]
-    return out
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: sliding window 24
-@pytest.mark.parametrize("case", ["decode", "single", "mixed"])
-@pytest.mark.parametrize("kv", ["auto", "int8"])
-def test_reference_attention_equals_the_plain_gather(engine_for, family, case, kv):
-    runner = engine_for(family, max_model_len=256, max_num_seqs=8).engine.runner
-    cfg, bs = runner.cfg, runner.block_size
-    g = torch.Generator().manual_seed(3)
-    starts = {"decode": [40, 7, 70, 0], "single": [33], "mixed": [40, 0, 70, 12]}[case]
-    q_lens = {"decode": [1, 1, 1, 1], "single": [1], "mixed": [1, 9, 1, 5]}[case]
-    blocks = torch.randperm(60, generator=g)[:40].add(1).tolist()  # scattered, never the null block 0
-    tables, used = [], 0
-    for s, n in zip(starts, q_lens):
-        need = -(-(s + n) // bs)
-        tables.append([blocks[used:used + need]] * len(runner.windows))
-        used += need
-    batch = Batch([[5] * n for n in q_lens], starts, tables, [None] * len(starts))
-    _, _, meta, _ = runner.prepare(batch)
-    gm = meta.groups[meta.layer_group[0]]
-    shape = (64, bs, cfg.num_kv_heads, cfg.head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    if kv == "int8":
-        k_cache, v_cache = quantize_pool(k_cache, "int8"), quantize_pool(v_cache, "int8")
-    q = torch.randn(sum(q_lens), cfg.num_heads, cfg.head_dim, generator=g)
-    want = _old_reference(q, k_cache, v_cache, gm, cfg.attn_scale)
-    assert torch.equal(paged_attention_ref(q, k_cache, v_cache, gm, cfg.attn_scale, None), want)
-    # the per-step plan is computed by the first layer and reused
-    assert all(sb.plan is not None for sb in gm.sub_batches)
-    assert torch.equal(paged_attention_ref(q, k_cache, v_cache, gm, cfg.attn_scale, None), want)
 
 
 @pytest.mark.parametrize("type_name,k", [("Q4_1", 576), ("Q4_K", 768), ("Q8_0", 576), ("Q5_0", 160)])

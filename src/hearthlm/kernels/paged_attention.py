@@ -16,6 +16,7 @@ without the scales (KV_QUANT without KV_SCALED).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
@@ -23,6 +24,7 @@ from .kv_quant import KVPool, as_bytes, attention_pools, gather_dequant
 
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
+ORDERED_UNSPLIT_PER_SM = 3  # see _num_splits (32 sequences x 8 kv heads, 2 a SM, still gain from splits)
 
 if HAS_TRITON:
     import triton
@@ -83,7 +85,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
         out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
         k_scale_ptr, v_scale_ptr,
         scale, softcap, window,
@@ -94,7 +96,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HEADS_INNER: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HEADS_INNER: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
         if HEADS_INNER:  # the kv heads of one sequence run side by side: they share its blocks' DRAM rows
             kvh = tl.program_id(0)
@@ -102,6 +104,8 @@ if HAS_TRITON:
         else:
             seq = tl.program_id(0)
             kvh = tl.program_id(1)
+        if HAS_ORDER:  # programs take sequences longest context first: no long one starts in the last wave
+            seq = tl.load(order_ptr + seq)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
         start = 0
@@ -242,10 +246,14 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool
 # ---------------------------------------------------------------------------------------------
 
 def _num_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.device,
-                programs_per_sm: int = 20) -> int:
+                programs_per_sm: int = 20, ordered: bool = False) -> int:
     """About programs_per_sm programs per SM (rounded: one split while the batch alone nearly fills that),
     at least _MIN_TOKENS_PER_SPLIT keys each. H100, Qwen3-0.6B shape, mixed context lengths
-    (benchmarks/decode_attn_sweep.py): 20 picks within 1-3% of the best split count from 32 to 256 sequences."""
+    (benchmarks/decode_attn_sweep.py): 20 picks within 1-3% of the best split count from 32 to 256 sequences.
+    Programs taking sequences longest first (ordered) need no split from ORDERED_UNSPLIT_PER_SM (sequence, kv
+    head) programs per SM on: 64 and 128 sequences ran 10% faster that way than with any split count."""
+    if ordered and num_seqs * num_kv_heads >= ORDERED_UNSPLIT_PER_SM * num_sms(device):
+        return 1
     by_length = -(-max_ctx // _MIN_TOKENS_PER_SPLIT)
     by_occupancy = round(programs_per_sm * num_sms(device) / max(1, num_seqs * num_kv_heads))
     return max(1, min(by_length, by_occupancy, _MAX_SPLITS))
@@ -256,9 +264,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
                                   softcap: float | None = None, window: int | None = None,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                                  heads_inner: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                                  heads_inner: bool = True, out: torch.Tensor | None = None,
+                                  seq_order: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim] -> out: [num_seqs, num_heads, head_dim] (q.dtype)
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
+    # seq_order: [num_seqs] int32, a permutation, longest context first: the order programs take sequences in
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
@@ -274,7 +284,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         if window is not None:
             max_ctx = min(max_ctx, window)
-        num_splits = _num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
+        num_splits = _num_splits(num_seqs, num_kv_heads, max_ctx, q.device, ordered=seq_order is not None)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -286,7 +296,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         block_n = 128 if block_d <= 64 or (block_d <= 128 and num_splits == 1) else 64  # and 2-3% unsplit at 128
     grid = (num_kv_heads, num_seqs, num_splits) if heads_inner else (num_seqs, num_kv_heads, num_splits)
     _decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_m, part_l, k_scales, v_scales,
+        q, k_cache, v_cache, block_tables, seq_lens, seq_order if seq_order is not None else seq_lens, out,
+        part_out, part_m, part_l, k_scales, v_scales,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -298,7 +309,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
         FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled, HEADS_INNER=heads_inner,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_ORDER=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -312,7 +323,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
 def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            softcap: float | None = None, window: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each sequence's single new token (position seq_len - 1) over its cached context.
 
     q: [num_seqs, num_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -320,13 +331,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. the new token)
     softcap: logits = softcap * tanh(logits / softcap) after scaling; window: attend p - window < pos <= p.
     returns [num_seqs, num_heads, head_dim] in q.dtype (zeros for seq_len == 0), in `out` when given.
+    seq_order: optional [num_seqs] int32 permutation, longest context first (decode_order_of): only the order the
+    kernel's programs take sequences in (and its split rule); results are the same.
     """
     if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window,
-                                             out=out)
+                                             out=out, seq_order=seq_order)
     res = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window)
     return res if out is None else out.copy_(res)
 
 
-__all__ = ["attend_ref", "gather_kv", "paged_decode_attention", "paged_decode_attention_ref",
+def decode_order_of(seq_lens: np.ndarray) -> np.ndarray:
+    """Sequence indices, longest context first (stable): a decode step's seq_order, computed on the host."""
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
+
+
+__all__ = ["attend_ref", "decode_order_of", "gather_kv", "paged_decode_attention", "paged_decode_attention_ref",
            "paged_decode_attention_triton"]

@@ -1,13 +1,14 @@
 """Opt-in torch.compile of the CPU decode step: `--compile`, LLM(cpu_compile=True) or HEARTH_CPU_COMPILE=1.
 
 Decode-only steps on the CPU run the layer stack and the final norm as one inductor graph (C++ backend): the small
-ops between the opaque calls fuse into a few loops a layer (norm formula + bf16 cast, RoPE + KV write + key gather,
-SiLU * up, residual adds), while the int4 and oneDNN matmuls, SDPA and the norms' row sums (layers/norm.py) stay
-ATen calls, so every value is bit for bit the eager path's (tests/test_cpu_compile.py). The embedding, RoPE's
-cos/sin, prefill and mixed steps, and Gemma 2 run eagerly. Graphs: 1 row (dynamo specializes it), and one per
-matmul regime of the row count (Int4Weight.dense_min_rows) with symbolic rows and context length; each compiles on
-first use and is cached on disk by inductor (TORCHINDUCTOR_CACHE_DIR). SmolLM2-135M Q4_1 on 2 cores: ~25-30 s a
-graph with a cold cache, ~5 s with a warm one; decode 1.4x (batch 1) and 1.2x (16 rows) the eager speed.
+ops between the opaque calls fuse into a few loops a layer (norm formula + bf16 cast, RoPE + KV write, SiLU * up,
+residual adds), while the int4 and oneDNN matmuls, the decode attention (an opaque op, layers/attention.py) and
+the norms' row sums (layers/norm.py) stay ATen calls, so every value is bit for bit the eager path's
+(tests/test_cpu_compile.py). The embedding, RoPE's cos/sin, prefill and mixed steps, and Gemma 2 run eagerly.
+Graphs: 1 row (dynamo specializes it), and one per matmul regime of the row count (Int4Weight.dense_min_rows) with
+symbolic rows and context length; each compiles on first use and is cached on disk by inductor
+(TORCHINDUCTOR_CACHE_DIR). SmolLM2-135M Q4_1 on 2 cores: ~25-30 s a graph with a cold cache, ~5 s with a warm one;
+decode 1.4x (batch 1) and 1.2x (16 rows) the eager speed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import types
 import torch
 
 from ..errors import InvalidRequestError
-from ..layers.attention import AttentionMetadata, _cpu_plan
+from ..layers.attention import AttentionMetadata, _cpu_plan, uses_bags
 from ..layers.norm import rms_norm
 
 log = logging.getLogger("hearthlm")
@@ -87,15 +88,19 @@ class CpuDecodeGraph:
         dyn = torch._dynamo.maybe_mark_dynamic
         for t in (h, cos, sin):
             dyn(t, 0)
-        for gm in meta.groups:
+        cfg = self.model.cfg
+        for g, gm in enumerate(meta.groups):
             sb = gm.sub_batches[0]
-            slots, mask, whole = _cpu_plan(sb, n, h.dtype)  # reads tensor data: here, outside the graph
-            if mask is None and n > 1:  # one graph for masked and unmasked steps (SDPA adds +0.0: same bits)
-                mask = torch.zeros(n, 1, 1, sb.key_slots.shape[1], dtype=h.dtype)
-                sb.plan = (slots, mask, whole)
+            kv = kv_caches[meta.layer_group.index(g)]
+            # reads tensor data: here, outside the graph
+            plan = _cpu_plan(sb, n, h.dtype, cfg.num_heads, cfg.num_kv_heads, uses_bags(h.dtype, kv[1]))
+            if plan.mask is None and n > 1:  # one graph for masked and unmasked steps (adding +0.0: same bits)
+                plan.mask = torch.zeros(n, 1, 1, sb.key_slots.shape[1], dtype=h.dtype)
             dyn(gm.slot_mapping, 0)
-            dyn(slots, 0)
-            for t in (sb.key_slots, mask):  # [B, L], [B, 1, 1, L]
+            for t in (plan.slots, plan.key_rows, plan.bag_rows, plan.bag_offsets):
+                if t is not None:
+                    dyn(t, 0)
+            for t in (sb.key_slots, plan.mask):  # [B, L], [B, 1, 1, L]
                 if t is not None:
                     dyn(t, 0)
                     dyn(t, t.dim() - 1)

@@ -1,8 +1,9 @@
 """CUDA graphs for decode steps: one graph per batch size of a ladder, padded to the next size.
 
 All graph inputs live in two device buffers (int64: ids, source rows, positions, slots per group; int32:
-seq_lens, block tables per group) mirrored by two pairs of pinned host buffers (used alternately, so filling
-step N+1's inputs never races the copy of step N's), so a step costs a few async copies and one replay.
+seq_lens, the decode kernel's program order, block tables per group) mirrored by two pairs of pinned host
+buffers (used alternately, so filling step N+1's inputs never races the copy of step N's), so a step costs a
+few async copies and one replay.
 Padded rows write nowhere (slot -1) and attend to nothing (seq_len 0). A row whose source row is >= 0 takes
 its input id from `prev_tokens` (the previous step's sampled tokens, still on the device). Each graph writes
 its greedy argmax into `prev_tokens`; its logits are the head's raw output (model dtype) unless the model
@@ -16,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from ..kernels.paged_attention import decode_order_of
 from ..layers.attention import AttentionMetadata, GroupMeta
 
 log = logging.getLogger("hearthlm")
@@ -37,7 +39,7 @@ class DecodeGraphs:
         self.n = n
         self.prev_tokens = prev_tokens
         self.dev_i64 = torch.zeros((3 + g) * n, dtype=torch.long, device=device)
-        self.dev_i32 = torch.zeros(n + g * n * max_blocks, dtype=torch.int32, device=device)
+        self.dev_i32 = torch.zeros(2 * n + g * n * max_blocks, dtype=torch.int32, device=device)
         self.host = [(torch.zeros_like(self.dev_i64, device="cpu").pin_memory(),
                       torch.zeros_like(self.dev_i32, device="cpu").pin_memory()) for _ in range(2)]
         self.flip = 0
@@ -50,16 +52,16 @@ class DecodeGraphs:
         n, mb = self.n, self.max_blocks
         ids, src, pos = buf64[:n], buf64[n:2 * n], buf64[2 * n:3 * n]
         slots = [buf64[(3 + g) * n:(4 + g) * n] for g in range(len(self.windows))]
-        seq_lens = buf32[:n]
-        tables = [buf32[n + g * n * mb:n + (g + 1) * n * mb].view(n, mb) for g in range(len(self.windows))]
-        return ids, src, pos, slots, seq_lens, tables
+        seq_lens, order = buf32[:n], buf32[n:2 * n]
+        tables = [buf32[2 * n + g * n * mb:2 * n + (g + 1) * n * mb].view(n, mb) for g in range(len(self.windows))]
+        return ids, src, pos, slots, seq_lens, order, tables
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, src, pos, slots, seq_lens, tables = self._views(self.dev_i64, self.dev_i32)
+        ids, src, pos, slots, seq_lens, order, tables = self._views(self.dev_i64, self.dev_i32)
         groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
                   for s, t, w in zip(slots, tables, self.windows)]
         meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
-                                 max_query_len=1, use_kernels=True)
+                                 max_query_len=1, use_kernels=True, decode_order=order[:bs])
         rows = src[:bs]
         inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
         hidden = self.model.forward(inputs, pos[:bs], meta, self.kv_caches)
@@ -74,10 +76,11 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        _, src, _, slots, _, _ = self._views(self.dev_i64, self.dev_i32)
+        _, src, _, slots, _, order, _ = self._views(self.dev_i64, self.dev_i32)
         src.fill_(-1)
         for s in slots:
             s.fill_(-1)
+        order.copy_(torch.arange(self.n, dtype=torch.int32))
         for bs in reversed(self.sizes):
             self._forward(bs)  # warm-up: compiles Triton kernels outside the capture
             torch.cuda.synchronize()
@@ -124,7 +127,7 @@ class DecodeGraphs:
         n, mb, blk = self.n, self.max_blocks, self.block_size
         host_i64, host_i32 = self.host[self.flip]
         self.flip ^= 1
-        ids, src, pos, slots, seq_lens, tables = self._views(host_i64, host_i32)
+        ids, src, pos, slots, seq_lens, order, tables = self._views(host_i64, host_i32)
         ids[:b] = torch.tensor(token_ids)
         src[:bs] = -1
         if prev_rows is not None:
@@ -133,6 +136,8 @@ class DecodeGraphs:
         pos[:b] = torch.from_numpy(p)
         seq_lens[:b] = torch.from_numpy(p + 1)
         seq_lens[b:bs] = 0
+        order[:b] = torch.from_numpy(decode_order_of(p))  # padding rows (length 0) keep their places after b
+        order[b:bs] = torch.arange(b, bs, dtype=torch.int32)
         rows = np.arange(b)
         for g, table in enumerate(self._table_rows(keys, block_tables)):
             tables[g][:b] = torch.from_numpy(table)
@@ -140,8 +145,9 @@ class DecodeGraphs:
             slots[g][b:bs] = -1
         self.dev_i64.copy_(host_i64, non_blocking=True)
         self.dev_i32[:bs].copy_(host_i32[:bs], non_blocking=True)
+        self.dev_i32[n:n + bs].copy_(host_i32[n:n + bs], non_blocking=True)
         for g in range(len(self.windows)):
-            lo = n + g * n * mb
+            lo = 2 * n + g * n * mb
             self.dev_i32[lo:lo + bs * mb].copy_(host_i32[lo:lo + bs * mb], non_blocking=True)
         graph, logits, tokens = self.graphs[bs]
         graph.replay()

@@ -14,6 +14,7 @@ import torch
 from ..config import CacheConfig, ModelConfig, SchedulerConfig
 from ..errors import OutOfMemoryError
 from ..kernels.kv_quant import KVPool, bytes_per_slot_head, new_pool, pool_nbytes
+from ..kernels.paged_attention import decode_order_of
 from ..layers.attention import AttentionMetadata, GroupMeta, SubBatch
 from ..models.llama import LlamaModel
 from .sampler import SampleRequest, SampleResult, needs_host_sampling, sample, sample_tokens
@@ -279,6 +280,9 @@ class ModelRunner:
             meta.seq_lens = seq_lens.to(dev, torch.int32)
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
             meta.num_decodes = num_decodes
+            d = len(seq_lens) if max_query_len == 1 else num_decodes
+            if d:
+                meta.decode_order = torch.from_numpy(decode_order_of(seq_lens[:d].numpy())).to(dev)
         return meta
 
     def _sub_batch(self, tables: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, q_lens: torch.Tensor,
