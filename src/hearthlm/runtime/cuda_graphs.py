@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ..kernels.paged_attention import decode_order_of
+from ..kernels.paged_attention import USE_DECODE_ORDER, decode_order_of
 from ..layers.attention import AttentionMetadata, GroupMeta
 
 log = logging.getLogger("hearthlm")
@@ -61,7 +61,8 @@ class DecodeGraphs:
         groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
                   for s, t, w in zip(slots, tables, self.windows)]
         meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
-                                 max_query_len=1, use_kernels=True, decode_order=order[:bs])
+                                 max_query_len=1, use_kernels=True,
+                                 decode_order=order[:bs] if USE_DECODE_ORDER else None)
         rows = src[:bs]
         inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
         hidden = self.model.forward(inputs, pos[:bs], meta, self.kv_caches)

@@ -14,7 +14,7 @@ import torch
 from ..config import CacheConfig, ModelConfig, SchedulerConfig
 from ..errors import OutOfMemoryError
 from ..kernels.kv_quant import KVPool, bytes_per_slot_head, new_pool, pool_nbytes
-from ..kernels.paged_attention import decode_order_of
+from ..kernels.paged_attention import USE_DECODE_ORDER, decode_order_of
 from ..layers.attention import AttentionMetadata, GroupMeta, SubBatch
 from ..models.llama import LlamaModel
 from .sampler import SampleRequest, SampleResult, needs_host_sampling, sample, sample_tokens
@@ -281,7 +281,7 @@ class ModelRunner:
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
             meta.num_decodes = num_decodes
             d = len(seq_lens) if max_query_len == 1 else num_decodes
-            if d:
+            if d and USE_DECODE_ORDER:
                 meta.decode_order = torch.from_numpy(decode_order_of(seq_lens[:d].numpy())).to(dev)
         return meta
 
