@@ -15,7 +15,7 @@ from hearthlm.kernels import quant_gemv_a8 as a8
 from hearthlm.kernels import quant_matmul as qm
 
 from .conftest import run_interpreted
-from .test_quant_matmul import check, interp, make_weight
+from .test_quant_matmul import check, interp, make_weight, replayed
 
 CASES = [(4, 32, True), (4, 64, False), (8, 16, False), (8, 32, True)]  # bits, group, has_min
 
@@ -110,13 +110,7 @@ def test_gpu_gemv_a8(n, k, bits, group, has_min, m):
 def test_gpu_gemv_a8_cuda_graph():
     codes, scale, mins = make_weight(1024, 4096, 4, 32, True, device="cuda", scale_dtype=torch.float16)
     x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
-    out = a8.quant_gemv_a8_triton(x, codes, scale, mins, 4, 32)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = a8.quant_gemv_a8_triton(x, codes, scale, mins, 4, 32)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replayed(lambda: a8.quant_gemv_a8_triton(x, codes, scale, mins, 4, 32), x)
     want = a8.quant_gemv_a8_ref(*a8.quantize_x_ref(x, 4), codes, scale, mins, 4, 32)
     check(out.float(), want, 1e-2)
 

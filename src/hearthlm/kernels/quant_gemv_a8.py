@@ -113,7 +113,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .gemv import _join_rows
+    from .quant_matmul import _chunk_scales, _store_rows, _w_rows
 
     @triton.jit
     def _quantize_store(v, c0, n_chunks, q_row, d_row, s_row, T: tl.constexpr, BLOCK: tl.constexpr):
@@ -201,18 +201,7 @@ if HAS_TRITON:
             q = tl.load(w_rows + j[None, :], mask=j_mask[None, :], other=0)
         else:
             q = tl.load(w_rows + j[None, :])
-        bn: tl.constexpr = q.shape[0]
-        # chunk index in the accumulator's layout (no layout conversion inside the loop)
-        chunk = tl.max(tl.reshape(tl.broadcast_to((j // 4)[None, :], q.shape), [bn, NCH, 4]), axis=2)
-        g = chunk * (8 * T) // GROUP
-        c_mask = chunk < W32 // 4
-        if MASKED:
-            s = tl.load(s_rows + g, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(s_rows + g).to(tl.float32)
-        mn = s
-        if HAS_MIN:
-            mn = tl.load(m_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        chunk, c_mask, s, mn = _chunk_scales(j, q, s_rows, m_rows, W32, MASKED, 4, T, GROUP, HAS_MIN)
         if T == 4:
             lo = q & 0x0F0F0F0F
             hi = (q >> 4) & 0x0F0F0F0F
@@ -241,15 +230,9 @@ if HAS_TRITON:
                         ASM: tl.constexpr):
         # quant_matmul._gemv_kernel's shape: one program per BLOCK_N rows of W over all of K, a thread's
         # 16-byte vector of code words = one chunk, per-chunk partial sums in registers, one reduction at the end
-        pid = tl.program_id(0)
-        stride_wn = tl.multiple_of(stride_wn, 4)
         stride_qm = tl.multiple_of(stride_qm, 4)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-        w_rows = w_ptr + rows[:, None] * stride_wn
-        s_rows = s_ptr + rows[:, None] * stride_sn
-        m_rows = m_ptr + rows[:, None] * stride_sn
+        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(w_ptr, s_ptr, m_ptr, N, tl.multiple_of(stride_wn, 4),
+                                                         stride_sn, BLOCK_N)
         a0 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)  # a1..a3: dead for rows >= BLOCK_M
         a2 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)
@@ -262,11 +245,7 @@ if HAS_TRITON:
         if w_full < W32:
             a0, a1, a2, a3 = _a8_tile(a0, a1, a2, a3, w_rows, s_rows, m_rows, xq_ptr, d_ptr, xs_ptr, stride_qm,
                                       stride_dm, w_full, W32, True, T, GROUP, HAS_MIN, BLOCK_M, BLOCK_W, ASM)
-        acc = tl.reshape(tl.sum(_join_rows(a0, a1, a2, a3, a0, a0, a0, a0, P), axis=1), [BLOCK_N, P])
-        r0 = tl.zeros_like(offs_n)
-        m = tl.reshape(_join_rows(r0, r0 + 1, r0 + 2, r0 + 3, r0, r0, r0, r0, P), [BLOCK_N, P])
-        tl.store(y_ptr + m * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & (m < BLOCK_M))
+        _store_rows(a0, a1, a2, a3, y_ptr, stride_ym, offs_n, n_mask, BLOCK_M, P)
 
 
 def quantize_x_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

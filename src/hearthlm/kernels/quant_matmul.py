@@ -122,6 +122,45 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _chunk_scales(wid, q, s_rows, m_rows, W, MASKED: tl.constexpr, WPC: tl.constexpr, T: tl.constexpr,
+                      GROUP: tl.constexpr, HAS_MIN: tl.constexpr):
+        """For a [BLOCK_N, words] tile q of code words (WPC words a chunk; wid: their index along the row): each
+        chunk's index, mask, scale and min as [BLOCK_N, chunks], computed in the per-chunk accumulators' layout
+        (no layout conversion inside the K loop)."""
+        bn: tl.constexpr = q.shape[0]
+        nch: tl.constexpr = q.shape[1] // WPC
+        chunk = tl.max(tl.reshape(tl.broadcast_to((wid // WPC)[None, :], q.shape), [bn, nch, WPC]), axis=2)
+        g = chunk * (8 * T) // GROUP
+        c_mask = chunk < W // WPC
+        if MASKED:
+            s = tl.load(s_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(s_rows + g).to(tl.float32)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        return chunk, c_mask, s, mn
+
+    @triton.jit
+    def _w_rows(w_ptr, s_ptr, m_ptr, N, stride_wn, stride_sn, BLOCK_N: tl.constexpr):
+        """This program's BLOCK_N rows of W: (offs_n, n_mask, code/scale/min row pointers [BLOCK_N, 1]); rows
+        past N are clamped to N - 1, so W loads need no mask along N."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+        return (offs_n, offs_n < N, w_ptr + rows[:, None] * stride_wn, s_ptr + rows[:, None] * stride_sn,
+                m_ptr + rows[:, None] * stride_sn)
+
+    @triton.jit
+    def _store_rows(a0, a1, a2, a3, y_ptr, stride_ym, offs_n, n_mask, BLOCK_M: tl.constexpr, P: tl.constexpr):
+        """y[m, n] = sum over chunks of a_m[n, :] for the BLOCK_M (<= 4) rows: one reduction for all rows."""
+        bn: tl.constexpr = a0.shape[0]
+        acc = tl.reshape(tl.sum(_join_rows(a0, a1, a2, a3, a0, a0, a0, a0, P), axis=1), [bn, P])
+        r0 = tl.zeros_like(offs_n)
+        m = tl.reshape(_join_rows(r0, r0 + 1, r0 + 2, r0 + 3, r0, r0, r0, r0, P), [bn, P])
+        tl.store(y_ptr + m * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (m < BLOCK_M))
+
+    @triton.jit
     def _qtile(a0, a1, a2, a3, w_rows, s_rows, m_rows, x_ptr, stride_xm, w0, W,
                MASKED: tl.constexpr, T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -133,18 +172,7 @@ if HAS_TRITON:
             q = tl.load(w_rows + wid[None, :], mask=w_mask[None, :], other=0).to(tl.int32)
         else:
             q = tl.load(w_rows + wid[None, :]).to(tl.int32)
-        # chunk -> scale group, computed in the accumulator's layout (no layout conversion in the loop)
-        bn: tl.constexpr = q.shape[0]
-        chunk = tl.max(tl.reshape(tl.broadcast_to((wid // 8)[None, :], q.shape), [bn, NCH, 8]), axis=2)
-        g = chunk * (8 * T) // GROUP
-        c_mask = chunk < W // 8
-        if MASKED:
-            s = tl.load(s_rows + g, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(s_rows + g).to(tl.float32)
-        mn = s
-        if HAS_MIN:
-            mn = tl.load(m_rows + g, mask=c_mask, other=0.0).to(tl.float32)
+        _, _, s, mn = _chunk_scales(wid, q, s_rows, m_rows, W, MASKED, 8, T, GROUP, HAS_MIN)
         kbase = (wid // 8) * (8 * T) + wid % 8
         v0 = _sub(q, 0, T)
         v1 = _sub(q, 1, T)
@@ -172,15 +200,9 @@ if HAS_TRITON:
         # words, the same element size as x, so a thread's 16-byte vector of words (one chunk) lines up with
         # its 16-byte vectors of x: no layout conversion (shared memory, barriers) inside the K loop. Per chunk
         # the thread sums code * x in registers and applies the chunk's scale once (and min * sum(x)).
-        pid = tl.program_id(0)
-        stride_wn = tl.multiple_of(stride_wn, 8)
         stride_xm = tl.multiple_of(stride_xm, 8)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: W loads need no mask along N
-        w_rows = w_ptr + rows[:, None] * stride_wn
-        s_rows = s_ptr + rows[:, None] * stride_sn
-        m_rows = m_ptr + rows[:, None] * stride_sn
+        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(w_ptr, s_ptr, m_ptr, N, tl.multiple_of(stride_wn, 8),
+                                                         stride_sn, BLOCK_N)
         a0 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)  # a1..a3: dead for rows >= BLOCK_M
         a2 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
@@ -192,11 +214,7 @@ if HAS_TRITON:
         if w_full < W:
             a0, a1, a2, a3 = _qtile(a0, a1, a2, a3, w_rows, s_rows, m_rows, x_ptr, stride_xm, w_full, W,
                                     True, T, GROUP, HAS_MIN, BLOCK_M, BLOCK_W)
-        acc = tl.reshape(tl.sum(_join_rows(a0, a1, a2, a3, a0, a0, a0, a0, P), axis=1), [BLOCK_N, P])
-        r0 = tl.zeros_like(offs_n)
-        m = tl.reshape(_join_rows(r0, r0 + 1, r0 + 2, r0 + 3, r0, r0, r0, r0, P), [BLOCK_N, P])
-        tl.store(y_ptr + m * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & (m < BLOCK_M))
+        _store_rows(a0, a1, a2, a3, y_ptr, stride_ym, offs_n, n_mask, BLOCK_M, P)
 
     @triton.jit
     def _mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
