@@ -12,7 +12,7 @@ scales (+ mins) + x + y, over the graph time), and the speed-up vs bf16 torch.ma
   int8   int8 codes, group 32, fp16 scale              (Q8_0, --quantization int8)
   q6k    int8 codes, group 16, fp16 scale              (Q6_K)
   fp8    e4m3 W, per-channel scales, dynamic per-token x scales, torch._scaled_mm (SM 8.9+)
-  <format>-a8  (M <= 4) the int8-activation dp4a GEMV (kernels/quant_gemv_a8.py, the engine's decode path),
+  <format>-a8  (a8.rows_supported(M)) the int8-activation dp4a GEMV (kernels/quant_gemv_a8.py, the engine's decode path),
          its x quantization launch included; the plain <format> row is the float GEMV
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def table(ms: list[int]) -> None:
 
             t = timed(rotating(quant, nbytes(codes, scale, mins)))
             rows.append((name, t, nbytes(codes, scale, mins, x) + m * n * 2, err))
-            if m <= a8.MAX_M:
+            if a8.rows_supported(m):
                 y = a8.quant_gemv_a8_triton(x, codes, scale, mins, bits, group)
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
 

@@ -76,7 +76,8 @@ def test_interp_quantize_x(bits):
 
 
 @interp
-@pytest.mark.parametrize("bits,group,has_min,m", [c + (3,) for c in CASES] + [(4, 32, True, 1)])
+@pytest.mark.parametrize("bits,group,has_min,m", [c + (3,) for c in CASES] + [(4, 32, True, 1), (4, 32, True, 8),
+                                                                          (8, 16, False, 8)])
 def test_interp_gemv_a8(bits, group, has_min, m):
     n, k = 24, 320  # N not a multiple of the block; K: whole tiles plus a partial one
     codes, scale, mins = make_weight(n, k, bits, group, has_min, scale_dtype=torch.float16)
@@ -92,7 +93,7 @@ def test_interp_gemv_a8(bits, group, has_min, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 4096 + 128)])
 @pytest.mark.parametrize("bits,group,has_min", CASES)
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 8])
 def test_gpu_gemv_a8(n, k, bits, group, has_min, m):
     codes, scale, mins = make_weight(n, k, bits, group, has_min, device="cuda", scale_dtype=torch.float16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)

@@ -29,7 +29,15 @@ from .gemv import _SMS_GUESS
 from .quant_matmul import unpack_codes
 
 USE_GEMV_A8 = os.environ.get("HEARTH_GEMV_A8", "1") != "0" and torch.version.hip is None  # dp4a: NVIDIA PTX
-MAX_M = 4
+MAX_M = 4  # rows one program takes
+# more rows: groups of MAX_M, one program per group and N block (W read once, from L2 after). H100, 8B shapes:
+# 8 rows 1.0x bf16 cuBLAS and 1.2-1.3x the tl.dot kernel; 16 rows 0.6x bf16, below the tl.dot kernel's 0.78x
+MAX_ROWS = 8
+
+
+def rows_supported(m: int) -> bool:
+    """Whether the dp4a GEMV takes m rows: up to MAX_M, or whole groups of MAX_M up to MAX_ROWS."""
+    return 1 <= m <= MAX_M or (m <= MAX_ROWS and m % MAX_M == 0)
 
 
 def x_perm(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -227,12 +235,22 @@ if HAS_TRITON:
                         stride_wn, stride_sn, stride_ym,
                         T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
                         P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, NUM_STAGES: tl.constexpr,
-                        ASM: tl.constexpr):
+                        ASM: tl.constexpr, ROW_GROUPS: tl.constexpr):
         # quant_matmul._gemv_kernel's shape: one program per BLOCK_N rows of W over all of K, a thread's
-        # 16-byte vector of code words = one chunk, per-chunk partial sums in registers, one reduction at the end
+        # 16-byte vector of code words = one chunk, per-chunk partial sums in registers, one reduction at the end.
+        # ROW_GROUPS: grid (M / 4, N blocks), program (g, n) takes rows 4 g .. 4 g + 3 of x; the groups of one
+        # N block run side by side, so W comes from DRAM once and from L2 for the others
         stride_qm = tl.multiple_of(stride_qm, 4)
-        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(w_ptr, s_ptr, m_ptr, N, tl.multiple_of(stride_wn, 4),
-                                                         stride_sn, BLOCK_N)
+        pid_n = tl.program_id(0)
+        if ROW_GROUPS:
+            pid_n = tl.program_id(1)
+            r0 = tl.program_id(0) * 4
+            xq_ptr += r0 * stride_qm
+            d_ptr += r0 * stride_dm
+            xs_ptr += r0 * stride_dm
+            y_ptr += r0 * stride_ym
+        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(pid_n, w_ptr, s_ptr, m_ptr, N,
+                                                         tl.multiple_of(stride_wn, 4), stride_sn, BLOCK_N)
         a0 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)  # a1..a3: dead for rows >= BLOCK_M
         a2 = tl.zeros([BLOCK_N, BLOCK_W // 4], dtype=tl.float32)
@@ -265,11 +283,11 @@ def quantize_x_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
 def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
                          bits: int, group: int, cfg: A8Config | None = None,
                          out_dtype: torch.dtype | None = None, xa: QuantizedX | None = None) -> torch.Tensor:
-    """x: [M, K] (M <= MAX_M; K % 32 == 0 for 4-bit codes, % 16 for 8-bit) -> [M, N] in out_dtype or x.dtype:
+    """x: [M, K] (rows_supported(M); K % 32 == 0 for 4-bit codes, % 16 for 8-bit) -> [M, N] in out_dtype or x.dtype:
     quantize x (one small launch) unless its producer did (xa, for these bits), then the dp4a GEMV."""
     m, k = x.shape
     n, w16 = codes.shape
-    assert 1 <= m <= MAX_M and codes.dtype == torch.int16 and codes.is_contiguous() and w16 * 16 // bits == k
+    assert rows_supported(m) and codes.dtype == torch.int16 and codes.is_contiguous() and w16 * 16 // bits == k
     assert group % (128 // bits) == 0 and scale.is_contiguous() and scale.shape == (n, k // group)
     if xa is not None and xa.bits == bits and xa.xq.shape == (m, k):
         xq, dx, xs = xa.xq, xa.dx, xa.xs
@@ -278,14 +296,18 @@ def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
     w32 = w16 // 2
     cfg = cfg or a8_config(m, n, w32, bits)
     out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
-    _gemv_a8_kernel[(triton.cdiv(n, cfg.block_n),)](
+    groups = m > MAX_M
+    rows = MAX_M if groups else m
+    grid = (m // MAX_M, triton.cdiv(n, cfg.block_n)) if groups else (triton.cdiv(n, cfg.block_n),)
+    _gemv_a8_kernel[grid](
         xq.view(torch.int32), dx, xs, codes.view(torch.int32), scale, mins if mins is not None else scale, out,
         n, w32, xq.stride(0) // 4, dx.stride(0), w32, scale.stride(0), out.stride(0), T=16 // bits, GROUP=group,
-        HAS_MIN=mins is not None, BLOCK_M=m, P=next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        NUM_STAGES=cfg.num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        HAS_MIN=mins is not None, BLOCK_M=rows, P=next_pow2(rows), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+        NUM_STAGES=cfg.num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", ROW_GROUPS=groups,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-__all__ = ["A8Config", "MAX_M", "QuantizedX", "USE_GEMV_A8", "a8_config", "empty_quantized_x", "quant_gemv_a8_ref", "quant_gemv_a8_triton",
-           "quantize_x_ref", "quantize_x_triton", "x_perm"]
+__all__ = ["A8Config", "MAX_M", "MAX_ROWS", "QuantizedX", "USE_GEMV_A8", "a8_config", "empty_quantized_x",
+           "quant_gemv_a8_ref", "quant_gemv_a8_triton", "quantize_x_ref", "quantize_x_triton", "rows_supported",
+           "x_perm"]

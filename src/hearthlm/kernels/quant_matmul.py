@@ -142,10 +142,10 @@ if HAS_TRITON:
         return chunk, c_mask, s, mn
 
     @triton.jit
-    def _w_rows(w_ptr, s_ptr, m_ptr, N, stride_wn, stride_sn, BLOCK_N: tl.constexpr):
-        """This program's BLOCK_N rows of W: (offs_n, n_mask, code/scale/min row pointers [BLOCK_N, 1]); rows
+    def _w_rows(pid, w_ptr, s_ptr, m_ptr, N, stride_wn, stride_sn, BLOCK_N: tl.constexpr):
+        """Program pid's BLOCK_N rows of W: (offs_n, n_mask, code/scale/min row pointers [BLOCK_N, 1]); rows
         past N are clamped to N - 1, so W loads need no mask along N."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)
         return (offs_n, offs_n < N, w_ptr + rows[:, None] * stride_wn, s_ptr + rows[:, None] * stride_sn,
                 m_ptr + rows[:, None] * stride_sn)
@@ -201,7 +201,8 @@ if HAS_TRITON:
         # its 16-byte vectors of x: no layout conversion (shared memory, barriers) inside the K loop. Per chunk
         # the thread sums code * x in registers and applies the chunk's scale once (and min * sum(x)).
         stride_xm = tl.multiple_of(stride_xm, 8)
-        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(w_ptr, s_ptr, m_ptr, N, tl.multiple_of(stride_wn, 8),
+        offs_n, n_mask, w_rows, s_rows, m_rows = _w_rows(tl.program_id(0), w_ptr, s_ptr, m_ptr, N,
+                                                         tl.multiple_of(stride_wn, 8),
                                                          stride_sn, BLOCK_N)
         a0 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_N, BLOCK_W // 8], dtype=tl.float32)  # a1..a3: dead for rows >= BLOCK_M

@@ -19,8 +19,7 @@ from ..kernels.fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from ..kernels.gemv import MAX_M as _GEMV_ROWS
 from ..kernels.gemv import USE_GEMV, gemv_triton
 from ..kernels._triton_utils import use_triton
-from ..kernels.quant_gemv_a8 import MAX_M as _A8_ROWS
-from ..kernels.quant_gemv_a8 import USE_GEMV_A8, QuantizedX, quant_gemv_a8_triton
+from ..kernels.quant_gemv_a8 import USE_GEMV_A8, QuantizedX, quant_gemv_a8_triton, rows_supported
 from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
 from .quant_linear import GroupQuant
 
@@ -81,7 +80,7 @@ class QuantWeight:
     def a8_bits(self, rows: int, device: torch.device) -> int | None:
         """Code bits of the int8-activation decode GEMV if it serves `rows` rows on `device`, else None: x's
         producer may then quantize it for this weight (QuantizedX)."""
-        if 0 < rows <= _A8_ROWS and USE_GEMV_A8 and device.type == "cuda" and use_triton(self.codes):
+        if rows_supported(rows) and USE_GEMV_A8 and device.type == "cuda" and use_triton(self.codes):
             return self.bits
         return None
 
