@@ -161,6 +161,8 @@ class ModelRunner:
                                        min(sched.max_num_seqs, 256), max_blocks, self.block_size, device,
                                        self.prev_tokens)
             self.graphs.capture()
+        if self.use_kernels and self.host is None:
+            self._warm_up_mixed_step()
 
     def _profile_step_bytes(self, sched: SchedulerConfig) -> int:
         """Device memory the largest step needs beyond what is allocated now: one forward over
@@ -195,6 +197,25 @@ class ModelRunner:
         torch.cuda.empty_cache()
         log.debug("profiling step of %d tokens: %.1f MiB of activations", n, peak / 2**20)
         return peak
+
+    def _warm_up_mixed_step(self) -> None:
+        """Compile at start-up the kernel variants a busy server's first mixed step needs (decode rows beside a
+        prompt chunk, token and row counts that are not multiples of 16: Triton specializes on those), rather
+        than stalling that step (~1 s on a fresh machine). One step on scratch pools; Triton's disk cache makes
+        later start-ups pay nothing."""
+        bs = self.block_size
+        starts, lens = [19, 40, 7, 0], [1, 1, 1, 37]
+        need = [-(-(a + n) // bs) for a, n in zip(starts, lens)]
+        scratch = [(self._new_cache(sum(need) + 1, d), self._new_cache(sum(need) + 1, d)) for d in self.layer_devices]
+        first = [1 + sum(need[:i]) for i in range(len(need))]
+        tables = [[list(range(f, f + k))] * len(self.windows) for f, k in zip(first, need)]
+        batch = Batch([[0] * n for n in lens], starts, tables, [None] * len(lens))
+        with torch.inference_mode():
+            ids, pos, meta, _ = self.prepare(batch)
+            hidden = self.model.forward(ids, pos, meta, scratch)
+            self.model.compute_logits(hidden[-2:])
+        torch.cuda.synchronize(self.device)
+        del scratch
 
     def _new_cache(self, num_blocks: int, device: torch.device) -> KVPool:
         # [num_blocks, block_size, kv_heads, head_dim] in the model dtype, or (--kv-cache-dtype fp8|int8) a
