@@ -84,3 +84,16 @@ def test_cpu_plan_counts_what_the_engine_holds():
     engine = sum(t.numel() * t.element_size() for t in net.weight_tensors()) + ql._dense_bytes[0] - before
     want, _ = src.cpu_weights(max(0, ql.dense_budget_bytes() - before))
     assert engine == want.total_bytes
+
+
+def test_cpu_plan_fuses_parts_as_linear_fused_does():
+    """Adjacent q/k/v parts of one code width (Q4_K beside Q4_0) are one matmul with one bf16 copy, as
+    Linear.fused builds them; a Q8_0 v after them is another: a budget that holds q+k's copy or v's, not both."""
+    from hearthlm.plan.sources import cpu_gguf_weights
+
+    typed = [("blk.0.attn_q.weight", "Q4_K", (64, 32)), ("blk.0.attn_k.weight", "Q4_0", (32, 32)),
+             ("blk.0.attn_v.weight", "Q8_0", (32, 32))]
+    qk, v = 2 * 96 * 32, 2 * 32 * 32
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v)[1] == qk + v
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v - 1)[1] == qk  # q+k first, as one copy
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk - 1)[1] == v  # not q alone: it is fused with k

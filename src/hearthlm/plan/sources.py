@@ -98,6 +98,8 @@ def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 # is float32. Each Int4Weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's
 # HEARTH_CPU_DENSE_MB budget has room, in load order: each block's qkv, o, gate_up, down, then the head.
 _CPU_INT4_BYTES = {"Q4_0": 0.625, "Q4_1": 0.625, "Q4_K": 0.625, "Q5_0": 1.25, "Q5_1": 1.25, "Q5_K": 1.25, "Q8_0": 1.25}
+# code bits of each type's GroupQuant (groups of 32 all): adjacent parts of one bit width fuse (Linear.fused)
+_CPU_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
 _CPU_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 
 
@@ -129,11 +131,15 @@ def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
     blocks = sorted({int(n.split(".")[1]) for n, _, _ in typed if n.startswith("blk.")})
     for b in blocks:
         for group in _CPU_LINEARS:
-            names = [f"blk.{b}.{g}.weight" for g in group if f"blk.{b}.{g}.weight" in by_name]
-            kinds = {by_name[n][0] for n in names}
-            if names and all(packed(*by_name[n]) for n in names):  # fused when all parts share one type
-                parts = [names] if len(kinds) == 1 else [[n] for n in names]
-                linears += [(p[0], sum(2 * math.prod(by_name[n][1]) for n in p)) for p in parts]
+            runs: list[list[str]] = []  # Linear.fused: one matmul per run of adjacent same-format parts
+            for n in (f"blk.{b}.{g}.weight" for g in group if f"blk.{b}.{g}.weight" in by_name):
+                bits = _CPU_BITS.get(by_name[n][0])
+                if runs and bits is not None and _CPU_BITS.get(by_name[runs[-1][-1]][0]) == bits:
+                    runs[-1].append(n)
+                else:
+                    runs.append([n])
+            linears += [(r[0], sum(2 * math.prod(by_name[n][1]) for n in r)) for r in runs
+                        if all(packed(*by_name[n]) for n in r)]
     head = "output.weight" if "output.weight" in by_name else "token_embd.weight" if tied else None
     if head is not None and head in by_name and packed(*by_name[head]):
         linears.append(("output.weight", 2 * math.prod(by_name[head][1])))
