@@ -12,8 +12,8 @@ scales (+ mins) + x + y, over the graph time), and the speed-up vs bf16 torch.ma
   int8   int8 codes, group 32, fp16 scale              (Q8_0, --quantization int8)
   q6k    int8 codes, group 16, fp16 scale              (Q6_K)
   fp8    e4m3 W, per-channel scales, dynamic per-token x scales, torch._scaled_mm (SM 8.9+)
-  <format>-a8  (a8.rows_supported(M)) the int8-activation dp4a GEMV (kernels/quant_gemv_a8.py, the engine's decode path),
-         its x quantization launch included; the plain <format> row is the float GEMV
+  <format>-a8  (M with a8.rows_supported) the int8-activation dp4a GEMV (kernels/quant_gemv_a8.py, the
+         engine's decode path), its x quantization launch included; the plain <format> row is the float GEMV
 """
 from __future__ import annotations
 
@@ -157,26 +157,24 @@ def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[i
         bits, group, has_min = FORMATS[name]
         ws = weight(n, k, bits, group, has_min)
         wbytes = nbytes(*ws)
-        for m in gemv_ms if gemv else ():
-            grid = [qm.GemvConfig(bn, bw, warps, stages)
-                    for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8],
-                                                                   [1, 2])
-                    if 128 * warps <= bw <= 512 * warps and (stages == 1 or bw < codes_w(ws))]
+        gemv_grids = []
+        if gemv:  # the float GEMV
+            gemv_grids.append(("gemv", qm.quant_gemv_triton, [
+                qm.GemvConfig(bn, bw, warps, stages)
+                for bn, bw, warps, stages in itertools.product([1, 2, 4, 8], [256, 512, 1024, 2048], [2, 4, 8], [1, 2])
+                if 128 * warps <= bw <= 512 * warps and (stages == 1 or bw < codes_w(ws))]))
+        if a8_sweep:  # the int8-activation GEMV
+            gemv_grids.append(("gemv-a8", a8.quant_gemv_a8_triton, [
+                a8.A8Config(bn, bw, warps, stages)
+                for bn, bw, warps, stages in itertools.product([1, 2, 4, 8, 16], [64, 128, 256, 512, 1024],
+                                                               [1, 2, 4, 8], [1, 2])
+                if 128 * warps <= bn * bw <= 4096 * warps and (stages == 1 or bw < codes_w(ws) // 2)]))
+        for (label, kernel, grid), m in itertools.product(gemv_grids, gemv_ms):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_def, best = ranked(qm.quant_gemv_triton, qm.quant_gemv_triton, grid, x, ws, bits, group)
-            print(f"gemv {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
-                  + "; ".join(f"{t * 1e3:.1f}us GemvConfig({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
-                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
-        for m in gemv_ms if a8_sweep else ():
-            grid = [a8.A8Config(bn, bw, warps, stages)
-                    for bn, bw, warps, stages in itertools.product([1, 2, 4, 8, 16], [64, 128, 256, 512, 1024],
-                                                                   [1, 2, 4, 8], [1, 2])
-                    if 128 * warps <= bn * bw <= 4096 * warps and (stages == 1 or bw < codes_w(ws) // 2)]
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_def, best = ranked(a8.quant_gemv_a8_triton, a8.quant_gemv_a8_triton, grid, x, ws, bits, group)
-            print(f"gemv-a8 {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
-                  + "; ".join(f"{t * 1e3:.1f}us A8Config({c.block_n}, {c.block_w}, {c.num_warps}, {c.num_stages}) "
-                              f"({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
+            t_def, best = ranked(kernel, kernel, grid, x, ws, bits, group)
+            print(f"{label} {name} N={n} K={k} M={m}: default {t_def * 1e3:.1f}us ({wbytes / t_def / 1e6:.0f} GB/s); "
+                  + "; ".join(f"{t * 1e3:.1f}us {type(c).__name__}({c.block_n}, {c.block_w}, {c.num_warps}, "
+                              f"{c.num_stages}) ({wbytes / t / 1e6:.0f} GB/s)" for t, c in best))
         for m in mm_ms if mm else ():
             bms = [16] if m <= 16 else [32, 64, 128] if m <= 64 else [64, 128]
             grid = [qm.KernelConfig(bm, bn, bk, split, warps, stages)

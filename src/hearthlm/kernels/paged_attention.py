@@ -349,5 +349,5 @@ def decode_order_of(seq_lens: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
 
 
-__all__ = ["USE_DECODE_ORDER", "attend_ref", "decode_order_of", "gather_kv", "paged_decode_attention", "paged_decode_attention_ref",
-           "paged_decode_attention_triton"]
+__all__ = ["USE_DECODE_ORDER", "attend_ref", "decode_order_of", "gather_kv", "paged_decode_attention",
+           "paged_decode_attention_ref", "paged_decode_attention_triton"]

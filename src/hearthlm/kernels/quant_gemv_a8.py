@@ -270,14 +270,12 @@ def quantize_x_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     """quantize_x_ref on the GPU (one launch): xq [M, K] int8, dx [M, C], xs [M, C] float32."""
     x = x.contiguous()
     m, k = x.shape
-    ch = 128 // bits
-    c = k // ch
-    xq = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    d = torch.empty((2, m, c), device=x.device, dtype=torch.float32)  # dx, xs
+    xa = empty_quantized_x(m, k, bits, x.device)
+    c = xa.dx.shape[1]
     block_c = min(64, next_pow2(c))
-    _quant_x_kernel[(m, triton.cdiv(c, block_c))](x, xq, d[0], d[1], c, x.stride(0), xq.stride(0), c,
-                                                  T=16 // bits, BLOCK_C=block_c, num_warps=4)
-    return xq, d[0], d[1]
+    _quant_x_kernel[(m, triton.cdiv(c, block_c))](x, xa.xq, xa.dx, xa.xs, c, x.stride(0), xa.xq.stride(0),
+                                                  xa.dx.stride(0), T=16 // bits, BLOCK_C=block_c, num_warps=4)
+    return xa.xq, xa.dx, xa.xs
 
 
 def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,

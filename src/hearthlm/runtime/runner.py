@@ -172,7 +172,7 @@ class ModelRunner:
         dev = self.device
         n = min(sched.max_num_batched_tokens, sched.max_model_len)
         blocks = -(-n // self.block_size) + 1
-        scratch = [(self._new_cache(blocks, d), self._new_cache(blocks, d)) for d in self.layer_devices]
+        scratch = self._scratch_pools(blocks)
         batch = Batch([[0] * n], [0], [[list(range(1, blocks))] * len(self.windows)], [None])
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -206,7 +206,7 @@ class ModelRunner:
         bs = self.block_size
         starts, lens = [19, 40, 7, 0], [1, 1, 1, 37]
         need = [-(-(a + n) // bs) for a, n in zip(starts, lens)]
-        scratch = [(self._new_cache(sum(need) + 1, d), self._new_cache(sum(need) + 1, d)) for d in self.layer_devices]
+        scratch = self._scratch_pools(sum(need) + 1)
         first = [1 + sum(need[:i]) for i in range(len(need))]
         tables = [[list(range(f, f + k))] * len(self.windows) for f, k in zip(first, need)]
         batch = Batch([[0] * n for n in lens], starts, tables, [None] * len(lens))
@@ -216,6 +216,10 @@ class ModelRunner:
             self.model.compute_logits(hidden[-2:])
         torch.cuda.synchronize(self.device)
         del scratch
+
+    def _scratch_pools(self, num_blocks: int) -> list[tuple[KVPool, KVPool]]:
+        """Per-layer K/V pools of num_blocks blocks for steps outside the real cache (profiling, warm-up)."""
+        return [(self._new_cache(num_blocks, d), self._new_cache(num_blocks, d)) for d in self.layer_devices]
 
     def _new_cache(self, num_blocks: int, device: torch.device) -> KVPool:
         # [num_blocks, block_size, kv_heads, head_dim] in the model dtype, or (--kv-cache-dtype fp8|int8) a
