@@ -157,3 +157,11 @@ def assert_diverges_only_at_near_ties(ref, prompts: list[str], got: list[list[in
         assert gap <= max_gap, f"{prompt!r}: diverged at token {k} with logit gap {gap:.3f} (not a near-tie)"
     total = sum(len(b) for b in want)
     assert agree >= total // 2, f"only {agree} of {total} tokens before divergence"
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """Quantized CPU weights on PyTorch's int4 kernel (layers/quant_linear.Int4Weight) instead of the native one."""
+    from hearthlm.layers.quant_linear import NativeWeight
+
+    monkeypatch.setattr(NativeWeight, "supports", staticmethod(lambda g: False))

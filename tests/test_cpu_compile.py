@@ -37,7 +37,7 @@ def one_layer_llama(tiny, tmp_path_factory) -> str:
     return path
 
 
-def test_compiled_decode_matches_eager(one_layer_llama):
+def test_compiled_decode_matches_eager(one_layer_llama, torch_int4):
     from hearthlm import LLM, SamplingParams
 
     llm = LLM(model=one_layer_llama, dtype="float32", device="cpu", quantization="int4", max_model_len=128,
@@ -60,6 +60,21 @@ def test_compiled_decode_matches_eager(one_layer_llama):
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         assert g.outputs[0].logprobs == w.outputs[0].logprobs  # top-3 ids and values at every step
+
+
+def test_native_kernels_leave_nothing_to_compile(one_layer_llama, caplog):
+    from hearthlm import LLM, SamplingParams
+    from hearthlm.layers.quant_linear import NativeWeight, quantize_int4
+
+    if not NativeWeight.supports(quantize_int4(torch.randn(16, 64))):
+        pytest.skip("the native CPU kernel is not built here")
+    with caplog.at_level("INFO", logger="hearthlm"):
+        llm = LLM(model=one_layer_llama, dtype="float32", device="cpu", quantization="int4", max_model_len=128,
+                  max_num_seqs=8, cpu_compile=True)
+    assert llm.engine.runner.model.cpu_graph is None and "nothing to compile" in caplog.text
+    out = llm.generate(prompts_of(2, [5, 9], seed=1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
 
 
 def test_compile_flag_plumbing(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hearthlm.layers.linear import Linear
-from hearthlm.layers.quant_linear import GroupQuant, Int4Weight, unpack_gguf
+from hearthlm.layers.quant_linear import GroupQuant, Int4Weight, NativeWeight, unpack_gguf
 
 from ..conftest import assert_diverges_only_at_near_ties, needs_default_model
 
@@ -52,7 +52,7 @@ def test_unpack_is_exact(type_name, k):
 
 @pytest.mark.parametrize("type_name,k", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_int4_kernel_matches_dequantize_then_matmul(type_name, k, rows):
+def test_int4_kernel_matches_dequantize_then_matmul(type_name, k, rows, torch_int4):
     n = 48
     raw = random_blocks(type_name, n, k, seed=rows)
     lin = Linear(unpack_gguf(raw, type_name, (n, k)))
@@ -61,7 +61,20 @@ def test_int4_kernel_matches_dequantize_then_matmul(type_name, k, rows):
     close(lin(x), x @ dequant_ref(raw, type_name, (n, k)).T)
 
 
-def test_fused_permuted_bias_and_fallbacks():
+@pytest.mark.parametrize("type_name,k", CASES)
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_native_kernel_matches_dequantize_then_matmul(type_name, k, rows):
+    """int8 activations (a scale per 16 inputs): within ~1% of the output scale; 40 rows: the dense copy if kept."""
+    n = 48
+    raw = random_blocks(type_name, n, k, seed=rows)
+    lin = Linear(unpack_gguf(raw, type_name, (n, k)))
+    if not isinstance(lin.packed, NativeWeight):
+        pytest.skip("the native CPU kernel is not built here")
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    close(lin(x), x @ dequant_ref(raw, type_name, (n, k)).T, rel=2e-2)
+
+
+def test_fused_permuted_bias_and_fallbacks(torch_int4):
     k = 64
     parts = [unpack_gguf(random_blocks("Q4_1", n, k, seed=n), "Q4_1", (n, k)) for n in (32, 16, 16)]
     dense = [p.dequantize() for p in parts]
@@ -125,13 +138,21 @@ def test_default_model_quantized_weights_match_gguf_dequantization():
 
 
 @needs_default_model
-def test_default_model_greedy_matches_dequantized_or_diverges_at_a_near_tie():
+@pytest.mark.parametrize("kernel", ["native", "torch_int4"])
+def test_default_model_greedy_matches_dequantized_or_diverges_at_a_near_tie(kernel, request):
     from hearthlm import LLM, SamplingParams
 
+    kind = NativeWeight
+    if kernel == "torch_int4":
+        request.getfixturevalue("torch_int4")
+        kind = Int4Weight
     quant = LLM(dtype="auto", device="cpu", max_model_len=256, max_num_seqs=4)
     ref = LLM(dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4)
     m = quant.engine.runner.model
-    assert all(isinstance(lin.packed, Int4Weight) for lin in (m.layers[0].qkv, m.layers[0].down, m.lm_head))
+    if kind is NativeWeight and not isinstance(m.lm_head.packed, NativeWeight):
+        pytest.skip("the native CPU kernel is not built here")
+    assert all(isinstance(lin.packed, kind) for lin in (m.layers[0].qkv, m.layers[0].down, m.lm_head))
+    assert m.layers[0].native == (kind is NativeWeight)
     assert ref.engine.runner.model.layers[0].qkv.packed is None
     prompts = ["The history of the printing press", "def fibonacci(n):", "Once upon a time, in a small village,"]
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -153,8 +174,8 @@ def test_tiny_families_quantized_logits_close_to_dequantized(tiny, tmp_path, mon
     def logits(dtype: str) -> torch.Tensor:
         llm = perplexity_llm(str(path), len(ids), dtype=dtype)
         if dtype == "auto":
-            assert any(isinstance(lin.packed, Int4Weight) for lin in vars(llm.engine.runner.model.layers[0]).values()
-                       if isinstance(lin, Linear))
+            assert any(isinstance(lin.packed, (NativeWeight, Int4Weight))
+                       for lin in vars(llm.engine.runner.model.layers[0]).values() if isinstance(lin, Linear))
         return window_logits(llm, [ids])[0].float()
 
     ref, quant = logits("float32"), logits("auto")

@@ -19,7 +19,7 @@ import torch
 from hearthlm.errors import InvalidRequestError
 from hearthlm.layers.gpu_quant import Fp8Weight, QuantWeight
 from hearthlm.layers.linear import Linear
-from hearthlm.layers.quant_linear import Int4Weight, quantize_int4, quantize_int8, unpack_gguf
+from hearthlm.layers.quant_linear import Int4Weight, NativeWeight, quantize_int4, quantize_int8, unpack_gguf
 from hearthlm.loader.load import normalize_quantization, weight_quantizer
 from hearthlm.runtime.runner import Batch
 
@@ -155,7 +155,7 @@ def test_tiny_llama_int8_int4_close_to_unquantized(tiny, engine_for):
     for q in ("int8", "int4"):
         llm = engine_for("llama", max_model_len=256, max_num_seqs=4, quantization=q)
         m = llm.engine.runner.model
-        assert isinstance(m.layers[0].qkv.packed, Int4Weight) and m.lm_head.packed is None  # head stays dense
+        assert isinstance(m.layers[0].qkv.packed, (NativeWeight, Int4Weight)) and m.lm_head.packed is None  # dense head
         assert llm.engine.loaded.quantization == q
         got = _logits(llm, prompt)
         errs[q] = (rel(got, ref), float((got.argmax(-1) == ref.argmax(-1)).float().mean()))

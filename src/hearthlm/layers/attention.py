@@ -39,6 +39,7 @@ class CpuPlan:
     key_rows: torch.Tensor | None = None  # [B * kv_heads * L] rows of the pool seen as [slots * kv_heads, head_dim]
     bag_rows: torch.Tensor | None = None  # [B * heads * L] the value row behind each probability (float32 pools)
     bag_offsets: torch.Tensor | None = None  # [B * heads] where each (sequence, head)'s L rows start in bag_rows
+    native: object = None  # native_decode_attention's prepared call (kernels/cpu_quant.DecodeAttention), or False
 
 
 @dataclass
@@ -135,6 +136,38 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_row
                                per_sample_weights=probs.view(-1)).view(b, h, d)
     v = gather_rows(v_cache, key_rows, q.dtype).view(b * kv_heads, -1, d)
     return torch.bmm(probs, v).view(b, h, d)
+
+
+def decode_only(meta: AttentionMetadata) -> bool:
+    """Whether every token of the step is a decode row (one query per sequence), reference path."""
+    return all(sb.token_index.shape[1] == 1 for sb in meta.groups[0].sub_batches)
+
+
+def native_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
+                            meta: AttentionMetadata, layer: int, num_heads: int, scale: float,
+                            softcap: float | None) -> torch.Tensor | None:
+    """RoPE, K/V writes and attention in one call of the native CPU kernel (kernels/cpu_quant.py) when the step
+    is decode only (one query per sequence, in order) over float32 pools; else None (the caller takes the torch
+    path). qkv: [B, (heads + 2 kv_heads) * head_dim] -> [B, heads * head_dim]. The call's arguments are prepared
+    by the group's first layer (cos/sin are the step's) and kept in its CpuPlan."""
+    from ..kernels.cpu_quant import DecodeAttention
+
+    k_cache, v_cache = kv_cache
+    if meta.use_kernels or not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
+        return None
+    gm = meta.groups[meta.layer_group[layer]]
+    if len(gm.sub_batches) != 1:
+        return None
+    sb = gm.sub_batches[0]
+    plan = _cpu_plan(sb, qkv.shape[0], torch.float32, num_heads, k_cache.shape[2], False)
+    if plan.native is None:
+        plan.native = False
+        if plan.key_rows is not None and plan.whole and k_cache.dtype == torch.float32:
+            plan.native = DecodeAttention(cos, sin, gm.slot_mapping, sb.key_slots, plan.mask, num_heads,
+                                          k_cache.shape[2], k_cache.shape[3], scale, softcap)
+    if plan.native is False or not plan.native.accepts(qkv, k_cache, v_cache):
+        return None
+    return plan.native(qkv, k_cache, v_cache)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: GroupMeta,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..kernels.gemv import USE_GEMV, gemv, gemv_supported
 from ..kernels.quant_gemv_a8 import QuantizedX
 from .gpu_quant import Fp8Weight, QuantWeight
-from .quant_linear import GroupQuant, Int4Weight, pack
+from .quant_linear import GroupQuant, Int4Weight, NativeWeight, pack
 
 Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
 
@@ -38,7 +38,7 @@ class Linear:
         for a few rows and, when it keeps a dense bf16 copy, oneDNN's bf16 GEMM for more (Int4Weight); on CUDA
         QuantWeight, Fp8Weight and cuBLAS for dense weights switch kernels by row count too. Dense float32 weights
         on CPU (the HF-exact path) run one kernel for every row count."""
-        self.packed: Int4Weight | QuantWeight | Fp8Weight | None = None
+        self.packed: NativeWeight | Int4Weight | QuantWeight | Fp8Weight | None = None
         if isinstance(weight, GroupQuant) and weight.codes.is_cuda:
             weight = QuantWeight.from_group(weight)
         if isinstance(weight, (QuantWeight, Fp8Weight)):
@@ -49,8 +49,13 @@ class Linear:
         self.weight: torch.Tensor | None = weight
         self.bias = bias
         self.parts: list[Linear] | None = None
-        # CPU int4 weight without bias: __call__ goes straight to it (a few us a call at batch 1)
-        self._cpu = self.packed if isinstance(self.packed, Int4Weight) and bias is None else None
+        # CPU quantized weight without bias: __call__ goes straight to it (a few us a call at batch 1)
+        self._cpu = self.packed if isinstance(self.packed, (NativeWeight, Int4Weight)) and bias is None else None
+
+    @property
+    def native(self) -> NativeWeight | None:
+        """The native CPU kernel's weight when this layer is one, without bias (its fused entry points)."""
+        return self._cpu if isinstance(self._cpu, NativeWeight) else None
 
     @classmethod
     def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> "Linear":
@@ -100,7 +105,7 @@ class Linear:
         y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
-    def native(self, x: torch.Tensor) -> torch.Tensor:
+    def native_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """__call__, except that a CPU int4 weight's result stays in its kernels' bf16: for callers that only add it
         to (or multiply it by) a float32 tensor, whose type promotion upcasts exactly, one op fewer per call."""
         if self._cpu is not None and x.dim() == 2:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
 GPU_QUANT_TYPES = QUANT_TYPES + ("Q6_K",)  # groups of 16: no CPU int4 layout, but the GPU kernels take them
@@ -161,6 +162,11 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> GroupQuant:
 # changes over from 3 rows)
 DENSE_MIN_ROWS = 5
 DENSE_MIN_ROWS_SPLIT = 3
+NATIVE_DENSE_MIN_ROWS = 32  # the native kernel's change-over (NativeWeight)
+# Rows up to which batched decode steps take the native kernel's residual pass (NativeWeight.run): 1-4 sequences
+# get near float32 results for ~10% of their speed; more run llama.cpp's precision (int8 activations, +0.2%
+# perplexity on SmolLM2-135M), where the second pass would cost 1.6-2x. Prefill always takes it.
+NATIVE_RESIDUAL_MAX_ROWS = int(os.environ.get("HEARTH_CPU_RESIDUAL_ROWS", "4"))
 _dense_bytes = [0]  # bytes of live dense copies in this process
 
 
@@ -189,6 +195,27 @@ def dense_supported() -> bool:
         return False
 
 
+def dense_copy(owner: object, g: GroupQuant, dense: bool | None = None) -> torch.Tensor | None:
+    """g as bf16 prepacked for oneDNN (an opaque MkldnnCPU tensor), counted against the process's copies budget
+    until `owner` is collected; None on CPUs without native bf16 GEMMs, or when `dense` is False, or (None) when the
+    budget has no room."""
+    nbytes = 2 * g.shape[0] * g.shape[1]
+    if dense is None:
+        dense = _dense_bytes[0] + nbytes <= _dense_budget()
+    if not (dense and dense_supported()):
+        return None
+    _dense_bytes[0] += nbytes
+    weakref.finalize(owner, _release, nbytes)
+    return torch.ops.mkldnn._reorder_linear_weight(g.dequantize(torch.float32).bfloat16(), None)
+
+
+def dense_linear(x: torch.Tensor, dense: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] bf16 @ a dense_copy -> [M, N] bf16."""
+    if torch.compiler.is_compiling():
+        return torch.ops.hearthlm.cpu_dense_linear(x, dense, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")
+
+
 # The dense GEMM as an op torch.compile keeps opaque (models/cpu_compile.py): inductor's own lowering of
 # mkldnn._linear_pointwise only takes weights it prepacked itself (freezing), not ours passed in as graph inputs.
 # Registered for every backend: its weight is a oneDNN (MkldnnCPU) tensor.
@@ -209,14 +236,7 @@ class Int4Weight:
     def __init__(self, g: GroupQuant, dense: bool | None = None):
         self.split = g.bits > 4
         self.out_features, self.in_features = g.shape[0], g.shape[1]
-        self.dense: torch.Tensor | None = None
-        nbytes = 2 * g.shape[0] * g.shape[1]
-        if dense is None:
-            dense = _dense_bytes[0] + nbytes <= _dense_budget()
-        if dense and dense_supported():
-            self.dense = torch.ops.mkldnn._reorder_linear_weight(g.dequantize(torch.float32).bfloat16(), None)
-            _dense_bytes[0] += nbytes
-            weakref.finalize(self, _release, nbytes)
+        self.dense = dense_copy(self, g, dense)
         self.dense_min_rows = DENSE_MIN_ROWS_SPLIT if self.split else DENSE_MIN_ROWS
         if self.split:
             g = g.nibble_split()
@@ -232,10 +252,7 @@ class Int4Weight:
         # x: [M, K] -> [M, N] in x.dtype (cast=False: in the kernels' bf16)
         xb = x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] >= self.dense_min_rows:
-            if torch.compiler.is_compiling():
-                y = torch.ops.hearthlm.cpu_dense_linear(xb, self.dense, self.out_features)
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(xb, self.dense, None, "none", [], "")
+            y = dense_linear(xb, self.dense, self.out_features)
         else:
             if self.split:
                 xb = torch.cat([xb, xb], 1)
@@ -251,6 +268,92 @@ class Int4Weight:
         return 0 if self.dense is None else 2 * self.out_features * self.in_features
 
 
-def pack(g: GroupQuant) -> Int4Weight | None:
-    """The CPU kernel layout for g, or None (the caller dequantizes)."""
+class NativeWeight:
+    """A GroupQuant (groups of 32, 4/5/8-bit codes) for the native CPU kernel (kernels/cpu_quant.py: int8
+    activations, u8 x s8 dot products), 4-bit codes two a byte, else a byte each, fp16 scale and min.
+    dense: as Int4Weight's, a bf16 oneDNN copy for calls of `dense_min_rows` rows and more (prefill), where the
+    native kernel's per-row cost exceeds the bf16 GEMM's."""
+
+    def __init__(self, g: GroupQuant, dense: bool | None = None):
+        from ..kernels import cpu_quant
+
+        self.out_features, self.in_features = g.shape
+        self.bits = 4 if g.bits == 4 else 8
+        c, mins = g.codes.to(torch.int16), g.min
+        if g.codes.dtype == torch.int8:  # signed codes: stored + 128, w = (code + 128) * s + (min - 128 s)
+            c, mins = c + 128, mins - 128 * g.scale
+        self.codes = cpu_quant.interleave(c, self.bits)
+        self.scale, self.mins = cpu_quant.tile_scales(g.scale), cpu_quant.tile_scales(mins)
+        self.dense = dense_copy(self, g, dense)
+        self.dense_min_rows = NATIVE_DENSE_MIN_ROWS
+        self.residual_max_rows = NATIVE_RESIDUAL_MAX_ROWS
+        self._call = cpu_quant.library().hl_qmatmul
+        self._args = (self.in_features, self.codes.data_ptr(), self.scale.data_ptr(), self.mins.data_ptr(),
+                      self.out_features, self.bits)
+
+    @staticmethod
+    def supports(g: GroupQuant) -> bool:
+        from ..kernels import cpu_quant
+
+        if g.group != cpu_quant.GROUP or g.bits not in (4, 5, 8) or g.shape[1] % cpu_quant.GROUP or \
+                g.shape[0] % cpu_quant.TILE:
+            return False
+        # scale and min as fp16: within its range, and scales in its normal range (full precision)
+        s = g.scale.abs()
+        mins = g.min - 128 * g.scale if g.codes.dtype == torch.int8 else g.min
+        if s.numel() and not (float(s.amax()) < 65000 and float(mins.abs().amax()) < 65000 and
+                              float(torch.where(s > 0, s, 1.0).amin()) >= 2 ** -14):
+            return False
+        return cpu_quant.library() is not None
+
+    def __call__(self, x: torch.Tensor, cast: bool = True) -> torch.Tensor:
+        # x: [M, K] -> [M, N] in x.dtype (cast=False: float32); with the residual pass (callers that cannot tell a
+        # batched decode step from the rest)
+        y = self.run(x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous(), residual=True)
+        return y.to(x.dtype) if cast and x.dtype != torch.float32 else y
+
+    def run(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
+            norm: tuple[torch.Tensor, float] | None = None, silu_mul: bool = False,
+            residual: bool | None = None) -> torch.Tensor:
+        """out (+)= f(x) @ W^T, float32 (kernels/cpu_quant.qmatmul: f = RMSNorm with norm = (weight, eps), or
+        SiLU(x[:, :K]) * x[:, K:] with silu_mul, else x). x: float32, unit column stride. residual: x's int8
+        rounding residuals in a second pass (near float32 results, about 2x the arithmetic); None: for calls of
+        up to residual_max_rows rows (decode steps of a few sequences, where the matmuls are bound by memory)."""
+        m = x.shape[0]
+        if self.dense is not None and m >= self.dense_min_rows:
+            return self._run_dense(x, out, accumulate, norm, silu_mul)
+        if out is None:
+            out = torch.empty(m, self.out_features, dtype=torch.float32)
+        if m:
+            pre, w, eps = (1, norm[0].data_ptr(), norm[1]) if norm is not None else (2 if silu_mul else 0, None, 0.0)
+            if residual is None:
+                residual = m <= self.residual_max_rows
+            if self._call(x.data_ptr(), m, x.stride(0), *self._args, out.data_ptr(), out.stride(0), pre, w, eps,
+                          accumulate, residual):
+                raise MemoryError("native CPU matmul: out of memory for the quantized activations")
+        return out
+
+    def _run_dense(self, x, out, accumulate, norm, silu_mul) -> torch.Tensor:
+        if norm is not None:
+            x = torch.rms_norm(x, (self.in_features,), norm[0], norm[1])
+        elif silu_mul:
+            x = F.silu(x[:, :self.in_features]) * x[:, self.in_features:]
+        y = dense_linear(x.to(torch.bfloat16), self.dense, self.out_features)
+        if out is None:
+            return y.float()
+        return out.add_(y) if accumulate else out.copy_(y)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.mins]
+
+    @property
+    def dense_nbytes(self) -> int:
+        return 0 if self.dense is None else 2 * self.out_features * self.in_features
+
+
+def pack(g: GroupQuant) -> NativeWeight | Int4Weight | None:
+    """The CPU kernel layout for g: the native kernel's (kernels/cpu_quant.py) where it is built, else PyTorch's int4
+    kernel's; None: the caller dequantizes."""
+    if NativeWeight.supports(g):
+        return NativeWeight(g)
     return Int4Weight(g) if Int4Weight.supports(g) else None

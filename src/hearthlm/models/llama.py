@@ -4,6 +4,8 @@ Weights are looked up by their HF names; q/k/v and gate/up are fused at load.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError
 from ..layers.activation import gated_act
 from ..kernels.quant_gemv_a8 import QuantizedX
-from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers.attention import AttentionMetadata, decode_only, native_decode_attention, paged_attention
 from ..layers.linear import Linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import Rotary, apply_rotary
@@ -72,29 +74,62 @@ class LlamaLayer:
     def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Attention before the output projection. h: [num_tokens, hidden] -> [num_tokens, heads * head_dim]."""
-        cfg = self.cfg
-        n = h.shape[0]
         if self.q_norm is not None:
             q, k, v = self.project_qkv(h)
             q, k = apply_rotary(self.norm(q, self.q_norm), cos, sin), apply_rotary(self.norm(k, self.k_norm), cos, sin)
-        else:  # q and k are adjacent in the fused projection: one RoPE over both. A CPU int4 projection stays in
-            # bf16: RoPE's products with float32 cos/sin upcast it exactly and write_kv casts v to the pool's dtype
-            qkv = self.qkv.native(h)
-            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), cos, sin)
-            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
-            v = qkv[:, self.q_size + self.kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
+            return self._attend(q, k, v, meta, kv_cache)
+        # a CPU int4 projection stays in bf16: RoPE's products with float32 cos/sin upcast it exactly and write_kv
+        # casts v to the pool's dtype
+        return self.attend_qkv(self.qkv.native_dtype(h), cos, sin, meta, kv_cache)
+
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                   kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """attend from the fused q/k/v projection (no q/k norms): q and k are adjacent, so one RoPE covers both."""
+        cfg, n = self.cfg, qkv.shape[0]
+        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), cos, sin)
+        q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
+        return self._attend(q, k, v, meta, kv_cache)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
-        return o.reshape(n, self.q_size)
+        return o.reshape(q.shape[0], self.q_size)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(gated_act(self.gate_up(h), self.cfg.hidden_act))
+
+    @functools.cached_property
+    def native(self) -> bool:
+        """Whether every projection runs the native CPU kernel (kernels/cpu_quant.py), so that the layer can fuse
+        the norms into the q/k/v and gate/up matmuls, SiLU * mul into down's, and the residual adds into o's and
+        down's outputs (native_call)."""
+        return not self.gemma and self.q_norm is None and self.cfg.hidden_act == "silu" and \
+            all(lin.native is not None for lin in (self.qkv, self.o, self.gate_up, self.down)) and \
+            self.input_norm.dtype == self.post_attn_norm.dtype == torch.float32
+
+    def native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                    kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """__call__ through the native kernel's fused entry points; h (float32, contiguous) is updated in place."""
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        res = None if decode_only(meta) else True  # the residual pass: by row count in decode steps, else always
+        qkv = self.qkv.native.run(h, norm=(self.input_norm, eps), residual=res)
+        o = native_decode_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
+                                    cfg.attn_logit_softcapping)
+        if o is None:
+            o = self.attend_qkv(qkv, cos, sin, meta, kv_cache)
+        self.o.native.run(o, out=h, accumulate=True, residual=res)
+        gate_up = self.gate_up.native.run(h, norm=(self.post_attn_norm, eps), residual=res)
+        return self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True, residual=res)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # reference path (CPU). The residual adds take o/down's bf16 result as is when their weights are CPU int4
         # (Linear.native): adding it to the float32 stream upcasts it exactly, the same sums without a cast op.
-        h = torch.add(h, self.o.native(self.attend(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)))
-        return torch.add(h, self.down.native(gated_act(self.gate_up(self.norm(h, self.post_attn_norm)),
+        h = torch.add(h, self.o.native_dtype(self.attend(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)))
+        return torch.add(h, self.down.native_dtype(gated_act(self.gate_up(self.norm(h, self.post_attn_norm)),
                                                        self.cfg.hidden_act)))
 
     def fused(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -220,6 +255,12 @@ class LlamaModel:
         if self.layer_cls.gemma:  # its attention's compiled rounding differs from eager's in the last bits
             log.info("--compile: Gemma 2 decode steps run eagerly")
             return
+        if any(lin.native is not None for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                            layer.down)):
+            # opaque to dynamo, and with the norms, activation, residual adds and attention fused into them
+            # (LlamaLayer.native_call) nothing is left between the calls for inductor to fuse
+            log.info("--compile: the native CPU kernels run the decode steps (eagerly); nothing to compile")
+            return
         from .cpu_compile import CpuDecodeGraph
 
         self.cpu_graph = CpuDecodeGraph(self)
@@ -256,14 +297,19 @@ class LlamaModel:
                 if out is not None:
                     return out
             for i in range(start, end):
-                h = self.layers[i](h, cos, sin, m, kv_caches[i])
+                layer = self.layers[i]
+                if layer.native and h.dtype == torch.float32:
+                    h = layer.native_call(h if h.is_contiguous() else h.contiguous(), cos, sin, m, kv_caches[i])
+                else:
+                    h = layer(h, cos, sin, m, kv_caches[i])
         if residual is not None:
             return K.rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, residual=residual)[0]
         return rms_norm(h.to(self.device), self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32
-        logits = self.lm_head(hidden).float()
+        # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32 (a native head: the residual pass by row count)
+        head = self.lm_head.native
+        logits = head.run(hidden.float().contiguous()) if head is not None else self.lm_head(hidden).float()
         cap = self.cfg.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

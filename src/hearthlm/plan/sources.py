@@ -98,19 +98,25 @@ def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 # is float32. Each Int4Weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's
 # HEARTH_CPU_DENSE_MB budget has room, in load order: each block's qkv, o, gate_up, down, then the head.
 _CPU_INT4_BYTES = {"Q4_0": 0.625, "Q4_1": 0.625, "Q4_K": 0.625, "Q5_0": 1.25, "Q5_1": 1.25, "Q5_K": 1.25, "Q8_0": 1.25}
+# the native kernel's layout (layers/quant_linear.NativeWeight, where it is built): 4-bit codes two a byte, 5/8-bit
+# codes a byte each, fp16 scale and min per 32 weights
+_CPU_NATIVE_BYTES = {**_CPU_INT4_BYTES, "Q5_0": 1.125, "Q5_1": 1.125, "Q5_K": 1.125, "Q8_0": 1.125}
 # code bits of each type's GroupQuant (groups of 32 all): adjacent parts of one bit width fuse (Linear.fused)
 _CPU_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
 _CPU_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 
 
 def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
-                     dense_budget: int | None = None) -> tuple[WeightBytes, int]:
+                     dense_budget: int | None = None, native: bool | None = None) -> tuple[WeightBytes, int]:
     """(weight bytes the CPU engine holds for a GGUF, with the bf16 copies counted in, bytes of those copies).
     typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: layers.quant_linear's, 0 on
-    CPUs without native bf16 GEMMs, where no copies are made)."""
+    CPUs without native bf16 GEMMs, where no copies are made); native: whether the native kernel's layout holds
+    the matrices (None: whether it is built here)."""
+    from ..kernels.cpu_quant import library
     from ..layers.quant_linear import dense_budget_bytes
 
     budget = dense_budget_bytes() if dense_budget is None else dense_budget
+    per_weight = _CPU_NATIVE_BYTES if (library() is not None if native is None else native) else _CPU_INT4_BYTES
     by_name = {n: (ty, shape) for n, ty, shape in typed}
     held: list[tuple[str, int]] = []
     linears: list[tuple[str, int]] = []  # (name for placement, bf16 copy bytes) in load order
@@ -123,9 +129,9 @@ def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
         if name == "token_embd.weight" and packed(ty, shape):
             held.append((name, math.ceil(n * 1.25)))
             if tied:
-                held.append(("output.weight", math.ceil(n * _CPU_INT4_BYTES[ty])))
+                held.append(("output.weight", math.ceil(n * per_weight[ty])))
         elif packed(ty, shape):
-            held.append((name, math.ceil(n * _CPU_INT4_BYTES[ty])))
+            held.append((name, math.ceil(n * per_weight[ty])))
         else:
             held.append((name, 4 * n))
     blocks = sorted({int(n.split(".")[1]) for n, _, _ in typed if n.startswith("blk.")})

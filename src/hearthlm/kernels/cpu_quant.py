@@ -1,0 +1,195 @@
+"""Native CPU kernel for group-quantized matmuls (csrc/cpu_quant.c): x quantized to int8 per group of 32 on the fly,
+u8 x s8 dot products with AVX-512 VNNI where the CPU has it (a portable C loop elsewhere), OpenMP threads from the
+runtime torch already loaded (the same libgomp, so the two never fight over cores).
+
+The C source ships with the package and is compiled once per machine with the system C compiler (`cc`, or $CC)
+for this CPU (-march=native) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU.
+Without a compiler the engine keeps PyTorch's own int4 kernel (layers/quant_linear.py) and logs why once.
+HEARTH_CPU_NATIVE=0 turns the kernel off.
+
+Weights reach the kernel as layers/quant_linear.NativeWeight makes them: codes unsigned (signed ones + 128, the
+offset folded into the min), 4-bit codes two a byte, in tiles of 16 rows as the C file's comment describes
+(`interleave`); scale and min as fp16 (`tile_scales`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("hearthlm")
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_quant.c"
+GROUP = 32
+TILE = 16  # output rows per tile
+PRE_NONE, PRE_RMSNORM, PRE_SILU_MUL = 0, 1, 2  # csrc: the matmul input f(x)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
+    """Compile csrc/cpu_quant.c (cached) and return the shared library's path. Raises OSError/CalledProcessError."""
+    flags = FLAGS if flags is None else flags
+    cc = os.environ.get("CC", "cc")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    out_dir = out_dir or Path(os.environ.get("HEARTH_HOME", "~/.hearth")).expanduser() / "kernels"
+    out = out_dir / f"cpu_quant-{key}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)  # atomic: concurrent builders leave one complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    c_int = ctypes.c_int
+    lib.hl_qmatmul.argtypes = [p, i64, i64, i64, p, p, p, i64, c_int, p, i64, c_int, p, ctypes.c_float, c_int, c_int]
+    lib.hl_qmatmul.restype = ctypes.c_int
+    lib.hl_decode_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float,
+                                        ctypes.c_float, p]
+    lib.hl_decode_attention.restype = ctypes.c_int
+    lib.hl_simd.restype = ctypes.c_int
+    lib.hl_prepare_rows.argtypes = [c_int, p, i64, i64, i64, p, ctypes.c_float, p]
+    lib.hl_prepare_rows.restype = None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (turned off, or no working compiler: logged once)."""
+    if os.environ.get("HEARTH_CPU_NATIVE", "1") == "0":
+        return None
+    try:
+        return load(build())
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("native CPU kernel unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
+                    "Install a C compiler (gcc or clang) for the faster path.", detail.strip()[:300])
+        return None
+
+
+def interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] unsigned codes (0..15 for bits 4, 0..255 for 8; N % 16 == 0) -> [N * K * bits // 8] uint8 in the C
+    kernel's layout: tiles of 16 rows, per group 8 vectors [16 rows][4 codes] (bits 4: vector i + 4 in the high
+    nibbles of vector i)."""
+    n, k = codes.shape
+    v = codes.to(torch.uint8).reshape(n // TILE, TILE, k // GROUP, GROUP // 4, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:
+        v = v[:, :, :4] | (v[:, :, 4:] << 4)
+    return v.reshape(-1).contiguous()
+
+
+def tile_scales(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] per-group scale or min -> fp16 [N / 16, G, 16], the kernel's order."""
+    n, g = t.shape
+    return t.to(torch.float16).reshape(n // TILE, TILE, g).transpose(1, 2).contiguous()
+
+
+def qmatmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int,
+            out: torch.Tensor, accumulate: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+            silu_mul: bool = False, residual: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """out (+)= f(x) @ W^T, all float32, W in `interleave`'s layout (codes uint8, scale and mins from
+    `tile_scales`). x: [M, K] (silu_mul: [M, 2K], f = silu(x[:, :K]) * x[:, K:]; norm: (weight [K], eps),
+    f = RMSNorm; else f = identity), unit column stride; out: [M, N], unit column stride. residual: a second pass
+    over x's int8 rounding residuals (x to within 1/256 of a quantization step; twice the dot products)."""
+    m, n = out.shape
+    k = scale.shape[1] * GROUP
+    assert scale.shape == (n // TILE, k // GROUP, TILE) and n % TILE == 0, (scale.shape, n)
+    assert x.dtype == out.dtype == torch.float32 and x.stride(-1) == 1 and out.stride(-1) == 1, (x.dtype, x.stride())
+    assert x.shape[0] == m and x.shape[1] == (2 * k if silu_mul else k), (x.shape, k)
+    if m:
+        pre, w, eps = (PRE_RMSNORM, norm[0].data_ptr(), norm[1]) if norm is not None else \
+            (PRE_SILU_MUL if silu_mul else PRE_NONE, None, 0.0)
+        rc = (lib or library()).hl_qmatmul(x.data_ptr(), m, x.stride(0), k, codes.data_ptr(), scale.data_ptr(),
+                                           mins.data_ptr(), n, bits, out.data_ptr(), out.stride(0), pre, w, eps,
+                                           accumulate, residual)
+        if rc:
+            raise MemoryError("native CPU matmul: out of memory for the quantized activations")
+    return out
+
+
+class DecodeAttention:
+    """One decode query per sequence over float32 paged pools, RoPE and this step's K/V writes included: the step's
+    arguments prepared once, then one call per layer of the KV group.
+    cos, sin: [B, 1, head_dim] (layers/rotary.Rotary.cos_sin); slot_mapping: [B] int64; key_slots: [B, L] int64
+    (this step's slot included); mask: additive, B * L elements (0 / -inf) or None."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor, key_slots: torch.Tensor,
+                 mask: torch.Tensor | None, num_heads: int, kv_heads: int, head_dim: int, scale: float,
+                 softcap: float | None, lib: ctypes.CDLL | None = None):
+        b, length = key_slots.shape
+        assert key_slots.dtype == slot_mapping.dtype == torch.int64 and cos.dtype == sin.dtype == torch.float32
+        keep = [cos.reshape(b, head_dim).contiguous(), sin.reshape(b, head_dim).contiguous(),
+                slot_mapping.contiguous(), key_slots.contiguous()]
+        if mask is not None:
+            keep.append(mask.reshape(b, length).float().contiguous())
+        self._keep = keep  # the pointers below stay valid while this object lives
+        self.rows, self.width, self.kv_heads, self.head_dim = b, num_heads * head_dim, kv_heads, head_dim
+        self._call = (lib or library()).hl_decode_attention
+        self._args = (keep[2].data_ptr(), keep[3].data_ptr(), keep[4].data_ptr() if mask is not None else None, b,
+                      length, num_heads, kv_heads, head_dim, scale, softcap or 0.0)
+        self._rope = (keep[0].data_ptr(), keep[1].data_ptr())
+
+    def __call__(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """qkv: [B, (heads + 2 kv_heads) * head_dim] float32 rows (unit column stride) from the fused projection;
+        pools: [blocks, block_size, kv_heads, head_dim] float32, contiguous. -> [B, heads * head_dim]."""
+        out = torch.empty(self.rows, self.width, dtype=torch.float32)
+        if self._call(qkv.data_ptr(), qkv.stride(0), *self._rope, k_pool.data_ptr(), v_pool.data_ptr(), *self._args,
+                      out.data_ptr()):
+            raise MemoryError("native CPU decode attention: out of memory")
+        return out
+
+    def accepts(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+        return qkv.dtype == torch.float32 and qkv.stride(-1) == 1 and qkv.shape[0] == self.rows and all(
+            p.dtype == torch.float32 and p.is_contiguous() and p.shape[2:] == (self.kv_heads, self.head_dim)
+            for p in (k_pool, v_pool))
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
+                     v_pool: torch.Tensor, slot_mapping: torch.Tensor, key_slots: torch.Tensor,
+                     mask: torch.Tensor | None, num_heads: int, scale: float, softcap: float | None,
+                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """DecodeAttention for one layer: -> [B, heads * head_dim]."""
+    att = DecodeAttention(cos, sin, slot_mapping, key_slots, mask, num_heads, k_pool.shape[2], k_pool.shape[3],
+                          scale, softcap, lib)
+    assert att.accepts(qkv, k_pool, v_pool)
+    return att(qkv, k_pool, v_pool)
+
+
+def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | None = None, silu_mul: bool = False,
+                 lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """qmatmul's f(x) alone, [M, K] float32 (for tests)."""
+    out = torch.empty(x.shape[0], k, dtype=torch.float32)
+    pre, w, eps = (PRE_RMSNORM, norm[0].data_ptr(), norm[1]) if norm is not None else \
+        (PRE_SILU_MUL if silu_mul else PRE_NONE, None, 0.0)
+    (lib or library()).hl_prepare_rows(pre, x.data_ptr(), x.shape[0], x.stride(0), k, w, eps, out.data_ptr())
+    return out
+
+
+__all__ = ["DecodeAttention", "build", "decode_attention", "interleave", "library", "load", "prepare_rows", "qmatmul", "tile_scales"]

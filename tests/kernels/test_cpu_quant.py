@@ -1,0 +1,188 @@
+"""The native CPU kernel (kernels/csrc/cpu_quant.c), its AVX-512 VNNI build and its portable C build, against
+float64 emulations: the quantized matmul (x quantized to int8 per group of 32, the same codes as the kernel's,
+so the sums agree to float rounding), its fused input functions (RMSNorm, SiLU * mul) and accumulation, the
+decode attention with RoPE and K/V writes, and the engine path built on them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hearthlm.kernels import cpu_quant as cq
+from hearthlm.layers.quant_linear import GroupQuant, NativeWeight, quantize_int4, quantize_int8
+from hearthlm.layers.rotary import Rotary, apply_rotary
+
+pytestmark = pytest.mark.skipif(cq.library() is None, reason="no C compiler: the native CPU kernel is not built")
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def lib(request, tmp_path_factory):
+    if request.param == "native":
+        return cq.library()
+    return cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], tmp_path_factory.mktemp("portable")))
+
+
+def test_builds_differ_where_they_should():
+    portable = cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], cq.build().parent / "test-portable"))
+    assert portable.hl_simd() == 0
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_vnni" in open("/proc/cpuinfo").read():
+        assert cq.library().hl_simd() == 1
+
+
+def quantize_x(x: torch.Tensor, residual: bool = False):
+    """The kernel's int8 quantization of x [M, K]: a scale per 16 inputs, in float32 as the kernel computes it;
+    -> codes [M, G, 2, 16] (residual: 128 codes + the rounding residual in 128ths), scales [M, G, 2], float sums
+    per group of 32 [M, G]."""
+    m, k = x.shape
+    h = x.reshape(m, k // 32, 2, 16)
+    amax = h.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    v = h * inv[..., None]
+    q = torch.round(v)
+    dx = amax / 127
+    if residual:
+        q, dx = 128 * q + torch.round((v - q) * 128), dx / 128
+    return q, dx, x.view(m, k // 32, 32).double().sum(-1)
+
+
+def emulate(x: torch.Tensor, g: GroupQuant, residual: bool = False) -> torch.Tensor:
+    """float64 sum of what the kernel multiplies: quantized x, codes, fp16 scale and min."""
+    q, dx, xs = quantize_x(x, residual)
+    codes = g.codes.double()
+    mins = g.min
+    if g.codes.dtype == torch.int8:
+        codes, mins = codes + 128, g.min - 128 * g.scale
+    n, k = g.codes.shape
+    dots = torch.einsum("mghi,nghi->mngh", q.double(), codes.view(n, k // 32, 2, 16))  # [M, N, G, 2]
+    s, mn = g.scale.half().double(), mins.half().double()
+    return ((dots * dx.double()[:, None]).sum(-1) * s[None] + mn[None] * xs[:, None]).sum(-1)
+
+
+def group_quant(kind: str, n: int, k: int, seed: int) -> GroupQuant:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    if kind == "q4":
+        return quantize_int4(w)
+    if kind == "q8":  # signed codes (Q8_0, int8)
+        return quantize_int8(w)
+    g = quantize_int4(w)  # 5-bit unsigned codes (Q5_*), stored a byte each
+    codes = torch.randint(0, 32, (n, k), generator=gen, dtype=torch.uint8)
+    return GroupQuant(codes, g.scale / 2, g.min, 32, 5)
+
+
+def native(g: GroupQuant) -> NativeWeight:
+    return NativeWeight(g, dense=False)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8"])
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_qmatmul_matches_emulation(lib, kind, k, residual):
+    g = group_quant(kind, 48, k, seed=k)
+    w = native(g)
+    for m in (1, 3, 6, 7, 16):  # passes of up to 6 rows
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+        if k > 32:
+            x[0, :32] = 0  # an all-zero group: scale 0, no division by zero
+        out = torch.empty(m, 48)
+        cq.qmatmul(x, w.codes, w.scale, w.mins, w.bits, out, residual=residual, lib=lib)
+        assert rel_err(out, emulate(x, g, residual)) < 1e-5, (kind, k, m)
+        # and within int8 rounding of the dequantized weights' product (residual pass: within the fp16 rounding of
+        # the scales and mins)
+        assert rel_err(out, x.double() @ g.dequantize().double().T) < (3e-3 if residual else 3e-2)
+
+
+def test_strided_rows_and_accumulate(lib):
+    g = group_quant("q4", 48, 96, seed=1)
+    w = native(g)
+    big = torch.randn(5, 200)
+    x = big[:, 10:106]  # row stride 200
+    out = torch.randn(5, 64)
+    before = out.clone()
+    cq.qmatmul(x, w.codes, w.scale, w.mins, w.bits, out[:, 8:56], accumulate=True, lib=lib)
+    assert rel_err(out[:, 8:56] - before[:, 8:56], emulate(x.contiguous(), g)) < 1e-5
+    assert torch.equal(out[:, :8], before[:, :8]) and torch.equal(out[:, 56:], before[:, 56:])
+
+
+def test_fused_input_functions(lib):
+    k = 96
+    x = torch.randn(6, 2 * k) * 4
+    x[0, :k] = torch.linspace(-120, 120, k)  # SiLU far into both tails
+    w, eps = torch.rand(k) + 0.5, 1e-5
+    normed = cq.prepare_rows(x[:, :k].contiguous(), k, norm=(w, eps), lib=lib)
+    ref = F.rms_norm(x[:, :k].double(), (k,), w.double(), eps)
+    assert float((normed - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+    act = cq.prepare_rows(x, k, silu_mul=True, lib=lib)
+    ref = F.silu(x[:, :k].double()) * x[:, k:].double()
+    assert float(((act - ref).abs() / (ref.abs() + 1e-6)).max()) < 1e-5
+    # the matmul quantizes what prepare_rows gives
+    g = group_quant("q4", 32, k, seed=2)
+    nw = native(g)
+    out = torch.empty(6, 32)
+    cq.qmatmul(x, nw.codes, nw.scale, nw.mins, nw.bits, out, silu_mul=True, lib=lib)
+    assert rel_err(out, emulate(act, g)) < 1e-5
+    cq.qmatmul(x[:, :k], nw.codes, nw.scale, nw.mins, nw.bits, out, norm=(w, eps), lib=lib)
+    assert rel_err(out, emulate(normed, g)) < 1e-5
+
+
+def test_native_weight_entry_points_and_dense_change_over():
+    g = group_quant("q8", 64, 576, seed=3)
+    w = NativeWeight(g, dense=True)
+    x = torch.randn(40, 576)
+    assert rel_err(w(x[:3]), emulate(x[:3], g, 3 <= w.residual_max_rows)) < 1e-5
+    assert w(x[:3].double()).dtype == torch.float64  # cast back to x's dtype
+    if w.dense is not None:  # from dense_min_rows rows on: oneDNN's bf16 GEMM, within bf16 rounding
+        y = w(x)
+        assert rel_err(y, x.double() @ g.dequantize().double().T) < 2e-2
+        acc = torch.ones(40, 64)
+        w.run(x, out=acc, accumulate=True)
+        assert torch.allclose(acc - 1, y, atol=1e-5)
+
+
+def reference_attention(qkv, cos, sin, kp, vp, slot_mapping, key_slots, mask, h, kvh, d, scale, softcap):
+    b = qkv.shape[0]
+    qk = apply_rotary(qkv[:, :(h + kvh) * d].view(b, -1, d), cos, sin)
+    q, k = qk[:, :h], qk[:, h:]
+    v = qkv[:, (h + kvh) * d:].view(b, kvh, d)
+    kp.view(-1, kvh, d)[slot_mapping] = k
+    vp.view(-1, kvh, d)[slot_mapping] = v
+    keys = kp.view(-1, kvh, d)[key_slots].repeat_interleave(h // kvh, 2).double()  # [B, L, H, D]
+    vals = vp.view(-1, kvh, d)[key_slots].repeat_interleave(h // kvh, 2).double()
+    s = torch.einsum("bhd,blhd->bhl", (q * scale).double(), keys)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s + mask[:, None].double()
+    return torch.einsum("bhl,blhd->bhd", s.softmax(-1), vals).reshape(b, h * d)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_decode_attention_matches_reference(lib, softcap):
+    gen = torch.Generator().manual_seed(0)
+    b, h, kvh, d, block, blocks = 5, 6, 2, 64, 16, 40
+    kp, vp = torch.randn(blocks, block, kvh, d, generator=gen), torch.randn(blocks, block, kvh, d, generator=gen)
+    lens = torch.tensor([1, 17, 40, 100, 33])
+    length = int(lens.max())
+    perm = torch.randperm(blocks * block, generator=gen)
+    key_slots = torch.zeros(b, length, dtype=torch.int64)
+    mask = torch.full((b, length), -float("inf"))
+    used = 0
+    for i, n in enumerate(lens.tolist()):
+        key_slots[i, :n] = perm[used:used + n]
+        mask[i, max(0, n - 32):n] = 0  # a window of 32 keys
+        used += n
+    slot_mapping = key_slots[torch.arange(b), lens - 1].clone()
+    qkv = torch.randn(b, (h + 2 * kvh) * d, generator=gen) * 2
+    cos, sin = Rotary(d, 10000.0, None, torch.device("cpu")).cos_sin(lens - 1, torch.float32)
+    kp2, vp2 = kp.clone(), vp.clone()
+    ref = reference_attention(qkv, cos, sin, kp2, vp2, slot_mapping, key_slots, mask, h, kvh, d, d ** -0.5, softcap)
+    out = cq.decode_attention(qkv, cos, sin, kp, vp, slot_mapping, key_slots, mask, h, d ** -0.5, softcap, lib=lib)
+    assert float((out - ref).abs().max()) < 1e-4
+    assert torch.allclose(kp, kp2, atol=1e-6) and torch.equal(vp, vp2)  # this step's k (rotated) and v stored
+    out = cq.decode_attention(qkv, cos, sin, kp, vp, slot_mapping, key_slots, None, h, d ** -0.5, softcap, lib=lib)
+    ref = reference_attention(qkv, cos, sin, kp2, vp2, slot_mapping, key_slots, None, h, kvh, d, d ** -0.5, softcap)
+    assert float((out - ref).abs().max()) < 1e-4
