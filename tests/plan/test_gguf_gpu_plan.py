@@ -62,17 +62,21 @@ def test_plan_picks_the_copy_the_loader_would_make(capsys, monkeypatch):
 
 
 def test_cpu_plan_counts_what_the_engine_holds():
-    """GGUF on the CPU: the int4 kernel's repacked blocks, the embedding kept for lookups and packed again as the
+    """GGUF on the CPU: the int4 (or native) kernel's repacked blocks, the embedding kept for lookups and packed again as the
     tied head, float32 norms, plus the bf16 copies for batched decode; by hand for the default model, and equal to
     the loaded engine's tensors."""
     from hearthlm.layers import quant_linear as ql
     from hearthlm.loader.load import load_model
+
+    from hearthlm.kernels.cpu_quant import library
 
     src = resolve_model("smollm2")
     blocks, embedding, norms = 30 * 3_538_944, 49152 * 576, 30 * 2 * 576 + 576
     held = blocks * 20 // 32 + embedding * 5 // 4 + embedding * 5 // 4 + 4 * norms  # Q4_1 0.625 B, Q8_0 1.25 B x2
     copies = 2 * (blocks + embedding)
     assert held == 137_274_624 and copies == 268_959_744
+    if library() is not None:  # the native kernel's tied head: Q8_0 codes a byte each + fp16 scale and min
+        held -= embedding * 5 // 4 - embedding * 9 // 8
     assert src.cpu_weights(0) == (src.cpu_weights(0)[0], 0) and src.cpu_weights(0)[0].total_bytes == held
     assert src.cpu_weights(1 << 30)[1] == copies and src.cpu_weights(1 << 30)[0].total_bytes == held + copies
     # a budget that stops part-way: whole matrices in load order (blocks first), as Int4Weight allocates them
