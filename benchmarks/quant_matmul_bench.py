@@ -3,6 +3,7 @@
     python benchmarks/quant_matmul_bench.py            # the table (~1-2 min on an H100)
     python benchmarks/quant_matmul_bench.py --no-table --sweep --sweep-formats int4   # block-size sweeps
                                                        # (~3-5 min per format: one format per call)
+    python benchmarks/quant_matmul_bench.py --no-table --mm-variants   # tl.dot kernel variants vs bf16
 
 For each (N, K) and M: median time of triton.testing.do_bench (launches from Python, as eager prefill does)
 and of do_bench_cudagraph (replayed from a CUDA graph, as decode steps run), achieved GB/s (bytes of W codes +
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -187,6 +190,111 @@ def sweep(formats: list[str], mm: bool = True, gemv: bool = True, mm_ms: tuple[i
                               f"w={c.num_warps} s={c.num_stages}" for t, c in best))
 
 
+def variant_grid(m: int, bits: int) -> list[qm.KernelConfig]:
+    """Tiles tried for every variant at M rows besides mm_config's: (block_m, block_n, code words per K step,
+    warps, stages, K splits (0: from the grid size))."""
+    if m <= 16:
+        tiles = [(16, 64, 64, 4, 4, 0), (16, 128, 64, 4, 3, 0), (16, 256, 64, 8, 3, 0), (16, 32, 64, 4, 4, 1),
+                 (16, 64, 64, 4, 4, 1), (16, 128, 32, 4, 4, 0)]
+    elif m <= 64:
+        tiles = [(64, 64, 64, 4, 3, 0), (64, 128, 32, 4, 3, 0), (64, 128, 64, 8, 2, 0), (64, 256, 32, 8, 2, 0),
+                 (32, 128, 64, 4, 3, 0), (64, 64, 64, 4, 3, 1)]
+    else:
+        tiles = [(64, 64, 64, 4, 3, 1), (64, 64, 32, 4, 3, 0), (128, 64, 64, 4, 3, 1), (128, 128, 64, 8, 3, 0),
+                 (128, 128, 64, 8, 3, 1), (128, 256, 32, 8, 2, 0)]
+    return [qm.KernelConfig(bm, bn, bw * 16 // bits, sp, w, st) for bm, bn, bw, w, st, sp in tiles]
+
+
+def mm_variants(formats: list[str], ms: tuple[int, ...], variants: list[int], rep: int = 8) -> None:
+    """The tl.dot kernel's variants (qm.MM_VARIANTS; 0 = the default kernel) vs bf16 torch.matmul: per shape,
+    format, M and variant the best CUDA-graph time over mm_config's tiles (with the variant) and variant_grid,
+    W rotated through copies as in the table. Kernels are compiled up front, in parallel where triton has
+    AsyncCompileMode. First, each variant's error against quant_matmul_ref on the first shape."""
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("# variants (see qm.MM_VARIANTS): 0 = _mm_kernel (default); " + "; ".join(
+        f"{v} = {' '.join(f'{k}={int(x)}' for k, x in (qm.MM_VARIANT_BASE | flags).items())}"
+        for v, flags in qm.MM_VARIANTS.items()))
+    weights = {(sh, f): weight(*sh, *FORMATS[f]) for sh, f in itertools.product(SHAPES, formats)}
+    xs = {(k, m): torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+          for (_, k), m in itertools.product(SHAPES, ms)}
+
+    def configs(m, n, k, bits, v):
+        base = qm.mm_config(m, n, k, bits)
+        cfgs = [base] + [c for c in variant_grid(m, bits) if c != base]
+        return [qm.KernelConfig(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, v)
+                for c in cfgs]
+
+    jobs = [(sh, f, m, cfg) for (sh, f), m in itertools.product(weights, ms) for v in variants
+            for cfg in configs(m, *sh, FORMATS[f][0], v)]
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is not None:
+        with ThreadPoolExecutor(os.cpu_count() or 4) as ex, mode(ex, ignore_errors=True):
+            for sh, f, m, cfg in jobs:
+                bits, group, _ = FORMATS[f]
+                c, s_, mn = weights[sh, f]
+                try:
+                    qm.quant_mm_triton(xs[sh[1], m], c, s_, mn, bits, group, cfg, compile_only=True)
+                except Exception:  # noqa: BLE001 - reported as inf when timed
+                    pass
+    print(f"# {len(jobs)} launches compiled")
+
+    (n0, k0) = SHAPES[0]
+    for f, m in itertools.product(formats, ms):
+        bits, group, _ = FORMATS[f]
+        c, s_, mn = weights[(n0, k0), f]
+        x = xs[k0, m]
+        ref = qm.quant_matmul_ref(x.float(), c, s_, mn, bits, group)
+        errs = []
+        for v in variants:
+            y = qm.quant_mm_triton(x, c, s_, mn, bits, group, configs(m, n0, k0, bits, v)[0]).float()
+            errs.append(f"{v}: {float((y - ref).abs().max()):.2e} ({float((y - ref).norm() / ref.norm()):.1e})")
+        print(f"# max abs err (rel. norm) vs quant_matmul_ref, {f} N={n0} K={k0} M={m}, default tiles: "
+              + "; ".join(errs))
+
+    def graph_us(make, nbytes_w: int) -> float:
+        try:
+            return 1e3 * triton.testing.do_bench_cudagraph(rotating(make, nbytes_w), rep=rep, return_mode="median")
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config
+            return float("inf")
+
+    print(f"{'N':>6} {'K':>6} {'M':>4} {'format':>6} {'var':>3} {'default':>8} {'best us':>8} {'vs bf16':>7}  "
+          "best tiles (bm bn bk warps stages split)")
+    best = {}
+    for (n, k), m in itertools.product(SHAPES, ms):
+        x = xs[k, m]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+
+        def dense(i, w=w, x=x):
+            wi = w if i == 0 else w.clone()
+            return lambda: torch.matmul(x, wi.t())
+
+        base = graph_us(dense, nbytes(w))
+        print(f"{n:>6} {k:>6} {m:>4} {'bf16':>6} {'':>3} {base:>8.1f} {base:>8.1f} {1.0:>6.2f}x")
+        for f in formats:
+            bits, group, _ = FORMATS[f]
+            ws = weights[(n, k), f]
+            copies = [ws] + [[t.clone() if t is not None else None for t in ws]
+                             for _ in range(max(1, min(32, -(-L2_FLUSH_BYTES // nbytes(*ws)))) - 1)]
+            for v in variants:
+                times = []
+                for cfg in configs(m, n, k, bits, v):
+                    def make(i, cfg=cfg, copies=copies, x=x, bits=bits, group=group):
+                        c, s_, mn = copies[i % len(copies)]
+                        return lambda: qm.quant_mm_triton(x, c, s_, mn, bits, group, cfg)
+
+                    times.append((graph_us(make, nbytes(*ws)), cfg))
+                t, cfg = min(times, key=lambda r: r[0])
+                best.setdefault((n, k, m, f), []).append((t, v, cfg, base))
+                print(f"{n:>6} {k:>6} {m:>4} {f:>6} {v:>3} {times[0][0]:>8.1f} {t:>8.1f} {base / t:>6.2f}x  "
+                      f"{cfg.block_m} {cfg.block_n} {cfg.block_k} {cfg.num_warps} {cfg.num_stages} {cfg.split_k}")
+        torch.cuda.empty_cache()
+    print("\n# fastest variant per shape, M and format (us, vs bf16, tiles)")
+    for (n, k, m, f), rows in best.items():
+        t, v, cfg, base = min(rows, key=lambda r: r[0])
+        print(f"{n:>6} {k:>6} {m:>4} {f:>6} {v:>3} {t:>8.1f} {base / t:>6.2f}x  {cfg.block_m} {cfg.block_n} "
+              f"{cfg.block_k} {cfg.num_warps} {cfg.num_stages} {cfg.split_k}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also sweep block sizes (prints the best configs)")
@@ -196,9 +304,14 @@ if __name__ == "__main__":
     ap.add_argument("--no-mm-sweep", action="store_true", help="sweep the decode GEMV only")
     ap.add_argument("--no-gemv-sweep", action="store_true", help="skip the float GEMV sweep")
     ap.add_argument("--no-a8-sweep", action="store_true", help="skip the int8-activation GEMV sweep")
-    ap.add_argument("--mm-ms", default="16,128,512", help="row counts of the tl.dot sweep (comma-separated)")
+    ap.add_argument("--mm-ms", default=None, help="row counts of the tl.dot sweep (comma-separated; default "
+                    "16,128,512) and of --mm-variants (default 16,64,128)")
     ap.add_argument("--gemv-ms", default="1,2,4", help="row counts of the GEMV sweeps (comma-separated)")
     ap.add_argument("--shapes", default=None, help="N x K shapes instead of the 8B ones, e.g. 1024x4096,6144x4096")
+    ap.add_argument("--mm-variants", action="store_true", help="time the tl.dot kernel's variants (qm.MM_VARIANTS) "
+                    "against bf16, each over a few tiles (~4 min on an H100 with all variants)")
+    ap.add_argument("--variants", default=None, help="variants for --mm-variants (comma-separated; default all)")
+    ap.add_argument("--variant-formats", default="int4,int8", help="formats for --mm-variants (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.shapes:
@@ -207,5 +320,8 @@ if __name__ == "__main__":
         table([int(m) for m in args.ms.split(",")])
     if args.sweep:
         sweep(args.sweep_formats.split(","), mm=not args.no_mm_sweep, gemv=not args.no_gemv_sweep,
-              mm_ms=tuple(int(m) for m in args.mm_ms.split(",")), a8_sweep=not args.no_a8_sweep,
+              mm_ms=tuple(int(m) for m in (args.mm_ms or "16,128,512").split(",")), a8_sweep=not args.no_a8_sweep,
               gemv_ms=tuple(int(m) for m in args.gemv_ms.split(",")))
+    if args.mm_variants:
+        mm_variants(args.variant_formats.split(","), tuple(int(m) for m in (args.mm_ms or "16,64,128").split(",")),
+                    [int(v) for v in args.variants.split(",")] if args.variants else [0, *qm.MM_VARIANTS])

@@ -99,6 +99,29 @@ def test_interp_mm(bits, group, has_min):
 
 
 @interp
+@pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False),
+                                                (4, 128, True)])
+@pytest.mark.parametrize("m", [5, 16])
+@pytest.mark.parametrize("variant", sorted(qm.MM_VARIANTS))
+def test_interp_mm_variants(bits, group, has_min, m, variant):
+    # K: a partial last K step, also per split (and, group 128, steps shorter than a group). fp32 x runs the
+    # fp32 dequantization of every variant; fp16 x the half-precision one of variants with MATH > 0 (their
+    # inline PTX runs as Triton here); bf16 arithmetic is not emulated by the interpreter: gpu tests below
+    n, k = 40, 384 if group == 128 else (224 if bits == 4 else 160)
+    codes, scale, mins = make_weight(n, k, bits, group, has_min, scale_dtype=torch.float16)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = torch.randn(m, k).to(dtype)
+        want = qm.quant_matmul_ref(x.float(), codes, scale, mins, bits, group)
+        for bm, bn, bk, split in ((16, 16, 64, 1), (16, 32, 256, 2), (16, 16, 128, 1), (16, 32, 64, 3)):
+            cfg = qm.KernelConfig(bm, bn, bk * 4 // bits, split, variant=variant)  # same words per step
+            got = qm.quant_mm_triton(x, codes, scale, mins, bits, group, cfg)
+            assert got.dtype == dtype and got.shape == (m, n)
+            check(got, want, tol)
+    if qm.MM_VARIANTS[variant].get("RED"):  # split-K summed in the kernel: its tile counters are back at 0
+        assert not qm._split_counters(x.device, 1).any()
+
+
+@interp
 @pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (8, 16, False)])
 def test_interp_dequantize(bits, group, has_min):
     codes, scale, mins = make_weight(20, 160, bits, group, has_min)
@@ -136,6 +159,28 @@ def test_gpu_quant_matmul(n, k, bits, group, has_min, m):
     if m <= 16:  # both kernels agree for the small-M rows
         other = qm.quant_mm_triton(x, codes, scale, mins, bits, group)
         check(other, want, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False)])
+@pytest.mark.parametrize("m", [5, 16, 128])
+@pytest.mark.parametrize("variant", sorted(qm.MM_VARIANTS))
+def test_gpu_mm_variants(bits, group, has_min, m, variant):
+    """Each variant with its default tiles on bf16 x (bf16 dequantization where MATH > 0) and, at 16 rows,
+    fp16 x; N not a multiple of any block and K with a partial last step in the second shape."""
+    for n, k in ((4096, 4096), (1000, 4096 + 96)):
+        codes, scale, mins = make_weight(n, k, bits, group, has_min, device="cuda", scale_dtype=torch.float16)
+        for dtype in (torch.bfloat16, torch.float16) if m == 16 else (torch.bfloat16,):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            want = qm.quant_matmul_ref(x.float(), codes, scale, mins, bits, group)
+            c = qm.mm_config(m, n, k, bits)
+            cfg = qm.KernelConfig(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, variant)
+            got = qm.quant_mm_triton(x, codes, scale, mins, bits, group, cfg)
+            assert got.dtype == dtype and got.shape == (m, n)
+            check(got, want, 1e-2)
+            assert float((got.float() - want).norm() / want.norm()) < 5e-3
+            if qm.MM_VARIANTS[variant].get("RED"):
+                assert not qm._split_counters(x.device, 1).any()
 
 
 @pytest.mark.gpu

@@ -16,11 +16,13 @@ Kernels (fp32 accumulation both):
                 chunk a thread sums code * x in registers and applies the chunk's scale once (and min * sum(x));
                 no shared memory or barriers inside the K loop, no split-K
   _mm_kernel    M <= MM_MAX_M: tl.dot per sub-code plane on tiles dequantized in registers, optional split-K
+  _mmv_kernel   variants of _mm_kernel (KernelConfig.variant, MM_VARIANTS); variant 9 is the default on Hopper
   _dequant_kernel  larger M (prefill): W to bf16/fp16 in one pass, then torch.matmul
 `quant_matmul` dispatches (Triton for CUDA tensors, else the torch reference `quant_matmul_ref`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +259,197 @@ if HAS_TRITON:
         out = out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
+    # ---- variants of the tl.dot kernel (KernelConfig.variant >= 1; 0 is _mm_kernel above). They share:
+    #  * W tiles read as [BLOCK_N, BLOCK_W] words, rows contiguous (16-byte loads, no per-element gathers);
+    #  * scale/min loaded once per group as a [BLOCK_N, groups] tile and broadcast over the group's words;
+    #  * SWAP: acc^T[BLOCK_N, BLOCK_M] = dot(W tile, x^T) (W is the left operand, kept in registers; wgmma
+    #    at small M) instead of acc = dot(x, W tile^T);
+    #  * MATH 0: codes to fp32 by the 2^23 trick, fp32 fma, one conversion to x.dtype (as _mm_kernel);
+    #    MATH 1: codes straight to x.dtype (bf16: 0x4300 | q = 128 + q; fp16: 0x6400 | u = 1024 + u), then
+    #    (v - offset) * scale + min in x.dtype (bf16x2/f16x2 math on sm_90, no conversion instruction);
+    #    MATH 2: MATH 1 as 4 PTX instructions per word pair (GPU only; the interpreter runs MATH 1).
+    #    Half math needs x in bf16/fp16 and, for bf16, 4-bit codes (8-bit codes don't fit a bf16 mantissa
+    #    after the bias): other cases run MATH 0;
+    #  * KCAT: the T sub-code planes of a word tile interleaved back into K order (a register permutation), so
+    #    one contiguous x tile and one dot per K step instead of T dots on x columns gathered 8 at a time;
+    #  * PREFETCH: scales/mins of the next K step loaded during this one;
+    #  * RED (set at launch only with several K splits): the last split of each tile sums the partials.
+    @triton.jit
+    def _half_pairs(q32, t: tl.constexpr, T: tl.constexpr, BF16: tl.constexpr):
+        """int32 word pairs [R, C] -> [R, 2 C] sub-code t as bf16/fp16, words in memory order. Each 16-bit half
+        becomes biased code | exponent bits, exact: bf16 128 + q (4-bit), fp16 1024 + q (4-bit) or
+        1024 + (c ^ 128) (8-bit); the caller subtracts the bias (128, 1024 or 1152)."""
+        if T == 4:
+            p = ((q32 >> (4 * t)) & 0x000F000F) | (0x43004300 if BF16 else 0x64006400)
+        else:
+            p = ((q32 >> (8 * t)) & 0x00FF00FF) ^ 0x64806480
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        lo = p.to(tl.int16).to(dt, bitcast=True)
+        hi = (p >> 16).to(tl.int16).to(dt, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [q32.shape[0], 2 * q32.shape[1]])
+
+    @triton.jit
+    def _half_asm(q, s, mn, t: tl.constexpr, T: tl.constexpr, BF16: tl.constexpr):
+        """(code - bias) * s + mn on two 16-bit words per register: shift, one lop3 for mask + exponent bits,
+        sub and fma on packed halves (sm_90 for bf16x2 sub)."""
+        if (16 // T) * t == 0:
+            sh: tl.constexpr = "mov.b32 c, $1; "
+        elif (16 // T) * t == 4:
+            sh: tl.constexpr = "shr.b32 c, $1, 4; "
+        elif (16 // T) * t == 8:
+            sh: tl.constexpr = "shr.b32 c, $1, 8; "
+        else:
+            sh: tl.constexpr = "shr.b32 c, $1, 12; "
+        if T == 4:  # (c & mask) | magic
+            lop: tl.constexpr = "lop3.b32 c, c, 0x000F000F, k, 0xEA; "
+        else:  # (c & mask) ^ magic: exponent bits and the sign bit of the byte flipped
+            lop: tl.constexpr = "lop3.b32 c, c, 0x00FF00FF, k, 0x6A; "
+        if BF16:
+            k: tl.constexpr = "mov.b32 k, 0x43004300; "
+            ops: tl.constexpr = "sub.rn.bf16x2 c, c, k; fma.rn.bf16x2 $0, c, $2, $3; }"
+        elif T == 4:
+            k: tl.constexpr = "mov.b32 k, 0x64006400; "
+            ops: tl.constexpr = "sub.rn.f16x2 c, c, k; fma.rn.f16x2 $0, c, $2, $3; }"
+        else:
+            k: tl.constexpr = "mov.b32 k, 0x64806480; "
+            ops: tl.constexpr = "sub.rn.f16x2 c, c, k; fma.rn.f16x2 $0, c, $2, $3; }"
+        return tl.inline_asm_elementwise("{ .reg .b32 c, k; " + k + sh + lop + ops, "=r,r,r,r", [q, s, mn],
+                                         dtype=s.dtype, is_pure=True, pack=2)
+
+    @triton.jit
+    def _scale_tile(s_rows, m_rows, g, w_end, WPG: tl.constexpr, HAS_MIN: tl.constexpr):
+        """Scales (and mins) of groups g ([groups]) of the tile's rows, as stored: [BLOCK_N, groups] each."""
+        g_in = (g * WPG < w_end)[None, :]
+        s = tl.load(s_rows + g[None, :], mask=g_in, other=0.0)
+        mn = s
+        if HAS_MIN:
+            mn = tl.load(m_rows + g[None, :], mask=g_in, other=0.0)
+        return s, mn
+
+    @triton.jit
+    def _dq_plane(q, s, mn, t: tl.constexpr, T: tl.constexpr, HAS_MIN: tl.constexpr, MATH: tl.constexpr,
+                  HALF: tl.constexpr, PAIRS: tl.constexpr, BF16: tl.constexpr, xdt: tl.constexpr):
+        """Sub-code plane t of the word tile q, dequantized to xdt ([BLOCK_N, BLOCK_W])."""
+        if HALF and MATH == 2:
+            v = _half_asm(q, s, mn, t, T, BF16)
+        else:
+            if PAIRS:
+                v = _half_pairs(q, t, T, BF16) - (128.0 if BF16 else (1024.0 if T == 4 else 1152.0))
+            else:
+                v = _sub(q, t, T)
+            v = v * s
+            if HAS_MIN:
+                v += mn
+        return v.to(xdt)
+
+    @triton.jit
+    def _mmv_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                    stride_os, stride_om, W, w_per_split, y_ptr, cnt_ptr,
+                    T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SWAP: tl.constexpr, MATH: tl.constexpr,
+                    KCAT: tl.constexpr, PREFETCH: tl.constexpr, RED: tl.constexpr):
+        # out: [splits, M, N], row stride stride_om; with RED fp32 partials, and the result goes to y ([M, N],
+        # same row stride; cnt: int32 zeros, one per (M, N) tile); else the result itself
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        xdt: tl.constexpr = x_ptr.dtype.element_ty
+        BF16: tl.constexpr = xdt == tl.bfloat16
+        HALF: tl.constexpr = MATH > 0 and ((BF16 and T == 4) or xdt == tl.float16)
+        PAIRS: tl.constexpr = HALF and MATH == 1  # codes read as int32 word pairs
+        WPG: tl.constexpr = GROUP // T  # words per group
+        NG: tl.constexpr = BLOCK_W // WPG if BLOCK_W >= WPG else 1  # groups per K step
+        SPAN: tl.constexpr = WPG if BLOCK_W >= WPG else BLOCK_W  # words per scale in the tile
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: W loads need no mask along N
+        if PAIRS:
+            w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 2)
+        else:
+            w_rows = w_ptr + rows[:, None] * stride_wn
+        s_rows = s_ptr + rows[:, None] * stride_sn
+        m_rows = m_ptr + rows[:, None] * stride_sn
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        w_start = pid_s * w_per_split
+        w_end = tl.minimum(w_start + w_per_split, W)
+        if PREFETCH:  # scales and mins are read one K step ahead (their loads are not pipelined by Triton)
+            s_next, mn_next = _scale_tile(s_rows, m_rows, w_start // WPG + tl.arange(0, NG), w_end, WPG, HAS_MIN)
+        for w0 in range(w_start, w_end, BLOCK_W):
+            wid = w0 + tl.arange(0, BLOCK_W)
+            w_in = wid < w_end
+            if PREFETCH:
+                s, mn = s_next, mn_next
+                s_next, mn_next = _scale_tile(s_rows, m_rows, (w0 + BLOCK_W) // WPG + tl.arange(0, NG), w_end, WPG,
+                                              HAS_MIN)
+            else:
+                s, mn = _scale_tile(s_rows, m_rows, w0 // WPG + tl.arange(0, NG), w_end, WPG, HAS_MIN)
+            if PAIRS:  # w_end is even (whole chunks)
+                pid2 = w0 // 2 + tl.arange(0, BLOCK_W // 2)
+                q = tl.load(w_rows + pid2[None, :], mask=(pid2 < w_end // 2)[None, :], other=0)
+            else:
+                q = tl.load(w_rows + wid[None, :], mask=w_in[None, :], other=0)
+                if not HALF:
+                    q = q.to(tl.int32)
+            # one scale (and min) per group and row, broadcast over the group's words
+            cdt: tl.constexpr = xdt if HALF else tl.float32
+            s = tl.reshape(tl.broadcast_to(s.to(cdt)[:, :, None], [BLOCK_N, NG, SPAN]), [BLOCK_N, BLOCK_W])
+            if HAS_MIN:
+                mn = tl.reshape(tl.broadcast_to(mn.to(cdt)[:, :, None], [BLOCK_N, NG, SPAN]), [BLOCK_N, BLOCK_W])
+            elif MATH == 2 and HALF:
+                mn = tl.zeros_like(s)
+            if KCAT:  # the T planes interleaved back into K order: one x tile, one dot per step
+                v0 = _dq_plane(q, s, mn, 0, T, HAS_MIN, MATH, HALF, PAIRS, BF16, xdt)
+                v1 = _dq_plane(q, s, mn, 1, T, HAS_MIN, MATH, HALF, PAIRS, BF16, xdt)
+                if T == 4:  # [BN, BW, 2, 2][..., a, b] = plane 2 a + b
+                    v2 = _dq_plane(q, s, mn, 2, T, HAS_MIN, MATH, HALF, PAIRS, BF16, xdt)
+                    v3 = _dq_plane(q, s, mn, 3, T, HAS_MIN, MATH, HALF, PAIRS, BF16, xdt)
+                    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))
+                else:
+                    v = tl.join(v0, v1)
+                # [n, chunk, word j, plane t] -> [n, chunk, t, j]: K = 8 T chunk + 8 t + j
+                v = tl.reshape(tl.permute(tl.reshape(v, [BLOCK_N, BLOCK_W // 8, 8, T]), (0, 1, 3, 2)),
+                               [BLOCK_N, BLOCK_W * T])
+                kk = w0 * T + tl.arange(0, BLOCK_W * T)
+                x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < w_end * T)[None, :], other=0.0)
+                if SWAP:
+                    acc = tl.dot(v, tl.trans(x), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(v), acc)
+            else:  # one dot per plane, on x columns gathered 8 at a time
+                kbase = (wid // 8) * (8 * T) + wid % 8  # K of sub-code 0 of each word; sub-code t: + 8 t
+                xm = m_mask[:, None] & w_in[None, :]
+                for t in tl.static_range(T):
+                    x = tl.load(x_rows + (kbase + 8 * t)[None, :], mask=xm, other=0.0)  # [BLOCK_M, BLOCK_W]
+                    v = _dq_plane(q, s, mn, t, T, HAS_MIN, MATH, HALF, PAIRS, BF16, xdt)
+                    if SWAP:
+                        acc = tl.dot(v, tl.trans(x), acc)
+                    else:
+                        acc = tl.dot(x, tl.trans(v), acc)
+        if SWAP:
+            offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+            mask = n_mask[:, None] & m_mask[None, :]
+        else:
+            offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            mask = m_mask[:, None] & n_mask[None, :]
+        if RED:  # split-K summed here: each split stores its partial; the split that finishes last (per-tile
+            # counter, reset to 0 after use) adds them up in split order (deterministic) and writes y
+            tl.store(out_ptr + pid_s * stride_os + offs, acc, mask=mask)
+            tl.debug_barrier()  # the whole CTA's partial is written before the counter moves
+            tile = pid_m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+                total = tl.zeros_like(acc)
+                for i in range(0, tl.num_programs(2)):
+                    total += tl.load(out_ptr + i * stride_os + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+        else:
+            tl.store(out_ptr + pid_s * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, m_ptr, out_ptr, N, W, stride_wn, stride_sn, stride_on,
@@ -290,6 +483,26 @@ class KernelConfig:
     split_k: int  # 0 = choose from the grid size
     num_warps: int = 4
     num_stages: int = 3
+    variant: int = 0  # kernel variant, see MM_VARIANTS (0: _mm_kernel)
+
+
+# Variants of the tl.dot kernel, for benchmarks/quant_matmul_bench.py --mm-variants: variant -> _mmv_kernel's
+# switches (see the comment above it) over MM_VARIANT_BASE. 0 is _mm_kernel, the default.
+MM_VARIANT_BASE = dict(SWAP=False, MATH=0, KCAT=False, PREFETCH=True, RED=False)
+MM_VARIANTS = {
+    1: dict(),  # row-major W tiles, per-group scale tiles (prefetched), fp32 dequantization, a dot per plane
+    2: dict(MATH=1),  # ... dequantization in x.dtype (bf16x2 math)
+    3: dict(MATH=2),  # ... dequantization in x.dtype as inline PTX (the interpreter runs 2)
+    4: dict(SWAP=True),  # W as the left dot operand (acc^T = W x^T), fp32 dequantization
+    5: dict(SWAP=True, MATH=1),  # ... dequantization in x.dtype
+    6: dict(SWAP=True, MATH=2),  # ... dequantization in x.dtype as inline PTX
+    7: dict(KCAT=True),  # as 1, planes interleaved back into K order: one contiguous x tile, one dot a step
+    8: dict(MATH=2, KCAT=True),  # as 3, one dot a step
+    9: dict(SWAP=True, MATH=2, KCAT=True),  # as 6, one dot a step
+    10: dict(MATH=2, RED=True),  # as 3, split-K partials summed by the kernel (no out.sum launches)
+    11: dict(MATH=2, KCAT=True, RED=True),  # as 8, split-K summed by the kernel
+    12: dict(SWAP=True, MATH=2, KCAT=True, RED=True),  # as 9, split-K summed by the kernel
+}
 
 
 @dataclass(frozen=True)
@@ -317,12 +530,22 @@ def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
     return GemvConfig(block_n, min(512, max(8, next_pow2(w))), 2, 1)
 
 
-def mm_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
-    """Tiles of the tl.dot kernel from an H100 sweep (benchmarks/quant_matmul_bench.py --sweep --no-gemv-sweep,
-    int4, Llama-3.1-8B shapes at M = 16, 64, 128): 64 code words of K per step (256 4-bit weights, 128 8-bit),
-    2 stages; wide-N projections (N >= 2 K) take narrower N tiles without split-K."""
+def mm_config(m: int, n: int, k: int, bits: int, hopper: bool = False) -> KernelConfig:
+    """Tiles of the tl.dot kernel from H100 sweeps (benchmarks/quant_matmul_bench.py, Llama-3.1-8B shapes at
+    M = 16, 64, 128): 64 code words of K per step (256 4-bit weights, 128 8-bit). Hopper: variant 9 (--mm-variants:
+    W tiles dequantized by bf16x2/f16x2 PTX into K order, W the left dot operand), 1.15-1.6x bf16 cuBLAS at 16 rows,
+    0.85-1.5x at 64, 0.8-1.0x at 128; else variant 0 (--sweep --no-gemv-sweep): wide-N projections (N >= 2 K) take
+    narrower N tiles without split-K."""
     wide = n >= 2 * k
     bk = 256 if bits == 4 else 128  # the same 64 code words a step (8-bit codes at 256 overflow shared memory)
+    if hopper:
+        if m <= 16:
+            return KernelConfig(16, 64, bk, 1 if wide else 0, 4, 4, 9)
+        if m <= 64:
+            return KernelConfig(64, 64, bk, 1 if wide else 0, 4, 3, 9)
+        if wide or k >= 2 * n:
+            return KernelConfig(128, 128, bk, 1 if wide else 0, 8, 3, 9)
+        return KernelConfig(64, 64, bk, 1, 4, 3, 9)
     if m <= 16:
         return KernelConfig(16, 64, bk, 1, 4, 4) if wide else KernelConfig(16, 128, bk, 0, 8, 4)
     if m <= 64:
@@ -336,7 +559,20 @@ def _splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     return max(1, min(want, k // (4 * block_k)))
 
 
-def _launch_mm(grid_mn: tuple[int, int], cfg: KernelConfig, x, codes, scale, mins, bits, group, out_dtype):
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 per-tile counters for split-K sums in the kernel (variants with RED). The kernel resets each
+    counter after use, so one buffer per device serves all launches as long as they run one at a time."""
+    buf = _SPLIT_COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _SPLIT_COUNTERS[device] = torch.zeros(max(n, 1 << 14), device=device, dtype=torch.int32)
+    return buf
+
+
+def _launch_mm(grid_mn: tuple[int, int], cfg: KernelConfig, x, codes, scale, mins, bits, group, out_dtype,
+               compile_only: bool = False):
     m, k = x.shape
     n = codes.shape[0]
     t = 16 // bits
@@ -345,11 +581,29 @@ def _launch_mm(grid_mn: tuple[int, int], cfg: KernelConfig, x, codes, scale, min
     split = _cdiv(k, k_per_split)
     out = torch.empty((split, m, n) if split > 1 else (1, m, n), device=x.device,
                       dtype=torch.float32 if split > 1 else out_dtype)
-    _mm_kernel[(*grid_mn, split)](
-        x, codes, scale, mins if mins is not None else scale, out, m, n, k, x.stride(0), codes.stride(0),
-        scale.stride(0), out.stride(0), out.stride(1), codes.shape[1], k_per_split // t,
-        T=t, GROUP=group, HAS_MIN=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_W=cfg.block_k // t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x, codes, scale, mins if mins is not None else scale, out, m, n, k, x.stride(0), codes.stride(0),
+            scale.stride(0), out.stride(0), out.stride(1), codes.shape[1], k_per_split // t)
+    kw = dict(T=t, GROUP=group, HAS_MIN=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+              BLOCK_W=cfg.block_k // t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kernel = _mm_kernel
+    y = None
+    if cfg.variant:
+        kernel = _mmv_kernel
+        kw.update(MM_VARIANT_BASE, **MM_VARIANTS[cfg.variant])
+        if kw["MATH"] == 2 and (not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            kw["MATH"] = 1  # inline PTX: the interpreter runs the same math written in Triton
+        kw["RED"] = kw["RED"] and split > 1
+        if kw["RED"]:
+            y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+            args += (y, _split_counters(x.device, grid_mn[0] * grid_mn[1]))
+        else:
+            args += (out, out)  # unused
+    if compile_only:  # compile (asynchronously inside triton.AsyncCompileMode), don't run
+        kernel.warmup(*args, grid=(*grid_mn, split), **kw)
+        return None
+    kernel[(*grid_mn, split)](*args, **kw)
+    if y is not None:
+        return y
     return out[0] if split == 1 else out.sum(0).to(out_dtype)
 
 
@@ -380,14 +634,20 @@ def quant_gemv_triton(x, codes, scale, mins, bits: int, group: int, cfg: GemvCon
     return out
 
 
+def _hopper(x: torch.Tensor) -> bool:
+    """Variant 9's inline PTX (sub.rn.bf16x2) needs SM 9.0; bf16/fp16 x (its dequantization dtype)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and \
+        torch.cuda.get_device_capability(x.device)[0] >= 9 and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def quant_mm_triton(x, codes, scale, mins, bits: int, group: int, cfg: KernelConfig | None = None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """tl.dot kernel. x: [M, K] -> [M, N]."""
+                    out_dtype: torch.dtype | None = None, compile_only: bool = False) -> torch.Tensor | None:
+    """tl.dot kernel. x: [M, K] -> [M, N] (compile_only: compile this launch's kernel, return None)."""
     x = x.contiguous()
     _check(x, codes, scale, mins, bits, group)
-    cfg = cfg or mm_config(x.shape[0], codes.shape[0], x.shape[1], bits)
+    cfg = cfg or mm_config(x.shape[0], codes.shape[0], x.shape[1], bits, _hopper(x))
     grid = (triton.cdiv(x.shape[0], cfg.block_m), triton.cdiv(codes.shape[0], cfg.block_n))
-    return _launch_mm(grid, cfg, x, codes, scale, mins, bits, group, out_dtype or x.dtype)
+    return _launch_mm(grid, cfg, x, codes, scale, mins, bits, group, out_dtype or x.dtype, compile_only)
 
 
 def dequantize_triton(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int,
@@ -416,6 +676,6 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins
     return torch.matmul(x, dequantize_triton(codes, scale, mins, bits, group, x.dtype).t())
 
 
-__all__ = ["GEMV_MAX_M", "MM_MAX_M", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref",
+__all__ = ["GEMV_MAX_M", "MM_MAX_M", "MM_VARIANTS", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref",
            "dequantize_triton", "gemv_config", "mm_config", "pack_codes", "quant_gemv_triton", "quant_matmul",
            "quant_matmul_ref", "quant_mm_triton", "unpack_codes"]
