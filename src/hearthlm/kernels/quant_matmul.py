@@ -220,17 +220,18 @@ if HAS_TRITON:
         _store_rows(a0, a1, a2, a3, y_ptr, stride_ym, offs_n, n_mask, BLOCK_M, P)
 
     @triton.jit
+    def _mm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's K split, rows and columns of the output tile, and their masks."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.program_id(2), offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
     def _mm_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                    stride_os, stride_om, W, w_per_split,
                    T: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        pid_s, offs_m, offs_n, m_mask, n_mask = _mm_tile(M, N, BLOCK_M, BLOCK_N)
         # W tiles are read as [words, n] so that each sub-code plane feeds tl.dot as the right operand
         w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
         s_cols = s_ptr + offs_n.to(tl.int64)[None, :] * stride_sn
@@ -350,13 +351,7 @@ if HAS_TRITON:
                     KCAT: tl.constexpr, PREFETCH: tl.constexpr, RED: tl.constexpr):
         # out: [splits, M, N], row stride stride_om; with RED fp32 partials, and the result goes to y ([M, N],
         # same row stride; cnt: int32 zeros, one per (M, N) tile); else the result itself
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        pid_s, offs_m, offs_n, m_mask, n_mask = _mm_tile(M, N, BLOCK_M, BLOCK_N)
         xdt: tl.constexpr = x_ptr.dtype.element_ty
         BF16: tl.constexpr = xdt == tl.bfloat16
         HALF: tl.constexpr = MATH > 0 and ((BF16 and T == 4) or xdt == tl.float16)
@@ -441,7 +436,7 @@ if HAS_TRITON:
             # counter, reset to 0 after use) adds them up in split order (deterministic) and writes y
             tl.store(out_ptr + pid_s * stride_os + offs, acc, mask=mask)
             tl.debug_barrier()  # the whole CTA's partial is written before the counter moves
-            tile = pid_m * tl.num_programs(1) + pid_n
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
             if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
                 total = tl.zeros_like(acc)
                 for i in range(0, tl.num_programs(2)):

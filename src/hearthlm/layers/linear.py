@@ -1,9 +1,9 @@
 """Linear layer holding (possibly fused) weights; the single place quantized matmuls plug in.
 
 A weight is a dense tensor or a GroupQuant (GGUF blocks or --quantization int8/int4 codes kept quantized).
-On CPU a GroupQuant is packed for PyTorch's CPU int4 kernel (layers/quant_linear.py; many-row calls use a dense
-bf16 copy when the process budget allows) or, lacking a layout, dequantized to its dtype; on CUDA it becomes a
-QuantWeight for the Triton kernels (layers/gpu_quant.py).
+On CPU a GroupQuant is packed for the native kernel or PyTorch's CPU int4 kernel (layers/quant_linear.py;
+many-row calls use a dense bf16 copy when the process budget allows) or, lacking a layout, dequantized to its
+dtype; on CUDA it becomes a QuantWeight for the Triton kernels (layers/gpu_quant.py).
 An Fp8Weight (--quantization fp8) or a QuantWeight may also be passed as is.
 """
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""Weights kept quantized on CPU: GGUF blocks unpacked to one affine group form, then repacked for the
-CPU kernels PyTorch ships.
+"""Weights kept quantized on CPU: GGUF blocks unpacked to one affine group form, then repacked for the native
+kernel (kernels/cpu_quant.py) or, where it is not built, for the CPU kernels PyTorch ships.
 
   GroupQuant    w = code * scale + min per group of `group` inputs: the common form of Q4_0/1, Q5_0/1, Q4_K, Q5_K,
                 Q8_0, Q6_K (groups of 16, signed codes; unpacked for the GPU kernels only, layers/gpu_quant.py),
                 and of the int8/int4 weights `quantize_int8` / `quantize_int4` make (--quantization)
                 (Q2_K, Q3_K stay dequantized)
+  NativeWeight  the native kernel's tiles (groups of 32, 4/5/8-bit codes, N % 16 == 0): int8 activations, a
+                residual pass for prefill and small decode batches, fused norm / activation / residual entry
+                points (LlamaLayer.native_call); a bf16 oneDNN copy from NATIVE_DENSE_MIN_ROWS rows
   Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
                 bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
                 5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales.
