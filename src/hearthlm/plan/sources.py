@@ -91,12 +91,13 @@ def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
     return 2 * n
 
 
-# On the CPU (layers/quant_linear.py, dtype auto) a 2-D GGUF weight of the int4 kernel's types becomes an
-# Int4Weight when its rows are a multiple of 16: 4-bit codes two a byte + a bf16 scale and zero per 32 weights
-# (0.625 B a weight), 5/8-bit types as two 4-bit halves (1.25 B). The token embedding stays a GroupQuant for row
-# lookups (a byte a code + float32 scale and min per 32: 1.25 B); a tied head packs it once more. Everything else
-# is float32. Each Int4Weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's
-# HEARTH_CPU_DENSE_MB budget has room, in load order: each block's qkv, o, gate_up, down, then the head.
+# On the CPU (layers/quant_linear.py, dtype auto) a 2-D GGUF weight of these types becomes a NativeWeight (where
+# the native kernel is built) or an Int4Weight when its rows are a multiple of 16: 4-bit codes two a byte + a
+# 16-bit scale and min per 32 weights (0.625 B a weight); 5/8-bit types a byte a code (1.125 B), or as two 4-bit
+# halves for the int4 kernel (1.25 B). The token embedding stays a GroupQuant for row lookups (a byte a code +
+# float32 scale and min per 32: 1.25 B); a tied head packs it once more. Everything else is float32. Each packed
+# weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's HEARTH_CPU_DENSE_MB budget
+# has room, in load order: each block's qkv, o, gate_up, down, then the head.
 _CPU_INT4_BYTES = {"Q4_0": 0.625, "Q4_1": 0.625, "Q4_K": 0.625, "Q5_0": 1.25, "Q5_1": 1.25, "Q5_K": 1.25, "Q8_0": 1.25}
 # the native kernel's layout (layers/quant_linear.NativeWeight, where it is built): 4-bit codes two a byte, 5/8-bit
 # codes a byte each, fp16 scale and min per 32 weights
