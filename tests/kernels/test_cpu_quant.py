@@ -22,8 +22,8 @@ def lib(request, tmp_path_factory):
     return cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], tmp_path_factory.mktemp("portable")))
 
 
-def test_builds_differ_where_they_should():
-    portable = cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], cq.build().parent / "test-portable"))
+def test_builds_differ_where_they_should(tmp_path):
+    portable = cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], tmp_path))
     assert portable.hl_simd() == 0
     if torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_vnni" in open("/proc/cpuinfo").read():
         assert cq.library().hl_simd() == 1

@@ -80,18 +80,29 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+# Flag sets tried in turn: compilers without OpenMP (Apple clang) build a single-threaded kernel, ones that do not
+# know -march=native a generic one
+FALLBACK_FLAGS = [FLAGS, [f for f in FLAGS if f != "-fopenmp"], ["-O3", "-std=gnu11", "-shared", "-fPIC"]]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (turned off, or no working compiler: logged once)."""
     if os.environ.get("HEARTH_CPU_NATIVE", "1") == "0":
         return None
-    try:
-        return load(build())
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("native CPU kernel unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
-                    "Install a C compiler (gcc or clang) for the faster path.", detail.strip()[:300])
-        return None
+    detail = ""
+    for i, flags in enumerate(FALLBACK_FLAGS):
+        try:
+            lib = load(build(flags))
+            if i:
+                log.warning("native CPU kernel built without %s (%s)",
+                            " and ".join(f for f in FLAGS if f not in flags), detail.strip()[:200])
+            return lib
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+    log.warning("native CPU kernel unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
+                "Install a C compiler (gcc or clang) for the faster path.", detail.strip()[:300])
+    return None
 
 
 def interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
