@@ -95,3 +95,6 @@ def test_compile_flag_plumbing(monkeypatch):
     serve_cmd.add_parser(parser.add_subparsers())
     assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--compile"])).cpu_compile is True
     assert serve_cmd.config_from_args(parser.parse_args(["serve", "m"])).cpu_compile is None
+    # the dtype default is auto on every device (on CPU: GGUF weights stay quantized, the native kernel)
+    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--device", "cpu"])).dtype == "auto"
+    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--dtype", "float32"])).dtype == "float32"

@@ -62,9 +62,11 @@ def server(tmp_path_factory) -> Server:
     log = home / "serve.log"
     port = free_port()
     env = {**os.environ, "HEARTH_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    # float32: the exact, batch-invariant CPU path (test_concurrency compares concurrent streams with each prompt
+    # alone); the default, auto, runs the native quantized kernel, whose engine path tests/kernels covers
     cmd = [sys.executable, "-m", "hearthlm.cli.main", "serve", "--port", str(port),
            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "192M", "--max-num-seqs", "64",
-           "--keep-alive", "-1", "--stats-interval", "2"]
+           "--keep-alive", "-1", "--stats-interval", "2", "--dtype", "float32"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", log, home)

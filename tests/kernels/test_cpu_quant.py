@@ -129,6 +129,16 @@ def test_fused_input_functions(lib):
     assert rel_err(out, emulate(normed, g)) < 1e-5
 
 
+def test_native_weight_refuses_what_its_layout_cannot_hold():
+    g = group_quant("q4", 48, 64, seed=5)
+    assert NativeWeight.supports(g)
+    assert not NativeWeight.supports(GroupQuant(g.codes[:40], g.scale[:40], g.min[:40], 32, 4))  # N % 16
+    assert not NativeWeight.supports(GroupQuant(g.codes, g.scale * 1e-4, g.min, 32, 4))  # below fp16's range
+    assert not NativeWeight.supports(GroupQuant(g.codes, g.scale * 1e7, g.min, 32, 4))  # beyond it
+    half = g.scale.half().float() * 1e-4  # fp16 subnormals, as a GGUF file can hold them: exact, kept
+    assert NativeWeight.supports(GroupQuant(g.codes, half.half().float(), g.min.half().float(), 32, 4))
+
+
 def test_native_weight_entry_points_and_dense_change_over():
     g = group_quant("q8", 64, 576, seed=3)
     w = NativeWeight(g, dense=True)
@@ -186,3 +196,36 @@ def test_decode_attention_matches_reference(lib, softcap):
     out = cq.decode_attention(qkv, cos, sin, kp, vp, slot_mapping, key_slots, None, h, d ** -0.5, softcap, lib=lib)
     ref = reference_attention(qkv, cos, sin, kp2, vp2, slot_mapping, key_slots, None, h, kvh, d, d ** -0.5, softcap)
     assert float((out - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_layer_path_matches_the_generic_one(tiny, family, monkeypatch):
+    """LlamaLayer.native_call (norms, SiLU, residual adds fused into the kernel's calls; RoPE, K/V writes and
+    decode attention in C; biases and q/k norms between) against the generic path (torch norms and attention,
+    the same weights through NativeWeight.__call__): the same greedy tokens up to a near-tie, logprobs within float
+    rounding (as the tiny random models amplify it: ~1e-3)."""
+    from hearthlm import LLM, SamplingParams
+    from hearthlm.models.llama import LlamaLayer
+
+    from ..conftest import prompts_of
+
+    def run():
+        llm = LLM(model=tiny.path(family), dtype="float32", device="cpu", quantization="int8", max_model_len=128,
+                  max_num_seqs=4)
+        sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+        outs = llm.generate(prompts_of(3, [5, 9, 14], seed=3), sp, use_tqdm=False)
+        return llm, [o.outputs[0] for o in outs]
+
+    llm, fused = run()
+    layer = llm.engine.runner.model.layers[0]
+    assert layer.native and isinstance(layer.qkv.packed, NativeWeight)
+    assert (layer.qkv.bias is not None) == (family == "qwen2") and (layer.q_norm is not None) == (family == "qwen3")
+    monkeypatch.setattr(LlamaLayer, "native", False)
+    _, generic = run()
+    for a, b in zip(fused, generic):
+        k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        if k < len(a.token_ids):  # only at a near-tie of the generic run's top two
+            lb = b.logprobs[k]
+            assert a.token_ids[k] in lb and abs(lb[a.token_ids[k]] - lb[b.token_ids[k]]) < 1e-2, (k, lb)
+        for la, lb in zip(a.logprobs[:k], b.logprobs[:k]):  # (the runner-up may swap at a near-tie)
+            assert all(abs(la[t] - lb[t]) < 5e-3 for t in la.keys() & lb.keys()), (la, lb)

@@ -161,10 +161,10 @@ def test_default_model_greedy_matches_dequantized_or_diverges_at_a_near_tie(kern
     assert_diverges_only_at_near_ties(ref, prompts, ours, refs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2"])
 def test_tiny_families_quantized_logits_close_to_dequantized(tiny, tmp_path, monkeypatch, family):
-    """Bias (qwen2), scaled tied embeddings and soft-capping (gemma2), Q8_0 as split int4. The tiny random
-    models amplify bf16 rounding, so the bar is the same model dequantized and run in bf16."""
+    """Bias (qwen2), q/k norms (qwen3), scaled tied embeddings and soft-capping (gemma2), Q8_0 kept quantized. The
+    tiny random models amplify bf16 rounding, so the bar is the same model dequantized and run in bf16."""
     from hearthlm.quant import perplexity_llm, quantize_model, window_logits
 
     path = tmp_path / f"{family}-q8_0.gguf"

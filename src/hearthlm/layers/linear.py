@@ -54,8 +54,9 @@ class Linear:
 
     @property
     def native(self) -> NativeWeight | None:
-        """The native CPU kernel's weight when this layer is one, without bias (its fused entry points)."""
-        return self._cpu if isinstance(self._cpu, NativeWeight) else None
+        """The native CPU kernel's weight when this layer is one (its fused entry points; self.bias is the
+        caller's to add)."""
+        return self.packed if isinstance(self.packed, NativeWeight) and self.parts is None else None
 
     @classmethod
     def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> "Linear":

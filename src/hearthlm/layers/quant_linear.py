@@ -301,11 +301,14 @@ class NativeWeight:
         if g.group != cpu_quant.GROUP or g.bits not in (4, 5, 8) or g.shape[1] % cpu_quant.GROUP or \
                 g.shape[0] % cpu_quant.TILE:
             return False
-        # scale and min as fp16: within its range, and scales in its normal range (full precision)
-        s = g.scale.abs()
+        # scale and min as fp16 (GGUF's own scales are fp16 already): no overflow, and no precision lost beyond
+        # fp16's rounding (float32 scales below its normal range would lose bits)
         mins = g.min - 128 * g.scale if g.codes.dtype == torch.int8 else g.min
-        if s.numel() and not (float(s.amax()) < 65000 and float(mins.abs().amax()) < 65000 and
-                              float(torch.where(s > 0, s, 1.0).amin()) >= 2 ** -14):
+        s16, m16 = g.scale.half().float(), mins.half().float()
+        tol = 2.0 ** -10
+        if not (bool(torch.isfinite(s16).all() & torch.isfinite(m16).all()) and
+                bool(((s16 - g.scale).abs() <= tol * g.scale.abs()).all()) and
+                bool(((m16 - mins).abs() <= tol * (mins.abs() + g.scale.abs())).all())):
             return False
         return cpu_quant.library() is not None
 

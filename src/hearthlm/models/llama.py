@@ -84,7 +84,8 @@ class LlamaLayer:
 
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                    kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """attend from the fused q/k/v projection (no q/k norms): q and k are adjacent, so one RoPE covers both."""
+        """attend from the fused q/k/v projection (q/k norms, if any, applied): q and k are adjacent, so one RoPE
+        covers both."""
         cfg, n = self.cfg, qkv.shape[0]
         qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), cos, sin)
         q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
@@ -104,10 +105,12 @@ class LlamaLayer:
     def native(self) -> bool:
         """Whether every projection runs the native CPU kernel (kernels/cpu_quant.py), so that the layer can fuse
         the norms into the q/k/v and gate/up matmuls, SiLU * mul into down's, and the residual adds into o's and
-        down's outputs (native_call)."""
-        return not self.gemma and self.q_norm is None and self.cfg.hidden_act == "silu" and \
+        down's outputs (native_call; biases and Qwen3's q/k norms apply between the calls)."""
+        return not self.gemma and self.cfg.hidden_act == "silu" and \
             all(lin.native is not None for lin in (self.qkv, self.o, self.gate_up, self.down)) and \
-            self.input_norm.dtype == self.post_attn_norm.dtype == torch.float32
+            self.input_norm.dtype == self.post_attn_norm.dtype == torch.float32 and \
+            all(b is None or b.dtype == torch.float32 for b in (self.qkv.bias, self.o.bias, self.gate_up.bias,
+                                                                 self.down.bias))
 
     def native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                     kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -116,13 +119,26 @@ class LlamaLayer:
         eps = cfg.rms_norm_eps
         res = None if decode_only(meta) else True  # the residual pass: by row count in decode steps, else always
         qkv = self.qkv.native.run(h, norm=(self.input_norm, eps), residual=res)
+        if self.qkv.bias is not None:
+            qkv += self.qkv.bias
+        if self.q_norm is not None:  # per-head norms before RoPE (Qwen3), in place
+            n, d = qkv.shape[0], cfg.head_dim
+            q = qkv[:, :self.q_size].view(n, -1, d)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d)
+            q.copy_(self.norm(q, self.q_norm))
+            k.copy_(self.norm(k, self.k_norm))
         o = native_decode_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
                                     cfg.attn_logit_softcapping)
         if o is None:
             o = self.attend_qkv(qkv, cos, sin, meta, kv_cache)
         self.o.native.run(o, out=h, accumulate=True, residual=res)
+        if self.o.bias is not None:
+            h += self.o.bias
         gate_up = self.gate_up.native.run(h, norm=(self.post_attn_norm, eps), residual=res)
-        return self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True, residual=res)
+        if self.gate_up.bias is not None:
+            gate_up += self.gate_up.bias
+        h = self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True, residual=res)
+        return h if self.down.bias is None else h.add_(self.down.bias)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
