@@ -147,10 +147,16 @@ def test_native_weight_entry_points_and_dense_change_over():
     assert w(x[:3].double()).dtype == torch.float64  # cast back to x's dtype
     if w.dense is not None:  # from dense_min_rows rows on: oneDNN's bf16 GEMM, within bf16 rounding
         y = w(x)
-        assert rel_err(y, x.double() @ g.dequantize().double().T) < 2e-2
+        ref = g.dequantize().double().T
+        assert rel_err(y, x.double() @ ref) < 2e-2
         acc = torch.ones(40, 64)
         w.run(x, out=acc, accumulate=True)
         assert torch.allclose(acc - 1, y, atol=1e-5)
+        # the fused input functions on this path too
+        nw, x2 = torch.rand(576) + 0.5, torch.randn(40, 2 * 576)
+        assert rel_err(w.run(x, norm=(nw, 1e-5)), F.rms_norm(x.double(), (576,), nw.double(), 1e-5) @ ref) < 2e-2
+        act = F.silu(x2[:, :576].double()) * x2[:, 576:].double()
+        assert rel_err(w.run(x2, silu_mul=True), act @ ref) < 2e-2
 
 
 def reference_attention(qkv, cos, sin, kp, vp, slot_mapping, key_slots, mask, h, kvh, d, scale, softcap):
