@@ -62,9 +62,9 @@ def test_plan_picks_the_copy_the_loader_would_make(capsys, monkeypatch):
 
 
 def test_cpu_plan_counts_what_the_engine_holds():
-    """GGUF on the CPU: the int4 (or native) kernel's repacked blocks, the embedding kept for lookups and packed again as the
-    tied head, float32 norms, plus the bf16 copies for batched decode; by hand for the default model, and equal to
-    the loaded engine's tensors."""
+    """GGUF on the CPU: the int4 (or native) kernel's repacked blocks, the embedding kept for lookups and packed
+    again as the tied head, float32 norms, plus the bf16 copies for batched decode; by hand for the default model,
+    and equal to the loaded engine's tensors."""
     from hearthlm.layers import quant_linear as ql
     from hearthlm.loader.load import load_model
 

@@ -63,7 +63,8 @@ def test_default_model_native_kernel_within_1_percent_of_float32(monkeypatch):
 
     monkeypatch.setattr(quant_linear, "_dense_budget", lambda: 0)
     run = quant_linear.NativeWeight.run  # the single pass (batched decode's), not prefill's residual pass
-    monkeypatch.setattr(quant_linear.NativeWeight, "run", lambda self, *a, **k: run(self, *a, **{**k, "residual": False}))
+    monkeypatch.setattr(quant_linear.NativeWeight, "run",
+                        lambda self, *a, **k: run(self, *a, **{**k, "residual": False}))
     tokens = None
 
     def ppl(dtype: str):

@@ -1,6 +1,8 @@
-"""Native CPU kernel for group-quantized matmuls (csrc/cpu_quant.c): x quantized to int8 per group of 32 on the fly,
-u8 x s8 dot products with AVX-512 VNNI where the CPU has it (a portable C loop elsewhere), OpenMP threads from the
-runtime torch already loaded (the same libgomp, so the two never fight over cores).
+"""Native CPU kernel for group-quantized matmuls and decode attention (csrc/cpu_quant.c): x quantized to int8 on the
+fly (a scale per 16 inputs, optionally a second pass over the rounding residuals), u8 x s8 dot products with
+AVX-512 VNNI, OpenMP threads from the runtime torch already loaded (the same libgomp, so the two never fight over
+cores). It serves CPUs with AVX-512 VNNI; elsewhere its portable C loop is only a test reference and PyTorch's
+int4 kernel runs.
 
 The C source ships with the package and is compiled once per machine with the system C compiler (`cc`, or $CC)
 for this CPU (-march=native) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU.
@@ -94,12 +96,17 @@ def library() -> ctypes.CDLL | None:
     for i, flags in enumerate(FALLBACK_FLAGS):
         try:
             lib = load(build(flags))
-            if i:
-                log.warning("native CPU kernel built without %s (%s)",
-                            " and ".join(f for f in FLAGS if f not in flags), detail.strip()[:200])
-            return lib
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
+            continue
+        if not lib.hl_simd():  # the portable loop is a reference, slower than PyTorch's own int4 kernel
+            log.info("native CPU kernel: this CPU (or compiler) lacks AVX-512 VNNI; quantized CPU matmuls use "
+                     "PyTorch's int4 kernel")
+            return None
+        if i:
+            log.warning("native CPU kernel built without %s (%s)",
+                        " and ".join(f for f in FLAGS if f not in flags), detail.strip()[:200])
+        return lib
     log.warning("native CPU kernel unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
                 "Install a C compiler (gcc or clang) for the faster path.", detail.strip()[:300])
     return None
@@ -114,6 +121,17 @@ def interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         v = v[:, :, :4] | (v[:, :, 4:] << 4)
     return v.reshape(-1).contiguous()
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Group-quantized W (codes [N, K]: 4/5-bit unsigned or int8 signed; scale, mins [N, K / 32]) -> the kernel's
+    (codes, scale, mins, bits): signed codes + 128 with the offset folded into the min, 4-bit codes two a byte."""
+    c = codes.to(torch.int16)
+    if codes.dtype == torch.int8:  # w = (code + 128) * s + (min - 128 s)
+        c, mins = c + 128, mins - 128 * scale
+    bits = 4 if bits == 4 else 8
+    return interleave(c, bits), tile_scales(scale), tile_scales(mins), bits
 
 
 def tile_scales(t: torch.Tensor) -> torch.Tensor:
@@ -203,4 +221,5 @@ def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | Non
     return out
 
 
-__all__ = ["DecodeAttention", "build", "decode_attention", "interleave", "library", "load", "prepare_rows", "qmatmul", "tile_scales"]
+__all__ = ["DecodeAttention", "build", "decode_attention", "interleave", "library", "load", "pack", "prepare_rows",
+           "qmatmul", "tile_scales"]

@@ -281,12 +281,7 @@ class NativeWeight:
         from ..kernels import cpu_quant
 
         self.out_features, self.in_features = g.shape
-        self.bits = 4 if g.bits == 4 else 8
-        c, mins = g.codes.to(torch.int16), g.min
-        if g.codes.dtype == torch.int8:  # signed codes: stored + 128, w = (code + 128) * s + (min - 128 s)
-            c, mins = c + 128, mins - 128 * g.scale
-        self.codes = cpu_quant.interleave(c, self.bits)
-        self.scale, self.mins = cpu_quant.tile_scales(g.scale), cpu_quant.tile_scales(mins)
+        self.codes, self.scale, self.mins, self.bits = cpu_quant.pack(g.codes, g.scale, g.min, g.bits)
         self.dense = dense_copy(self, g, dense)
         self.dense_min_rows = NATIVE_DENSE_MIN_ROWS
         self.residual_max_rows = NATIVE_RESIDUAL_MAX_ROWS

@@ -127,8 +127,8 @@ static const float *prepare_row(int pre, const float *x, int64_t K, const float 
             __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g))); /* e^-|g| */
             /* sigmoid(g) = 1 / (1 + e^-g): for g < 0, e^g / (1 + e^g) */
             __m512 one = _mm512_set1_ps(1.f), den = _mm512_add_ps(one, e);
-            __m512 sig = _mm512_mask_div_ps(_mm512_div_ps(one, den), _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ),
-                                            e, den);
+            const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+            __m512 sig = _mm512_mask_div_ps(_mm512_div_ps(one, den), neg, e, den);
             _mm512_storeu_ps(tmp + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
         }
 #endif
