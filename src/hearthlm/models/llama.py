@@ -5,7 +5,6 @@ Weights are looked up by their HF names; q/k/v and gate/up are fused at load.
 from __future__ import annotations
 
 import functools
-
 import logging
 import re
 from dataclasses import dataclass, field
