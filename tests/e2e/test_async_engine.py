@@ -141,3 +141,31 @@ def test_shutdown_fails_inflight_and_rejects_new(tiny):
 
     asyncio.run(main())
     assert ae.engine.kv.all_free()
+
+
+def test_build_makes_the_engine_on_its_own_thread(tiny):
+    """AsyncEngine.build: the engine is built on the thread that steps it (one OpenMP team for both), serves, and a
+    build failure reaches the caller instead of a dead engine."""
+    import threading
+
+    cfg = EngineConfig(model=tiny.path("llama"), dtype="float32", device="cpu", cache=CacheConfig(num_blocks=64),
+                       scheduler=SchedulerConfig(max_num_seqs=4, max_model_len=256))
+    where = []
+
+    def build() -> LLMEngine:
+        where.append(threading.current_thread())
+        return LLMEngine(cfg)
+
+    ae = AsyncEngine.build(build, max_queue=4, stats_interval_s=0.5)
+    try:
+        assert where == [ae._thread] and where[0] is not threading.current_thread()
+        outs = asyncio.run(collect(ae, PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+        assert outs[-1].outputs[0].token_ids == tiny.reference("llama", PROMPT, 4)
+    finally:
+        ae.shutdown()
+
+    def broken() -> LLMEngine:
+        raise InvalidRequestError("no such model")
+
+    with pytest.raises(InvalidRequestError, match="no such model"):
+        AsyncEngine.build(broken)

@@ -184,10 +184,12 @@ class ModelManager:
                               scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
                               gpu_layers=c.gpu_layers)
         start = time.perf_counter()
-        engine = await asyncio.to_thread(LLMEngine, config)
+        # built on the engine's own thread (AsyncEngine.build: one OpenMP team for loading and stepping)
+        aengine = await asyncio.to_thread(AsyncEngine.build, lambda: LLMEngine(config), c.max_queue,
+                                          c.stats_interval_s)
         seconds = time.perf_counter() - start
-        log.info("loaded %s from %s in %.2fs (max_model_len=%d)", name, path, seconds, engine.max_model_len)
-        return Loaded(name, path, AsyncEngine(engine, c.max_queue, c.stats_interval_s), seconds, c.keep_alive_s)
+        log.info("loaded %s from %s in %.2fs (max_model_len=%d)", name, path, seconds, aengine.engine.max_model_len)
+        return Loaded(name, path, aengine, seconds, c.keep_alive_s)
 
     async def _unload_locked(self) -> None:
         m, self.current = self.current, None
