@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -59,8 +60,10 @@ def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
+        start = time.perf_counter()
         subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, out)  # atomic: concurrent builders leave one complete file
+        log.info("built the native CPU kernel in %.1fs: %s", time.perf_counter() - start, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
