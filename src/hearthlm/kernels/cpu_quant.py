@@ -143,6 +143,14 @@ def tile_scales(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).reshape(n // TILE, TILE, g).transpose(1, 2).contiguous()
 
 
+def input_function(norm: tuple[torch.Tensor, float] | None, silu_mul: bool) -> tuple[int, int | None, float]:
+    """The C calls' (pre, norm weight pointer, eps) for f(x): RMSNorm with norm = (weight [K], eps), SiLU * mul of
+    x's two halves, or x itself."""
+    if norm is not None:
+        return PRE_RMSNORM, norm[0].data_ptr(), norm[1]
+    return (PRE_SILU_MUL if silu_mul else PRE_NONE), None, 0.0
+
+
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int,
             out: torch.Tensor, accumulate: bool = False, norm: tuple[torch.Tensor, float] | None = None,
             silu_mul: bool = False, residual: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -156,8 +164,7 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: tor
     assert x.dtype == out.dtype == torch.float32 and x.stride(-1) == 1 and out.stride(-1) == 1, (x.dtype, x.stride())
     assert x.shape[0] == m and x.shape[1] == (2 * k if silu_mul else k), (x.shape, k)
     if m:
-        pre, w, eps = (PRE_RMSNORM, norm[0].data_ptr(), norm[1]) if norm is not None else \
-            (PRE_SILU_MUL if silu_mul else PRE_NONE, None, 0.0)
+        pre, w, eps = input_function(norm, silu_mul)
         rc = (lib or library()).hl_qmatmul(x.data_ptr(), m, x.stride(0), k, codes.data_ptr(), scale.data_ptr(),
                                            mins.data_ptr(), n, bits, out.data_ptr(), out.stride(0), pre, w, eps,
                                            accumulate, residual)
@@ -218,11 +225,10 @@ def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | Non
                  lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """qmatmul's f(x) alone, [M, K] float32 (for tests)."""
     out = torch.empty(x.shape[0], k, dtype=torch.float32)
-    pre, w, eps = (PRE_RMSNORM, norm[0].data_ptr(), norm[1]) if norm is not None else \
-        (PRE_SILU_MUL if silu_mul else PRE_NONE, None, 0.0)
+    pre, w, eps = input_function(norm, silu_mul)
     (lib or library()).hl_prepare_rows(pre, x.data_ptr(), x.shape[0], x.stride(0), k, w, eps, out.data_ptr())
     return out
 
 
-__all__ = ["DecodeAttention", "build", "decode_attention", "interleave", "library", "load", "pack", "prepare_rows",
-           "qmatmul", "tile_scales"]
+__all__ = ["DecodeAttention", "build", "decode_attention", "input_function", "interleave", "library", "load",
+           "pack", "prepare_rows", "qmatmul", "tile_scales"]

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ..kernels import cpu_quant
+from .activation import gated_act
+from .norm import rms_norm
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
 GPU_QUANT_TYPES = QUANT_TYPES + ("Q6_K",)  # groups of 16: no CPU int4 layout, but the GPU kernels take them
@@ -278,8 +281,6 @@ class NativeWeight:
     native kernel's per-row cost exceeds the bf16 GEMM's."""
 
     def __init__(self, g: GroupQuant, dense: bool | None = None):
-        from ..kernels import cpu_quant
-
         self.out_features, self.in_features = g.shape
         self.codes, self.scale, self.mins, self.bits = cpu_quant.pack(g.codes, g.scale, g.min, g.bits)
         self.dense = dense_copy(self, g, dense)
@@ -291,8 +292,6 @@ class NativeWeight:
 
     @staticmethod
     def supports(g: GroupQuant) -> bool:
-        from ..kernels import cpu_quant
-
         if g.group != cpu_quant.GROUP or g.bits not in (4, 5, 8) or g.shape[1] % cpu_quant.GROUP or \
                 g.shape[0] % cpu_quant.TILE:
             return False
@@ -326,7 +325,7 @@ class NativeWeight:
         if out is None:
             out = torch.empty(m, self.out_features, dtype=torch.float32)
         if m:
-            pre, w, eps = (1, norm[0].data_ptr(), norm[1]) if norm is not None else (2 if silu_mul else 0, None, 0.0)
+            pre, w, eps = cpu_quant.input_function(norm, silu_mul)
             if residual is None:
                 residual = m <= self.residual_max_rows
             if self._call(x.data_ptr(), m, x.stride(0), *self._args, out.data_ptr(), out.stride(0), pre, w, eps,
@@ -336,9 +335,9 @@ class NativeWeight:
 
     def _run_dense(self, x, out, accumulate, norm, silu_mul) -> torch.Tensor:
         if norm is not None:
-            x = torch.rms_norm(x, (self.in_features,), norm[0], norm[1])
+            x = rms_norm(x, norm[0], norm[1])
         elif silu_mul:
-            x = F.silu(x[:, :self.in_features]) * x[:, self.in_features:]
+            x = gated_act(x, "silu")
         y = dense_linear(x.to(torch.bfloat16), self.dense, self.out_features)
         if out is None:
             return y.float()
