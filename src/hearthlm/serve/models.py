@@ -42,6 +42,15 @@ class ServeConfig:
     keep_alive_s: float | None = 300.0  # None = forever
     stats_interval_s: float = 10.0
     preload: bool = True
+    # security and lifecycle (SECURITY.md)
+    api_keys: list[str] = field(default_factory=list)  # --api-key / HEARTH_API_KEY; empty = no key
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names beyond loopback names and IP literals
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins beyond the local defaults
+    insecure_no_auth: bool = False  # allow a non-loopback bind without an API key
+    allow_local_paths: bool = False  # HTTP requests may name local files/directories as models
+    allow_pull_hosts: list[str] = field(default_factory=list)  # URL pull hosts beyond the HF hub
+    max_body_size: int = 4 << 20  # bytes; larger bodies get 413
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
 
     def __post_init__(self) -> None:
         self.kv_cache_dtype = normalize_cache_dtype(self.kv_cache_dtype)  # fail before the server starts
