@@ -125,9 +125,20 @@ class _Progress:
             bar.update(done - bar.n)
 
 
+def _recover() -> None:
+    """Finish or undo a re-pull that a crash interrupted and drop day-old partial downloads (store.recover_store)."""
+    from ..store import recover_store
+
+    for line in recover_store():
+        print(f"store: {line}", file=sys.stderr)
+
+
 def pull_cmd(args: argparse.Namespace) -> int:
+    """The local user is trusted: any local path, file:// or http(s) URL (no host restrictions, unlike the
+    server's /api/pull); names are still checked so every write stays inside the store."""
     from ..store import pull
 
+    _recover()
     with _Progress() as progress:
         path = pull(args.ref, progress, name=args.name, revision=args.revision, sha256=args.sha256)
     print(f"pulled {args.name or args.ref} -> {path}")
@@ -137,6 +148,7 @@ def pull_cmd(args: argparse.Namespace) -> int:
 def list_cmd(args: argparse.Namespace) -> int:
     from ..store import list_models
 
+    _recover()
     models = list_models()
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
@@ -150,6 +162,7 @@ def list_cmd(args: argparse.Namespace) -> int:
 def show_cmd(args: argparse.Namespace) -> int:
     from ..store import show_model, verify
 
+    _recover()
     info = show_model(args.model)
     if args.template:
         if not info.get("chat_template"):
@@ -188,6 +201,7 @@ def show_cmd(args: argparse.Namespace) -> int:
 def rm_cmd(args: argparse.Namespace) -> int:
     from ..store import remove
 
+    _recover()
     for name in args.models:
         remove(name)
         print(f"deleted '{name}'")

@@ -43,16 +43,23 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    if model is None or str(model).lower() in DEFAULT_ALIASES:
+    """A model reference from the local user (CLI, `hearth serve MODEL`, LLM(model=...)): an alias, a local
+    path (trusted here; requests over HTTP go through store.resolve_name instead) or a store name."""
+    if model is None or str(model).strip().lower() in DEFAULT_ALIASES:
         return default_model_path()
     path = Path(model).expanduser()
     if path.exists():
         return path
-    from ..store import resolve_in_store  # model store names (hearth pull)
+    from ..store import resolve_in_store  # model store names (hearth pull); None for what is not a store name
 
     stored = resolve_in_store(str(model))
     if stored is not None:
         return stored
+    from ..store.names import is_store_name
+
+    if not is_store_name(str(model).strip()):
+        raise ModelNotFoundError(f"{str(model)!r} does not exist: pass a path to an HF model directory or a .gguf "
+                                 "file, or a name from `hearth list`")
     raise ModelNotFoundError(f"model {str(model)!r} not found: pass a path to an HF model directory or a .gguf "
                              f"file, a name from `hearth list`, or fetch it with `hearth pull {model}`")
 

@@ -124,10 +124,16 @@ class ModelManager:
 
     # ---- names ----
     def _matches(self, name: str, m: Loaded) -> bool:
-        return name in (m.name, str(m.path)) or (name in DEFAULT_ALIASES and m.name == DEFAULT_NAME)
+        """Whether a request's name means the loaded model: its name, an alias of the default, or (only where
+        local paths are allowed) its path."""
+        return name == m.name or (self.cfg.allow_local_paths and name == str(m.path)) or (
+            name.lower() in DEFAULT_ALIASES and m.name == DEFAULT_NAME)
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
-        """(display name, path) of a model name; raises ModelNotFoundError (404)."""
+        """(display name, path) of a model name from a request, under the store's policy (store.resolve_name):
+        aliases, store names, the model the server was started with (a CLI path included), and local paths only
+        with --allow-local-paths. 400 for paths and invalid names, 404 for names not in the store; nothing is
+        unloaded or read before this succeeds."""
         n = (name or "").strip()
         n = n.removesuffix(":latest")
         if not n or n == self.cfg.model_name or n.lower() in DEFAULT_ALIASES and self.cfg.model is None:
@@ -135,8 +141,11 @@ class ModelManager:
         cur = self.current
         if cur is not None and self._matches(n, cur):
             return cur.name, cur.path
-        target = self.cfg.model if n == self.cfg.model_name else n
-        return n, resolve_model_path(target)
+        if n == self.cfg.model_name:  # given on the command line by the local user: trusted
+            return n, resolve_model_path(self.cfg.model)
+        from ..store import resolve_name
+
+        return n, resolve_name(n, allow_local_paths=self.cfg.allow_local_paths)
 
     # ---- lifecycle ----
     async def acquire(self, name: str | None, keep_alive: float | None | str = "default") -> tuple[Loaded, float]:

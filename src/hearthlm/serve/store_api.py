@@ -70,12 +70,11 @@ def tags(srv: Server) -> dict[str, Any]:
 
 def show(srv: Server, name: str) -> dict[str, Any]:
     store = _store()
-    display, path = srv.manager.resolve(name)  # 404 for unknown names
+    display, path = srv.manager.resolve(name)  # the server's policy: 400 for paths and bad names, 404 unknown
     if store is not None:
-        try:
-            info = store.show_model(display)
-        except FileNotFoundError:  # served from a path outside the store
-            info = store.show_model(str(path))
+        # resolve() let it through: a store name or alias, the served model (a CLI path), or an allowed local path
+        local_ok = srv.cfg.allow_local_paths or display == srv.cfg.model_name
+        info = store.show_model(display if store.is_store_name(display) else str(path), allow_local_paths=local_ok)
     else:
         info = next((i for i in _loaded_info(srv)), {})
     arch = info.get("architecture") or "unknown"
@@ -90,16 +89,28 @@ def show(srv: Server, name: str) -> dict[str, Any]:
             "capabilities": ["completion"], "modified_at": iso(info.get("modified") or time.time())}
 
 
-def pull(name: str, progress: Callable[[str, int, int | None], None]) -> None:
+def pull_policy(srv: Server | None):
+    """The server's pull policy (hearthlm.store.PullPolicy); without a server, the strictest one."""
+    from ..store import PullPolicy
+
+    if srv is None:
+        return PullPolicy()
+    return PullPolicy(allow_local_paths=srv.cfg.allow_local_paths, allow_hosts=tuple(srv.cfg.allow_pull_hosts))
+
+
+def pull(name: str, progress: Callable[[str, int, int | None], None], srv: Server | None = None) -> None:
+    """/api/pull: under the server's policy (local paths only with --allow-local-paths; no file://; URL hosts: the
+    HF hub and --allow-pull-host entries; no private addresses). srv None: the strictest policy."""
     store = _store()
     if store is None:
         from ..errors import HearthError
 
         raise HearthError("this build has no model store (hearthlm.store): pass a model path to `hearth serve`")
-    store.pull(name, progress)
+    store.pull(name, progress, policy=pull_policy(srv))
 
 
 def remove(name: str) -> None:
+    """/api/delete: store names only (400 for paths and invalid names); the store never deletes outside itself."""
     store = _store()
     if store is None:
         from ..errors import InvalidRequestError

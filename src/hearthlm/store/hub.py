@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import HearthError, InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from .layout import (HF_PATTERNS, ChecksumError, ProgressCb, commit, git_blob_sha1, partial_dir, read_manifest,
                      sha256_file, store_dir)
+from .names import check_name
 
 HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.+-]+)?$")
 HF_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)/(?:resolve|blob)/([^/]+)/(.+)$")
@@ -118,7 +119,7 @@ def pull_hf(ref: str, *, name: str | None = None, revision: str | None = None,
     import huggingface_hub as hub
 
     repo, _, selector = ref.partition(":")
-    name = name or ref
+    name = check_name(name or ref)  # before any download: 400 for names that are not store names
     info = _hub_call(hub.HfApi().model_info, ref, repo, revision=revision, files_metadata=True)
     siblings = {s.rfilename: s for s in info.siblings or []}
     files = choose_files(list(siblings), selector or None, ref)
