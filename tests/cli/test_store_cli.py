@@ -68,3 +68,25 @@ def test_ps_against_a_server(env):
     with FakeServer() as server:
         out = hearth(dict(env, HEARTH_HOST=server.url), "ps")
     assert out.returncode == 0 and "fake-model" in out.stdout and "123.5 MB" in out.stdout
+
+
+def test_rm_refuses_paths_and_commands_recover_the_store(env, tmp_path):
+    from pathlib import Path
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    models = Path(env["HEARTH_HOME"]) / "models"
+    pulled = hearth(env, "pull", str(make_tiny_gguf(tmp_path / "crashy.gguf")))
+    assert pulled.returncode == 0, pulled.stderr
+    old = models / ".partial" / ".old" / "crashy"  # a re-pull that crashed between its two renames
+    old.parent.mkdir(parents=True, exist_ok=True)
+    (models / "crashy").rename(old)
+    rm_abs, rm_rel = many(env, ("rm", str(victim)), ("rm", "../../" + victim.name))
+    for r in (rm_abs, rm_rel):
+        assert r.returncode == 1 and "is a path, not a store name" in r.stderr and "hearth rm /" not in r.stderr
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert (models / "crashy").is_dir() and not old.exists()  # restored by the first command's recover_store()
+    listed = hearth(env, "list")
+    assert "crashy" in listed.stdout
+    assert hearth(env, "rm", "crashy").returncode == 0

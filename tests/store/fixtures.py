@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +50,43 @@ def make_tiny_hf_dir(path: Path) -> Path:
     (path / "notes.txt").write_text("not part of a model")
     save_file({"model.embed_tokens.weight": np.zeros((100, 8), dtype=np.float32)}, str(path / "model.safetensors"))
     return path
+
+
+class GGUFSite:
+    """A local HTTP server: /m/<file> serves a GGUF, /bytes serves non-GGUF bytes, /redirect?to=URL redirects,
+    /download serves the GGUF with a Content-Disposition name."""
+
+    def __init__(self, data: bytes, disposition: str = 'attachment; filename="../../evil.gguf"'):
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                site.paths.append(self.path)
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = b"#!/bin/sh\necho pwned\n" if self.path.startswith("/bytes") else data
+                self.send_response(200)
+                if self.path.startswith("/download"):
+                    self.send_header("Content-Disposition", disposition)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.paths: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from hearthlm.store import (PullPolicy, find_dir, list_models, pull, recover_sto
 from hearthlm.store import netpolicy
 from hearthlm.store.layout import MANIFEST, models_dir, partial_dir, store_dir
 
-from .fixtures import make_tiny_gguf, make_tiny_hf_dir
+from .fixtures import GGUFSite, make_tiny_gguf, make_tiny_hf_dir
 
 BAD_NAMES = ["..", ".", "/", "/root", "../../victim", "org/..", "../x", "a/b/c", "a/../../victim", "-rf", ".hidden",
              "~", "~root", "a\\..\\b", "x:../../y", "", " ", "a" * 300]
@@ -146,49 +144,9 @@ def test_show_errors_are_4xx(victim, tmp_path):
 
 # ---- URL pulls and the server's policy ----
 
-class _Site:
-    """A local HTTP server: /m/<file> serves a GGUF, /bytes serves non-GGUF bytes, /redirect?to=URL redirects,
-    /download serves the GGUF with a Content-Disposition name."""
-
-    def __init__(self, data: bytes, disposition: str = 'attachment; filename="../../evil.gguf"'):
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                site.paths.append(self.path)
-                if self.path.startswith("/redirect?to="):
-                    self.send_response(302)
-                    self.send_header("Location", self.path.split("=", 1)[1])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = b"#!/bin/sh\necho pwned\n" if self.path.startswith("/bytes") else data
-                self.send_response(200)
-                if self.path.startswith("/download"):
-                    self.send_header("Content-Disposition", disposition)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.paths: list[str] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def site(tmp_path):
-    s = _Site(make_tiny_gguf(tmp_path / "served.gguf").read_bytes())
+    s = GGUFSite(make_tiny_gguf(tmp_path / "served.gguf").read_bytes())
     yield s
     s.close()
 
@@ -268,7 +226,8 @@ def test_local_paths_under_policy(victim):
 def test_repull_crash_keeps_the_old_model(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    v1, v2 = make_tiny_gguf(tmp_path / "a" / "t.gguf", name="one"), make_tiny_gguf(tmp_path / "b" / "t.gguf", name="two")
+    v1 = make_tiny_gguf(tmp_path / "a" / "t.gguf", name="one")
+    v2 = make_tiny_gguf(tmp_path / "b" / "t.gguf", name="two")
     d = pull(str(v1))
     sha1 = hashlib.sha256(v1.read_bytes()).hexdigest()
     real = os.replace

@@ -17,8 +17,8 @@ from .netpolicy import PullPolicy
 from .pull import pull
 
 __all__ = ["hearth_home", "resolve_in_store", "resolve_name", "list_models", "show_model", "pull", "remove",
-           "verify", "recover_store", "check_name", "is_store_name", "PullPolicy", "ModelInfo", "ChecksumError", "ProgressCb",
-           "DEFAULT_NAME"]
+           "verify", "recover_store", "check_name", "is_store_name", "PullPolicy", "ModelInfo", "ChecksumError",
+           "ProgressCb", "DEFAULT_NAME"]
 
 
 def resolve_in_store(name: str) -> Path | None:

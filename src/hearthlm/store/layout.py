@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
 from .names import check_name, inside_models
 
 MANIFEST = "hearth-manifest.json"
@@ -165,23 +165,26 @@ def recover_store(*, now: float | None = None, max_age_s: float = STALE_PARTIAL_
     olds = partial / OLD
     for old in sorted(olds.iterdir()) if olds.is_dir() else []:
         final = root / old.name
-        if final.exists():
-            rmtree_in_store(old)
-            done.append(f"deleted the replaced copy {old}")
-        elif old.is_dir() and not old.name.startswith("."):
-            os.replace(inside_models(old), inside_models(final))
-            done.append(f"restored {final} (a re-pull was interrupted)")
+        try:  # another process may be recovering too: what it already did is skipped
+            if final.exists():
+                rmtree_in_store(old)
+                done.append(f"deleted the replaced copy {old}")
+            elif old.is_dir() and not old.name.startswith("."):
+                os.replace(inside_models(old), inside_models(final))
+                done.append(f"restored {final} (a re-pull was interrupted)")
+        except (OSError, InvalidRequestError):
+            continue
     for p in sorted(partial.iterdir()):
         if p.name == OLD:
             continue
         try:
-            stale = now - _newest_mtime(p) > max_age_s
-        except OSError:
-            continue
-        if stale:
+            if now - _newest_mtime(p) <= max_age_s:
+                continue
             if p.is_dir():
                 rmtree_in_store(p)
             else:
                 inside_models(p).unlink(missing_ok=True)
-            done.append(f"deleted the partial download {p} (untouched for over {max_age_s / 3600:g} hours)")
+        except (OSError, InvalidRequestError):
+            continue
+        done.append(f"deleted the partial download {p} (untouched for over {max_age_s / 3600:g} hours)")
     return done
