@@ -159,11 +159,19 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import uvicorn
 
     from ..serve import create_app
+    from ..serve.security import UnsafeBindError, check_bind
 
     cfg = config_from_args(args)
+    try:
+        check_bind(cfg)  # a non-loopback bind needs --api-key (or --insecure-no-auth), before anything loads
+    except UnsafeBindError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.preload:
         from ..loader import resolve_model_path
 
@@ -173,9 +181,6 @@ def run(args: argparse.Namespace) -> int:
         hearth_log.setLevel(logging.INFO)
     # one line per request: the server's (hearthlm.serve, with dialect and status) replaces the engine's
     hearth_log.addFilter(lambda r: not (r.name == "hearthlm" and str(r.msg).startswith("request id=")))
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        hearth_log.warning("binding %s: the API has no authentication; anyone who can reach this address can use "
-                           "it", cfg.host)
     hearth_log.info("hearth serve on http://%s:%d (OpenAI /v1, Ollama /api, TGI /generate)", cfg.host, cfg.port)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)

@@ -18,6 +18,8 @@ from .common import Server, parse, server
 from .errors import dialect_of, error_response, validation_message
 from .metrics import Metrics
 from .models import ModelManager, ServeConfig
+from .openapi import install_openapi
+from .security import install_security
 
 
 class TokenizeBody(BaseModel):
@@ -40,6 +42,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="hearthlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.hearth = Server(cfg, manager, Metrics(manager), time.time())
+    install_security(app, cfg)  # size, Host, Origin/CORS, API key, JSON-only bodies, admin routes
+    install_openapi(app)  # /openapi.json with each route's request body
 
     def fail(request: Request, exc: BaseException) -> Response:
         dialect = dialect_of(request.url.path)

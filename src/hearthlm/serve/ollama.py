@@ -20,6 +20,7 @@ from . import store_api
 from .common import Generation, parse, server, start
 from .errors import as_hearth_error, error_body
 from .models import parse_keep_alive
+from .security import require_admin
 from .sse import ndjson, stream_response
 
 router = APIRouter(prefix="/api")
@@ -155,6 +156,7 @@ async def _respond(gen: Generation, stream: bool, chunk, final) -> Response:
 async def _load_or_unload(request: Request, name: str | None, keep: float | None | str, key: str) -> Response:
     srv = server(request)
     if keep == 0:
+        require_admin(request)  # unloading is an admin action, as /api/delete
         await srv.manager.unload(name)
         reason, shown = "unload", srv.manager.resolve(name)[0]
     else:
