@@ -3,6 +3,7 @@ examples, no 5xx. /api/pull and /api/delete are left out (network and model stor
 from __future__ import annotations
 
 import os
+from collections import deque
 import time
 
 import httpx
@@ -65,6 +66,7 @@ def test_no_server_errors(small_server):
     session = requests.Session()
     failures: list[str] = []
     slow: list[str] = []
+    recent: deque[str] = deque(maxlen=6)
     ran = 0
     timings: dict[str, float] = {}
     ops = [r.ok() for r in schema.get_all_operations()]
@@ -90,11 +92,14 @@ def test_no_server_errors(small_server):
                     failures.append(f"{type(e).__name__}: {e}\n  {case.as_curl_command(base_url=small_server.url)}")
                     return
                 ran += 1
+                curl = case.as_curl_command(base_url=small_server.url)
                 key = op.label
                 timings[key] = timings.get(key, 0.0) + float(resp.elapsed)
-                if resp.status_code >= 500:
-                    curl = case.as_curl_command(base_url=small_server.url)
-                    failures.append(f"{resp.status_code} {resp.text[:300]}\n  {curl}")
+                if resp.status_code >= 500:  # server state counts: show the last requests with bodies too
+                    before = "\n    ".join(recent)
+                    failures.append(f"{resp.status_code} {resp.text[:300]}\n  {curl}\n  after:\n    {before}")
+                if has_body:
+                    recent.append(curl)
 
             run()
     print(f"{ran} requests;", ", ".join(f"{k}: {v:.1f}s" for k, v in timings.items()))

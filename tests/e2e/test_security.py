@@ -2,6 +2,7 @@
 API keys with the real SDKs, admin routes and the non-loopback bind refusal."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from huggingface_hub import InferenceClient
 from hearthlm.cli.main import build_parser
 from hearthlm.cli.serve_cmd import config_from_args
 from hearthlm.serve.models import ServeConfig
-from hearthlm.serve.security import ADMIN_ROUTES, Policy, UnsafeBindError, check_bind
+from hearthlm.serve.security import ADMIN_ROUTES, ForbiddenError, Policy, UnsafeBindError, check_bind
 
 from .conftest import free_port, start_server
 
@@ -54,7 +55,7 @@ def raw_exchange(server, head: bytes, chunks: list[bytes], timeout: float = 10) 
             except OSError:  # the server answered and closed before the rest was sent
                 break
         data = b""
-        while b"\r\n\r\n" not in data:
+        while not _complete(data):
             try:
                 part = s.recv(65536)
             except ConnectionResetError:
@@ -63,6 +64,18 @@ def raw_exchange(server, head: bytes, chunks: list[bytes], timeout: float = 10) 
                 break
             data += part
         return data
+
+
+def _complete(data: bytes) -> bool:
+    """A whole response with a Content-Length body has arrived."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 # ---------------- Host (DNS rebinding) ----------------
@@ -97,6 +110,7 @@ def test_foreign_origin_is_403_without_cors(server):
             headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
     assert r.status_code == 403 and no_cors(r)
     assert req(server, "GET", "/api/tags", headers={"Origin": "null"}).status_code == 403
+    assert 'dialect="ollama",status="403"' in server.get("/metrics").text  # refusals are counted
 
 
 @pytest.mark.parametrize("origin", ["http://localhost:3000", "https://127.0.0.1", "http://[::1]:8080",
@@ -169,7 +183,7 @@ def test_admin_routes_refuse_browsers_without_key(server):
     p = Policy(ServeConfig())
     p.check_admin("/api/pull", "127.0.0.1", None, None)
     p.check_admin("/api/pull", "::ffff:127.0.0.1", None, None)
-    with pytest.raises(Exception, match="--api-key"):
+    with pytest.raises(ForbiddenError, match="--api-key"):
         p.check_admin("/api/pull", "192.168.1.5", None, None)
 
 
@@ -187,7 +201,7 @@ def test_public_bind_without_key_exits(tmp_path):
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "hearthlm.cli.main", "serve", "--host", "0.0.0.0", "--port",
                         str(free_port()), "--no-preload"], capture_output=True, text=True, timeout=60,
-                       env={**__import__("os").environ, "HEARTH_HOME": str(tmp_path), "HEARTH_API_KEY": ""})
+                       env={**os.environ, "HEARTH_HOME": str(tmp_path), "HEARTH_API_KEY": ""})
     assert p.returncode == 2 and "--api-key" in p.stderr and "--insecure-no-auth" in p.stderr, p.stderr
     assert time.monotonic() - t0 < 30
 

@@ -251,8 +251,7 @@ class SecurityMiddleware:
             # e. JSON bodies only: text/plain, form and typeless bodies are what a blind cross-site POST can send
             if method in BODY_METHODS:
                 ctype = headers.get("content-type")
-                has_body = (length not in (None, "0")) or "transfer-encoding" in headers
-                if (ctype is not None or has_body) and _media_type(ctype or "") != "application/json":
+                if _media_type(ctype or "") != "application/json":
                     raise UnsupportedMediaTypeError(
                         f"Content-Type must be application/json, got {ctype or 'none'}: send the header "
                         f"'Content-Type: application/json' (curl: -H 'Content-Type: application/json')")
