@@ -91,6 +91,13 @@ def test_n_samples_differ_and_reproduce(engine_for):
     (dict(max_tokens=-3), "max_tokens"), (dict(top_k=-5), "top_k"), (dict(n=0), "n"),
     (dict(logprobs=50), "logprobs"), (dict(stop=[""]), "stop"), (dict(min_p=2.0), "min_p"),
     (dict(presence_penalty=5.0), "presence_penalty"), (dict(truncate="right"), "truncate"),
+    (dict(top_k=10**20), "top_k"), (dict(seed=2**80), "seed"), (dict(seed="7"), "seed"), (dict(stop=5), "stop"),
+    (dict(stop={"a": 1}), "stop"), (dict(stop=[1]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids"), (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(n=10**20), "n"), (dict(n=True), "n"), (dict(max_tokens=10**20), "max_tokens"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=10**9), "logprobs"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature="0.5"), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(ignore_eos="yes"), "ignore_eos"), (dict(stop=["x" * 5000]), "stop"),
 ])
 def test_bad_sampling_params_raise_typed_errors(kwargs, match):
     from hearthlm.errors import InvalidRequestError
@@ -109,3 +116,32 @@ def test_keyed_exponential_race_draws_follow_the_distribution():
     assert (freq - probs).abs().max() < 0.01  # 20,000 draws: standard error <= 0.0035
     again = exponential_noise(keys[:7], 5)
     assert torch.equal(again, exponential_noise(keys, 5)[:7])  # a row's draw does not depend on the batch
+
+
+def test_vocab_dependent_checks_and_dialect_names():
+    from hearthlm.errors import InvalidRequestError
+    from hearthlm.sampling import renamed
+
+    SamplingParams(top_k=100, stop_token_ids=[99]).validate(vocab_size=100)
+    for kw, param in [(dict(top_k=101), "top_k"), (dict(stop_token_ids=[100]), "stop_token_ids")]:
+        with pytest.raises(InvalidRequestError, match=param) as e:
+            SamplingParams(**kw).validate(vocab_size=100)
+        err = renamed(e.value, {param: f"options.{param}"})
+        assert err.param == f"options.{param}" and str(err).startswith(f"options.{param} ")
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    """top_k past what a tensor holds (set after validation): the batch falls back to rows one by one; the bad
+    row records its error and the others draw exactly what they draw alone."""
+    from hearthlm.runtime.sampler import sample_tokens
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300)
+    reqs = [req(SamplingParams(temperature=0.7, top_k=20), seed=3), req(SamplingParams(temperature=0)),
+            req(SamplingParams(temperature=1.0, top_k=5), seed=4), req(SamplingParams(temperature=1.2), seed=5)]
+    alone = [sample_tokens(logits[i:i + 1], [r]).item() for i, r in enumerate(reqs)]
+    reqs[2].params.top_k = 10**20
+    tokens = sample_tokens(logits, reqs).tolist()
+    assert isinstance(reqs[2].error, Exception)
+    assert [t for i, t in enumerate(tokens) if i != 2] == [t for i, t in enumerate(alone) if i != 2]
+    assert all(r.error is None for i, r in enumerate(reqs) if i != 2)

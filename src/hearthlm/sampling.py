@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
+MAX_INT32 = 2**31 - 1
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOPS = 16
+MAX_STOP_CHARS = 4096
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TEMPERATURE = 1e4
+
 
 @dataclass
 class SamplingParams:
@@ -31,50 +39,76 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or [])]
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {_kind(self.stop)}",
+                                      param="stop")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise InvalidRequestError(f"stop_token_ids must be a list of token ids, got {_kind(self.stop_token_ids)}",
+                                      param="stop_token_ids")
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every field's type and range; with vocab_size, also the token-id fields against the vocabulary.
+        Every message starts with the field's name (dialects rename it, see `renamed`)."""
         def bad(msg: str, param: str) -> None:
             raise InvalidRequestError(msg, param=param)
 
-        def finite(name: str, v: float) -> None:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                bad(f"{name} must be a finite number, got {v!r}", name)
-
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            finite(name, getattr(self, name))
-        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
-            bad(f"n must be an integer in [1, 128], got {self.n!r}", "n")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}", "temperature")
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v):
+                bad(f"{name} must be a finite number, got {_show(v)}", name)
+        for name, lo, hi in (("n", 1, MAX_N), ("top_k", -1, MAX_INT32), ("min_tokens", 0, MAX_INT32)):
+            v = getattr(self, name)
+            if not _is_int(v) or not lo <= v <= hi:
+                bad(f"{name} must be an integer in [{lo}, {hi}], got {_show(v)}", name)
+        if self.temperature < 0 or self.temperature > MAX_TEMPERATURE:
+            bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}", "top_k")
+        if vocab_size is not None and self.top_k > vocab_size:
+            bad(f"top_k must be -1 or 0 (off) or at most the vocabulary size {vocab_size:,}, got {self.top_k:,}",
+                "top_k")
         if self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}", "repetition_penalty")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", "logprobs")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}", "seed")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop must be a list of non-empty strings", "stop")
-        if len(self.stop) > 16:
-            bad(f"at most 16 stop strings are allowed, got {len(self.stop)}", "stop")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids must be non-negative integers", "stop_token_ids")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT32):
+            bad(f"max_tokens must be a positive integer (at most {MAX_INT32:,}), got {_show(self.max_tokens)}",
+                "max_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens:,}) must not exceed max_tokens ({self.max_tokens:,})", "min_tokens")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}", "logprobs")
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            bad(f"seed must be an integer that fits in 64 bits, got {_show(self.seed)}", "seed")
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be a non-empty string or a list of non-empty strings", "stop")
+        if len(self.stop) > MAX_STOPS:
+            bad(f"stop: at most {MAX_STOPS} stop strings are allowed, got {len(self.stop)}", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad(f"stop strings must be at most {MAX_STOP_CHARS:,} characters long", "stop")
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids", "stop_token_ids")
+        hi = vocab_size if vocab_size is not None else MAX_INT32 + 1
+        for t in self.stop_token_ids:
+            if not _is_int(t) or not 0 <= t < hi:
+                bad(f"stop_token_ids must be token ids in [0, {hi:,}), got {_show(t)}", "stop_token_ids")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false, got {_show(getattr(self, name))}", name)
         if self.truncate not in (None, "left"):
-            bad(f"truncate must be None or 'left', got {self.truncate!r}", "truncate")
+            bad(f"truncate must be None or 'left', got {_show(self.truncate)}", "truncate")
 
     @property
     def greedy(self) -> bool:
@@ -83,3 +117,36 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _kind(v: object) -> str:
+    return f"{type(v).__name__} {_show(v)}"
+
+
+def _show(v: object, limit: int = 60) -> str:
+    """repr(v), shortened for error messages (a value may be megabytes long)."""
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"an integer of {len(str(abs(v)))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def renamed(err: InvalidRequestError, names: dict[str, str]) -> InvalidRequestError:
+    """The same error with a SamplingParams field named as a dialect spells it (top_k -> options.top_k)."""
+    wire = names.get(err.param or "")
+    if wire is None:
+        return err
+    msg = str(err)
+    if msg.startswith(err.param):
+        msg = wire + msg[len(err.param):]
+    else:
+        msg = f"{wire}: {msg}"
+    new = type(err).__new__(type(err))
+    InvalidRequestError.__init__(new, msg, param=wire)
+    return new

@@ -268,7 +268,7 @@ class AsyncEngine:
                 for out in outputs:
                     stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
                     if stream is not None:
-                        stream.put(out)
+                        stream.put(out if out.error is None else out.error)
         except BaseException as e:
             log.exception("engine loop died")
             self.dead = e

@@ -1,7 +1,10 @@
 """The synchronous engine: add requests, step (schedule -> run -> sample -> detokenize -> emit)."""
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -9,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import EngineConfig
-from ..errors import CapacityError, ContextLengthError, InvalidRequestError
+from ..errors import CapacityError, ContextLengthError, HearthError, InvalidRequestError
 from ..loader import LoadedModel, load_model
 from ..runtime.runner import Batch, ModelRunner, StepHandle
 from ..runtime.sampler import SampleRequest, needs_host_sampling
@@ -42,6 +45,33 @@ class _Step:
     seqs: list[Sequence]
     sample: list[SampleRequest | None]  # None: a prefill chunk that samples nothing
     handle: StepHandle
+
+
+class RequestFailedError(HearthError):
+    """One request's sampling or output handling raised; that request alone was stopped (HTTP 500)."""
+
+    code = "request_failed"
+
+
+class PromptTooLongError(ContextLengthError):
+    """Refused before tokenizing: the prompt has more characters than max_model_len tokens can ever hold."""
+
+    def __init__(self, chars: int, min_tokens: int, max_model_len: int):
+        InvalidRequestError.__init__(
+            self, f"prompt is {chars:,} characters, so at least {min_tokens:,} tokens, but max_model_len is "
+            f"{max_model_len:,}: shorten the prompt, raise --max-model-len, or pass truncate='left' to drop the "
+            "oldest tokens", param="prompt")
+        self.prompt_tokens, self.max_tokens, self.max_model_len = min_tokens, 0, max_model_len
+
+
+def request_error(request_id: str, exc: BaseException, during: str) -> HearthError:
+    """The typed error a failed request's stream receives: its own typed error if it has one (an
+    InvalidRequestError is the request's fault: 400), else a 500 that names the request."""
+    if isinstance(exc, HearthError):
+        return exc
+    return RequestFailedError(f"request {request_id} failed during {during} ({type(exc).__name__}: {exc}); it was "
+                              "stopped and other requests go on: retry with other sampling parameters, and report "
+                              "this if it persists")
 
 
 def pick_device(device: str) -> torch.device:
@@ -128,18 +158,63 @@ class LLMEngine:
         self._next_id += 1
         return f"req-{self._next_id}"
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """tokenizer.encode, releasing the GIL while it runs when the backend allows it (tokenizers'
+        encode_batch does, encode does not), so a big prompt encoded on a worker thread stalls no other thread."""
+        backend = getattr(self.tokenizer, "backend", None)
+        if len(text) > 4096 and hasattr(backend, "encode_batch") and \
+                type(self.tokenizer).encode is _TOKENIZER_ENCODE:
+            # one text gains nothing from tokenizers' rayon pool; without it the work stays on this thread (and
+            # its priority: serve runs it on low-priority workers)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes of input text one token can stand for, where the tokenizer bounds it exactly:
+        BPE with no normalizer, no unknown-token fusing and pre-tokenizers that keep every character, and added
+        tokens that absorb no whitespace. None otherwise (then no prompt is refused before tokenizing)."""
+        b = getattr(self.tokenizer, "backend", None)
+        try:
+            if b is None or b.normalizer is not None or type(b.model).__name__ != "BPE" or \
+                    (b.model.unk_token is not None and b.model.fuse_unk):
+                return None
+            if b.pre_tokenizer is not None:
+                pre = json.loads(b.pre_tokenizer.__getstate__())
+                parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+                if any(t.get("type") not in ("ByteLevel", "Digits", "Split", "Metaspace", "Punctuation")
+                       or t.get("behavior") == "Removed" for t in parts):
+                    return None
+            if any(t.lstrip or t.rstrip for t in b.get_added_tokens_decoder().values()):
+                return None
+            # a token's vocabulary spelling takes at least as many bytes as the text it covers (byte-level and
+            # metaspace alphabets spell one input byte with one or more)
+            return max(len(k.encode("utf-8")) for k in b.get_vocab(with_added_tokens=True))
+        except Exception:  # noqa: BLE001 - an unfamiliar backend: no early refusal
+            return None
+
+    def refuse_unfittable(self, chars: int, params: SamplingParams) -> None:
+        """Raise PromptTooLongError, without tokenizing, for a text prompt of `chars` characters that cannot fit
+        max_model_len whatever its tokens (exact: at least chars / max_token_bytes tokens)."""
+        per_token = self.max_token_bytes
+        if params.truncate == "left" or per_token is None or chars <= self.max_model_len * per_token:
+            return
+        raise PromptTooLongError(chars, -(-chars // per_token), self.max_model_len)
+
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty: send at least one character or token", param="prompt")
-            return self.tokenizer.encode(prompt)
+            return self.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of token ids",
                                       param="prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
+            raise InvalidRequestError(f"prompt holds token ids {[_short(t) for t in bad[:5]]} outside the vocabulary "
+                                      f"[0, {vocab}): send ids the model's tokenizer produces", param="prompt")
         return list(prompt)
 
     def fit_context(self, prompt_ids: list[int], params: SamplingParams, keep_prefix: int = 0) -> tuple[list[int], int]:
@@ -158,21 +233,42 @@ class LLMEngine:
         dropped = len(prompt_ids) - keep
         return prompt_ids[:keep_prefix] + prompt_ids[keep_prefix + dropped:], dropped
 
-    def chat_prompt(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
+    def chat_prompt(self, messages: list[dict], params: SamplingParams,
+                    refuse: bool = True) -> tuple[list[int], int, int]:
         """Token ids of the templated conversation; with truncate='left', oldest turns are dropped first.
+        refuse: a rendering too long to ever fit raises PromptTooLongError before it is encoded.
 
         Returns (prompt_ids, kept_prefix_tokens, dropped_tokens)."""
         tok = self.tokenizer
-        encode = lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
-        ids = encode(messages)
+        encode = lambda msgs: self.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
         if params.truncate != "left":
-            return ids, 0, 0
+            text = tok.apply_chat_template(messages)
+            if refuse:
+                self.refuse_unfittable(len(text), params)
+            return self.encode(text, add_special_tokens=False), 0, 0
+        ids = encode(messages)
         limit = self.max_model_len - (params.max_tokens or 1)
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = messages[len(system):]
         full = len(ids)
-        while len(ids) > limit and len(rest) > 1:
-            rest = rest[1:]
+        if len(ids) > limit and len(rest) > 1:
+            # drop the fewest oldest turns that make it fit (all but the last at most), by bisection; a
+            # rendering longer than max_token_bytes * limit characters cannot fit and is not encoded
+            per = self.max_token_bytes
+
+            def fits(d: int) -> bool:
+                text = tok.apply_chat_template(system + rest[d:])
+                return (per is None or len(text) <= limit * per) and \
+                    len(self.encode(text, add_special_tokens=False)) <= limit
+
+            lo, hi = 1, len(rest) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            rest = rest[lo:]
             ids = encode(system + rest)
         keep = len(encode(system)) if system else 0
         if system:  # the template may prepend a default system prompt; keep exactly what the shortest form shares
@@ -184,7 +280,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params must be a SamplingParams")
-        params.validate()
+        params.validate(vocab_size=self.model_config.vocab_size)
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -301,12 +397,17 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         results = iter(zip(result.token_ids, result.logprobs))
         now = time.monotonic()
+        outputs: list[RequestOutput] = []
         for seq, req in zip(step.seqs, step.sample):
             token, logprobs = next(results) if req is not None else (None, None)
-            if seq.is_finished:  # stopped or aborted while this step was in flight: its token is dropped
+            if seq.is_finished:  # stopped, aborted or failed while this step was in flight: its token is dropped
                 continue
             if req is not None:
                 seq.num_pending -= 1
+                if req.error is not None:  # sampling this row raised: the request fails alone
+                    outputs.append(self._fail(self.requests[seq.request_id], req.error, "sampling"))
+                    touched.pop(seq.request_id, None)
+                    continue
                 seq.output_ids.append(token)
             self.kv.commit(seq)
             if req is None:
@@ -316,9 +417,13 @@ class LLMEngine:
                 seq.logprobs.append(logprobs)
             if state.first_token_time is None:
                 state.first_token_time = now
-            self._check_stop(seq, state, token, req.stop_ids)
+            try:
+                self._check_stop(seq, state, token, req.stop_ids)
+            except Exception as e:  # noqa: BLE001 - stop strings / detokenization: this request fails alone
+                outputs.append(self._fail(state, e, "stop handling"))
+                touched.pop(seq.request_id, None)
+                continue
             touched[seq.request_id] = state
-        outputs = []
         for state in touched.values():
             if all(s.is_finished for s in state.seqs):
                 state.finished = True
@@ -326,8 +431,32 @@ class LLMEngine:
                 self._host_sampled.discard(state.request_id)
                 self.stats.finished(state)
             if state.finished or emit_unfinished:
-                outputs.append(self._output(state))
+                try:
+                    outputs.append(self._output(state))
+                except Exception as e:  # noqa: BLE001 - detokenization: this request fails alone
+                    outputs.append(self._fail(state, e, "detokenization"))
         return outputs
+
+    def _fail(self, state: RequestState, exc: BaseException, during: str) -> RequestOutput:
+        """Stop one request whose sampling or output handling raised; its output carries the typed error."""
+        log.warning("request %s failed during %s: %s: %s", state.request_id, during, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, HearthError))
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        if not state.finished:
+            state.finished = True
+            self.stats.finished(state, aborted=True)
+        self.requests.pop(state.request_id, None)
+        self._host_sampled.discard(state.request_id)
+        outs = [CompletionOutput(index=seq.index, text=text.text, token_ids=list(seq.output_ids),
+                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                for seq, text in zip(state.seqs, state.texts)]
+        return RequestOutput(state.request_id, state.prompt, state.prompt_ids, outs, finished=True,
+                             num_cached_tokens=state.seqs[0].num_cached_tokens,
+                             truncated_tokens=state.truncated_tokens,
+                             error=request_error(state.request_id, exc, during))
 
     def _check_stop(self, seq: Sequence, state: RequestState, token: int, stop_ids: list[int]) -> None:
         p = seq.params
@@ -365,6 +494,20 @@ class LLMEngine:
                              num_cached_tokens=state.seqs[0].num_cached_tokens,
                              truncated_tokens=state.truncated_tokens,
                              metrics={"ttft_s": ttft, "arrival": state.arrival})
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 24 else text[:24] + "..."
+
+
+def _tokenizer_encode():
+    from ..loader.tokenizer import Tokenizer
+
+    return Tokenizer.encode
+
+
+_TOKENIZER_ENCODE = _tokenizer_encode()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -97,3 +97,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     truncated_tokens: int = 0  # tokens dropped by truncate="left"
     metrics: dict = field(default_factory=dict)
+    error: Exception | None = None  # set when this request alone failed (finished; its stream raises it)

@@ -19,6 +19,7 @@ class SampleRequest:
     seed: int
     stop_ids: list[int]  # eos + stop_token_ids, masked while len(output) < min_tokens
     num_pending: int = 0  # output tokens sampled by a step still in flight (their ids not read yet)
+    error: Exception | None = None  # set when sampling this row raised: the engine fails this request alone
 
     @property
     def step(self) -> int:
@@ -122,7 +123,27 @@ def needs_host_sampling(params: SamplingParams) -> bool:
 
 def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch.Tensor | None = None) -> torch.Tensor:
     """Token per row on logits' device, without a host sync. logits: [R, V] (penalties already applied);
-    greedy: the argmax if already computed (CUDA graphs emit it)."""
+    greedy: the argmax if already computed (CUDA graphs emit it).
+
+    If sampling the batch raises (a row's parameters the batch cannot hold), the rows are sampled one by one:
+    a row that raises keeps its argmax and records the error in its SampleRequest.error; the others get the
+    tokens they would get in any batch (a row's draw depends only on its own logits, seed and step)."""
+    try:
+        return _sample_tokens(logits, reqs, greedy)
+    except Exception:  # noqa: BLE001 - isolated below, row by row
+        pass
+    rows = []
+    for i, r in enumerate(reqs):
+        g = None if greedy is None else greedy[i:i + 1]
+        try:
+            rows.append(_sample_tokens(logits[i:i + 1], [r], g))
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            r.error = r.error or e
+            rows.append(greedy_tokens(logits[i:i + 1]) if g is None else g)
+    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long, device=logits.device)
+
+
+def _sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch.Tensor | None = None) -> torch.Tensor:
     tokens = greedy_tokens(logits) if greedy is None else greedy
     rand_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if not rand_rows:
@@ -144,24 +165,37 @@ def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
-    """logits: [R, V] fp32 raw model logits, one row per request."""
+    """logits: [R, V] fp32 raw model logits, one row per request. A row whose penalties or logprobs raise records
+    the error in its SampleRequest.error; the other rows are unaffected."""
     want_lp = [r.params.logprobs for r in reqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None
     if any(r.params.needs_penalties or r.params.min_tokens for r in reqs):
         logits = logits.clone()
-        apply_penalties(logits, reqs)
+        for row, r in enumerate(reqs):
+            try:
+                apply_penalties(logits[row:row + 1], [r])  # a view: penalizes logits in place
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                r.error = r.error or e
     tokens = sample_tokens(logits, reqs)
     token_list = tokens.tolist()
     logprobs: list[dict[int, float] | None] = []
     for row, n in enumerate(want_lp):
-        if n is None:
+        if n is None or reqs[row].error is not None:
             logprobs.append(None)
             continue
-        lp = raw_logprobs[row]
-        entry = {token_list[row]: float(lp[token_list[row]])}
-        if n > 0:
-            vals, ids = lp.topk(n)
-            for t, v in zip(ids.tolist(), vals.tolist()):
-                entry.setdefault(t, v)
-        logprobs.append(entry)
+        try:
+            logprobs.append(_logprobs(raw_logprobs[row], token_list[row], n))
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            reqs[row].error = e
+            logprobs.append(None)
     return SampleResult(token_list, logprobs)
+
+
+def _logprobs(lp: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    """The chosen token's logprob and the top n. lp: [V] log-softmax of the raw logits."""
+    entry = {token: float(lp[token])}
+    if n > 0:
+        vals, ids = lp.topk(min(n, lp.shape[0]))
+        for t, v in zip(ids.tolist(), vals.tolist()):
+            entry.setdefault(t, v)
+    return entry

@@ -95,6 +95,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
+        from .common import off_loop
+
         body = await parse(request, TokenizeBody)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("send exactly one of prompt (text or token ids) or messages")
@@ -102,10 +104,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         m, _ = await srv.manager.acquire(body.model)
         try:
             eng = m.engine
-            if body.messages is not None:
-                ids = eng.chat_prompt(body.messages, SamplingParams(max_tokens=None))[0]
-            else:
-                ids = eng.tokenize_prompt(body.prompt)  # type: ignore[arg-type]
+
+            def encode() -> list[int]:  # on a worker thread: templating and tokenizing never block the loop
+                if body.messages is not None:
+                    return eng.chat_prompt(body.messages, SamplingParams(max_tokens=None), refuse=False)[0]
+                return eng.tokenize_prompt(body.prompt)  # type: ignore[arg-type]
+
+            ids = await off_loop(encode)
             return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_model_len, "model": m.name}
         finally:
             srv.manager.release(m)

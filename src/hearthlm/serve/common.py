@@ -1,9 +1,14 @@
 """What every dialect shares: parsing bodies, running a request, deltas, usage, metrics and the request log."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +20,7 @@ from ..engine.async_engine import RequestStream
 from ..engine.engine import LLMEngine
 from ..engine.sequence import RequestOutput
 from ..errors import HearthError, InvalidRequestError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, renamed
 from .errors import as_hearth_error
 from .metrics import Metrics
 from .models import Loaded, ModelManager, ServeConfig
@@ -36,19 +41,74 @@ def server(request: Request) -> Server:
     return request.app.state.hearth
 
 
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded and validated on a worker thread
+R = TypeVar("R")
+
+
+def _lower_priority() -> None:
+    """Worker threads run at a lower CPU priority (nice +10) than the engine thread: a big prompt being
+    tokenized takes the cores the steps leave idle, not theirs."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority then
+        pass
+
+
+_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hearth-prep", initializer=_lower_priority)
+
+
+async def off_loop(fn: Callable[..., R], *args: Any) -> R:
+    """Run fn(*args) on a low-priority worker thread (parsing, templating, tokenizing), never on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_workers, fn, *args)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 async def parse(request: Request, model: type[M]) -> M:
-    """JSON body -> pydantic model whatever the Content-Type (curl -d sends form-urlencoded)."""
+    """JSON body -> pydantic model whatever the Content-Type (curl -d sends form-urlencoded). Large bodies are
+    decoded on a worker thread so the event loop keeps serving other requests."""
     raw = await request.body()
+    if len(raw) > OFF_LOOP_BYTES:
+        return await off_loop(decode_body, raw, model)
+    return decode_body(raw, model)
+
+
+def decode_body(raw: bytes, model: type[M]) -> M:
+    """Bytes -> JSON object (every string valid Unicode) -> pydantic model; InvalidRequestError otherwise."""
     try:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise as_hearth_error(e) from None
+
+
+def check_unicode(data: Any) -> None:
+    """Reject lone surrogates (JSON escapes like \\ud800 that are no Unicode character) in any string or key of
+    decoded JSON, naming the path of the first one; tokenizers and encoders cannot handle them."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise InvalidRequestError(f"{path or 'body'}: the string holds a lone surrogate (an escape "
+                                          "\\ud800-\\udfff that is not half of a pair), which is not valid Unicode: "
+                                          "send valid UTF-8 text", param=path or None)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else str(k)
+                if _SURROGATE.search(k):
+                    raise InvalidRequestError(f"{path or 'body'}: a key holds a lone surrogate, which is not valid "
+                                              "Unicode: send valid UTF-8 text", param=path or None)
+                stack.append((v, where))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
 
 
 @dataclass
@@ -187,21 +247,38 @@ Builder = Callable[[LLMEngine, SamplingParams], tuple["str | list[int]", int, in
 
 async def start(request: Request, dialect: str, model: str | None, params: SamplingParams, *,
                 prompt: str | list[int] | None = None, messages: list[dict] | None = None,
-                build: Builder | None = None, keep_alive: float | None | str = "default") -> Generation:
+                build: Builder | None = None, keep_alive: float | None | str = "default",
+                names: dict[str, str] | None = None) -> Generation:
     """Acquire the model, build the prompt and submit; typed errors (400/404/429...) are raised here.
 
-    Give prompt (text or ids), messages (chat template), or build(engine, params) -> (prompt, keep, dropped)."""
+    Give prompt (text or ids), messages (chat template), or build(engine, params) -> (prompt, keep, dropped).
+    Templating, tokenization and build run on a worker thread (never on the event loop), and the engine thread
+    gets token ids that already fit. names: SamplingParams field -> the dialect's name, for error messages."""
     srv = server(request)
     arrival = time.monotonic()
     loaded, load_s = await srv.manager.acquire(model, keep_alive)
     try:
-        keep = dropped = 0
-        if build is not None:
-            prompt, keep, dropped = build(loaded.engine, params)
-        elif messages is not None:
-            prompt, keep, dropped = loaded.engine.chat_prompt(messages, params)
-        assert prompt is not None
-        stream = await loaded.aengine.submit(prompt, params, keep_prefix=keep, truncated=dropped)
+        eng = loaded.engine
+
+        def prepare() -> tuple[list[int], int, int]:
+            try:
+                params.validate(vocab_size=eng.model_config.vocab_size)
+            except InvalidRequestError as e:
+                raise renamed(e, names or {}) from None
+            if isinstance(prompt, str):
+                eng.refuse_unfittable(len(prompt), params)
+            p, keep, dropped = prompt, 0, 0
+            if build is not None:
+                p, keep, dropped = build(eng, params)
+            elif messages is not None:
+                p, keep, dropped = eng.chat_prompt(messages, params)
+            assert p is not None
+            ids = eng.tokenize_prompt(p)
+            ids, cut = eng.fit_context(ids, params, keep)
+            return ids, keep, dropped + cut
+
+        ids, keep, dropped = await off_loop(prepare)
+        stream = await loaded.aengine.submit(ids, params, keep_prefix=keep, truncated=dropped)
     except BaseException:
         srv.manager.release(loaded)
         raise

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..engine.engine import LLMEngine
 from ..errors import ContextLengthError, HearthError, InvalidRequestError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, renamed
 from . import store_api
 from .common import Generation, parse, server, start
 from .errors import as_hearth_error, error_body
@@ -26,6 +26,10 @@ from .sse import ndjson, stream_response
 router = APIRouter(prefix="/api")
 NS = 1_000_000_000
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+# SamplingParams field -> how an Ollama request names it (errors say options.top_k, not top_k)
+OLLAMA_NAMES = {f: f"options.{f}" for f in ("temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                                            "presence_penalty", "frequency_penalty", "truncate")}
+OLLAMA_NAMES.update(repetition_penalty="options.repeat_penalty", max_tokens="options.num_predict")
 
 
 class _Base(BaseModel):
@@ -87,21 +91,37 @@ def sampling(options: dict[str, Any] | None) -> tuple[SamplingParams, int | None
     o = {**OLLAMA_DEFAULTS, **(options or {})}
     num_predict = o.get("num_predict")
     if num_predict is not None and (not isinstance(num_predict, int) or isinstance(num_predict, bool)
-                                    or num_predict == 0 or num_predict < -2):
-        raise InvalidRequestError(f"options.num_predict must be -1 (no limit) or a positive integer, got "
-                                  f"{num_predict!r}", param="num_predict")
+                                    or num_predict == 0 or not -2 <= num_predict < 2**31):
+        raise InvalidRequestError(f"options.num_predict must be -1 (no limit) or a positive integer below 2**31, "
+                                  f"got {_show(num_predict)}", param="options.num_predict")
     num_ctx = o.get("num_ctx")
     if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1):
-        raise InvalidRequestError(f"options.num_ctx must be a positive integer, got {num_ctx!r}", param="num_ctx")
+        raise InvalidRequestError(f"options.num_ctx must be a positive integer, got {_show(num_ctx)}",
+                                  param="options.num_ctx")
     truncate = o.get("truncate")
-    params = SamplingParams(
-        temperature=o["temperature"], top_k=o["top_k"] if o["top_k"] not in (None, 0) else -1, top_p=o["top_p"],
-        min_p=o.get("min_p") or 0.0, seed=o.get("seed"), stop=o.get("stop"),
-        repetition_penalty=o.get("repeat_penalty") or 1.0, presence_penalty=o.get("presence_penalty") or 0.0,
-        frequency_penalty=o.get("frequency_penalty") or 0.0,
-        max_tokens=num_predict if num_predict and num_predict > 0 else None,
-        truncate="left" if truncate in (True, "left") else None)
+    if truncate not in (None, True, False, "left"):
+        raise InvalidRequestError(f"options.truncate must be true, false or 'left', got {_show(truncate)}",
+                                  param="options.truncate")
+
+    def number(name: str, off: float) -> object:
+        v = o.get(name)
+        return off if v is None or (v == 0 and not isinstance(v, bool) and isinstance(v, (int, float))) else v
+
+    try:
+        params = SamplingParams(
+            temperature=o["temperature"], top_k=number("top_k", -1), top_p=o["top_p"], min_p=number("min_p", 0.0),
+            seed=o.get("seed"), stop=o.get("stop"), repetition_penalty=number("repeat_penalty", 1.0),
+            presence_penalty=number("presence_penalty", 0.0), frequency_penalty=number("frequency_penalty", 0.0),
+            max_tokens=num_predict if num_predict and num_predict > 0 else None,
+            truncate="left" if truncate in (True, "left") else None)
+    except InvalidRequestError as e:
+        raise renamed(e, OLLAMA_NAMES) from None
     return params, num_ctx
+
+
+def _show(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def cap_context(engine: LLMEngine, params: SamplingParams, ids: list[int], num_ctx: int | None) -> None:
@@ -185,18 +205,23 @@ async def generate(request: Request) -> Response:
         tok = engine.tokenizer
         text = body.prompt or ""
         if body.raw or not tok.chat_template:
-            ids = tok.encode(text, add_special_tokens=not body.context)
+            engine.refuse_unfittable(len(text), p)
+            ids = engine.encode(text, add_special_tokens=not body.context)
             keep_n = dropped = 0
         else:
             msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
                 [{"role": "user", "content": text}]
             ids, keep_n, dropped = engine.chat_prompt(msgs, p) if text else ([], 0, 0)
         if body.context:
+            vocab = engine.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in body.context):
+                raise InvalidRequestError(f"context must hold token ids in [0, {vocab}) from an earlier response",
+                                          param="context")
             ids, keep_n = list(body.context) + ids, 0
         cap_context(engine, p, ids, num_ctx)
         return ids, keep_n, dropped
 
-    gen = await start(request, "ollama", body.model, params, build=build, keep_alive=keep)
+    gen = await start(request, "ollama", body.model, params, build=build, keep_alive=keep, names=OLLAMA_NAMES)
     name = gen.model.name
 
     def final(text: str) -> dict[str, Any]:
@@ -229,7 +254,7 @@ async def chat(request: Request) -> Response:
         cap_context(engine, p, ids, num_ctx)
         return ids, keep_n, dropped
 
-    gen = await start(request, "ollama", body.model, params, build=build, keep_alive=keep)
+    gen = await start(request, "ollama", body.model, params, build=build, keep_alive=keep, names=OLLAMA_NAMES)
     name = gen.model.name
 
     def msg(text: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sequence import RequestOutput
 from ..errors import HearthError, InvalidRequestError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, renamed
 from .common import Delta, Generation, parse, server, start, token_text, usage
 from .errors import error_body
 from .sse import DONE, sse, stream_response
@@ -49,7 +49,15 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     truncate: Literal["left"] | None = None
 
-    def params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def params(self, max_tokens: int | None, logprobs: int | None,
+               names: dict[str, str] | None = None) -> SamplingParams:
+        """The request's SamplingParams; a bad value is an InvalidRequestError naming the field as sent."""
+        try:
+            return self._params(max_tokens, logprobs)
+        except InvalidRequestError as e:
+            raise renamed(e, names or {}) from None
+
+    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or -1, min_p=self.min_p or 0.0,
@@ -235,9 +243,11 @@ async def chat_completions(request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     top_n = body.top_logprobs or 0
-    params = body.params(max_tokens, top_n if body.logprobs else None)
+    names = {"logprobs": "top_logprobs", **({"max_tokens": "max_completion_tokens"}
+                                            if body.max_completion_tokens is not None else {})}
+    params = body.params(max_tokens, top_n if body.logprobs else None, names)
     messages = [m.as_dict() for m in body.messages]
-    gen = await start(request, "openai", body.model, params, messages=messages)
+    gen = await start(request, "openai", body.model, params, messages=messages, names=names)
     rid, created, model = f"chatcmpl-{gen.request_id}", int(time.time()), gen.model.name
     tok = gen.model.engine.tokenizer
 

@@ -12,12 +12,16 @@ from .. import __version__
 from ..engine.engine import LLMEngine
 from ..engine.sequence import CompletionOutput
 from ..errors import HearthError, InvalidRequestError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, renamed
 from .common import Generation, parse, server, start
 from .errors import error_body
 from .sse import sse, stream_response
 
 router = APIRouter()
+# SamplingParams field -> how a TGI request names it
+TGI_NAMES = {f: f"parameters.{f}" for f in ("temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty",
+                                            "frequency_penalty")}
+TGI_NAMES.update(max_tokens="parameters.max_new_tokens", logprobs="parameters.top_n_tokens")
 
 
 class Parameters(BaseModel):
@@ -40,7 +44,16 @@ class Parameters(BaseModel):
     def sampling(self) -> SamplingParams:
         if self.best_of not in (None, 1):
             raise InvalidRequestError("best_of > 1 is not supported: send several requests", param="best_of")
+        if self.truncate is not None and self.truncate < 1:
+            raise InvalidRequestError(f"parameters.truncate must be a positive number of tokens, got {self.truncate}",
+                                      param="parameters.truncate")
         sample = bool(self.do_sample) or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        try:
+            return self._sampling(sample)
+        except InvalidRequestError as e:
+            raise renamed(e, TGI_NAMES) from None
+
+    def _sampling(self, sample: bool) -> SamplingParams:
         return SamplingParams(
             temperature=(1.0 if self.temperature is None else self.temperature) if sample else 0.0,
             top_k=self.top_k or -1, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=self.stop,
@@ -75,16 +88,17 @@ def _top(engine: LLMEngine, lp: dict[int, float] | None, n: int | None) -> list[
 
 async def _start(request: Request, body: Body) -> Generation:
     p = body.parameters
-    if p.truncate is not None and p.truncate < 1:
-        raise InvalidRequestError(f"truncate must be a positive number of tokens, got {p.truncate}", param="truncate")
+    params = p.sampling()
 
     def build(engine: LLMEngine, params: SamplingParams) -> tuple[list[int], int, int]:
+        if p.truncate is None:  # TGI's truncate keeps the last tokens of any prompt
+            engine.refuse_unfittable(len(body.inputs), params)
         ids = engine.tokenize_prompt(body.inputs)
         if p.truncate is not None and len(ids) > p.truncate:  # TGI: keep the last `truncate` input tokens
             return ids[-p.truncate:], 0, len(ids) - p.truncate
         return ids, 0, 0
 
-    return await start(request, "tgi", None, p.sampling(), build=build)
+    return await start(request, "tgi", None, params, build=build, names=TGI_NAMES)
 
 
 @router.post("/generate")
