@@ -76,8 +76,10 @@ def test_big_bodies_never_stall_streams_or_health(server):
         gaps += list(zip(r.times[4:], r.times[5:]))  # past each stream's prefill
     during = max((b - a for a, b in gaps if inside(a, b)), default=0.0)
     limit = max(MAX_GAP_S, LOAD_FACTOR * _p95([b - a for a, b in gaps if not inside(a, b)]))
+    print(f"largest stream gap during the big posts {during:.3f} s (limit {limit:.2f} s)")
     assert during < limit, f"a stream stalled for {during:.2f} s during the big posts (limit {limit:.2f} s)"
     during = max((d for t, d in health if inside(t, t + d)), default=0.0)
     limit = max(MAX_GAP_S, LOAD_FACTOR * _p95([d for t, d in health if not inside(t, t + d)]))
+    print(f"slowest /health during the big posts {during:.3f} s (limit {limit:.2f} s)")
     assert during < limit, f"/health took {during:.2f} s during the big posts (limit {limit:.2f} s)"
     server.wait_idle()

@@ -42,8 +42,17 @@ class TextState:
         text = self.text.rstrip("\ufffd")
         hold = 0
         for s in stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
+            hold = max(hold, _stop_prefix_at_end(text, s))
         return text[:len(text) - hold] if hold else text
+
+
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of stop that text ends with (0 if none). Tries only the tail
+    positions holding stop's first character, longest first: C-speed compares, no slice per length."""
+    start = max(0, len(text) - len(stop) + 1)
+    i = text.find(stop[0], start)
+    while i != -1:
+        if stop.startswith(text[i:]):
+            return len(text) - i
+        i = text.find(stop[0], i + 1)
+    return 0
