@@ -71,6 +71,17 @@ class QueueFullError(HearthError):
     code = "queue_full"
 
 
+class UnavailableError(HearthError):
+    """The server cannot take the request right now (loading a model, shutting down): retry later (HTTP 503)."""
+
+    http_status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class EngineDeadError(HearthError):
     http_status = 503
     code = "engine_dead"

@@ -33,10 +33,11 @@ CASES = [
     ("/api/chat", {"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}, 400, "wizard"),
     ("/api/generate", {"model": "smollm2", "prompt": HUGE, "options": {"num_predict": 16}}, 400, "max_model_len"),
     ("/api/generate", {"model": "smollm2", "prompt": "hi", "keep_alive": "soon"}, 400, "keep_alive"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "keep_alive": NaN}', 400, "keep_alive"),
     ("/api/show", {"model": "no-such-model"}, 404, "no-such-model"),
     ("/generate", b"{", 400, "not valid JSON"),
     ("/generate", {"inputs": 5}, 400, "inputs"),
-    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 400, "max_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 400, "max_new_tokens"),
     ("/generate_stream", {"inputs": HUGE, "parameters": {"max_new_tokens": 8}}, 400, "max_model_len"),
     ("/generate", {"parameters": {}}, 400, "inputs"),
     ("/tokenize", {"prompt": "x", "messages": MSGS}, 400, "exactly one"),
@@ -102,3 +103,12 @@ def test_queue_full_is_429_with_retry_after():
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
     body = json.loads(error_response("openai", err).body)
     assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+
+
+def test_huge_keep_alive_is_forever(server):
+    """keep_alive past a century means never unload; /api/ps must still render it (was a 500)."""
+    for value in (1e16, "99999999h", 10 ** 12):
+        r = server.post("/api/generate", json={"model": "smollm2", "keep_alive": value})
+        assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
+        ps = server.get("/api/ps")
+        assert ps.status_code == 200 and ps.json()["models"], ps.text

@@ -60,10 +60,15 @@ def test_list_show_ps_version(client, server):
     assert server.get("/api/version").json()["version"]
 
 
-def test_pull_list_delete_store_model(client):
+def test_pull_list_delete_store_model(client, server, monkeypatch):
     src = str(default_model_path())
-    statuses = [p.status for p in client.pull(src, stream=True)]
-    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    with pytest.raises(ollama.ResponseError) as e:  # a local path over HTTP needs --allow-local-paths
+        client.pull(src)
+    assert e.value.status_code == 400 and "--allow-local-paths" in e.value.error
+    monkeypatch.setenv("HEARTH_HOME", str(server.home))
+    from hearthlm import store
+
+    store.pull(src)  # what `hearth pull PATH` does on the server's machine
     name = "SmolLM2-135M-Instruct.Q4_1"
     assert name in [m.model for m in client.list().models]
     r = client.chat(model=name, messages=MSGS, options={"temperature": 0, "num_predict": 2})  # swaps models

@@ -161,9 +161,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import uvicorn
-
-    from ..serve import create_app
+    from ..serve.lifecycle import run_server
     from ..serve.security import UnsafeBindError, check_bind
 
     cfg = config_from_args(args)
@@ -182,6 +180,4 @@ def run(args: argparse.Namespace) -> int:
     # one line per request: the server's (hearthlm.serve, with dialect and status) replaces the engine's
     hearth_log.addFilter(lambda r: not (r.name == "hearthlm" and str(r.msg).startswith("request id=")))
     hearth_log.info("hearth serve on http://%s:%d (OpenAI /v1, Ollama /api, TGI /generate)", cfg.host, cfg.port)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
-    return 0
+    return run_server(cfg)  # binds first, loads in the background (503 meanwhile), drains on SIGTERM

@@ -200,6 +200,18 @@ class AsyncEngine:
         except EngineDeadError:
             pass  # everything was aborted on exit
 
+    def fail_all(self, exc: HearthError) -> None:
+        """Abort every request and hand each stream exc (a server drain past its timeout)."""
+        def fail() -> None:
+            for rid, stream in list(self._streams.items()):
+                self._abort(rid)
+                stream.put(exc)
+
+        try:
+            self._call(fail)
+        except EngineDeadError:
+            pass  # everything was aborted on exit
+
     async def run(self, fn: Callable[[LLMEngine], object]) -> object:
         """Run fn(engine) on the engine thread and return its result."""
         loop = asyncio.get_running_loop()

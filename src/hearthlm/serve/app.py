@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -29,12 +30,15 @@ class TokenizeBody(BaseModel):
     messages: list[dict[str, Any]] | None = None
 
 
-def create_app(cfg: ServeConfig) -> FastAPI:
-    manager = ModelManager(cfg)
+def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | None = None,
+               defer_preload: bool = False) -> FastAPI:
+    """on_fatal(error): the start-up preload failed (the caller stops the server). defer_preload: the caller
+    calls manager.begin_preload() itself once the port is bound (serve/lifecycle.py)."""
+    manager = ModelManager(cfg, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await manager.start()
+        await manager.start(preload=not defer_preload)
         try:
             yield
         finally:
@@ -84,6 +88,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
+        server(request).manager.check_available()  # 503 + Retry-After while loading or draining
         m = server(request).manager.current
         if m is not None and m.aengine.dead is not None:
             raise HearthError(f"engine dead: {m.aengine.dead}")

@@ -62,7 +62,7 @@ def error_body(dialect: str, err: HearthError) -> dict[str, Any]:
 
 def error_response(dialect: str, exc: BaseException) -> JSONResponse:
     err = as_hearth_error(exc)
-    if err.http_status >= 500:
+    if err.http_status >= 500 and err.http_status != 503:  # 503: loading or draining, expected and retried
         log.error("%s error: %s", dialect, err, exc_info=exc if not isinstance(exc, HearthError) else None)
     headers = {"Retry-After": str(getattr(err, "retry_after", 1))} if err.http_status in (429, 503) else None
     return JSONResponse(error_body(dialect, err), status_code=err.http_status, headers=headers)

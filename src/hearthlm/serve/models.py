@@ -4,15 +4,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import CacheConfig, EngineConfig, SchedulerConfig, normalize_cache_dtype
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import LLMEngine
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnavailableError
 from ..loader import resolve_model_path
 from ..loader.load import DEFAULT_ALIASES
 
@@ -61,16 +63,21 @@ class ServeConfig:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+FOREVER_S = 100 * 365 * 86400.0  # keep_alive at or past a century never expires (as a negative value)
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_keep_alive(value: float | str | None) -> float | None:
-    """Ollama keep_alive: seconds or a Go duration ("5m", "1h30m"); negative = forever (None)."""
+    """Ollama keep_alive: seconds or a Go duration ("5m", "1h30m"); negative or a century or more = forever
+    (None)."""
     if isinstance(value, bool):
         raise InvalidRequestError(f"keep_alive must be a number of seconds or a duration like '5m', got {value!r}",
                                   param="keep_alive")
     if isinstance(value, (int, float)):
-        return None if value < 0 else float(value)
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"keep_alive must be a finite number of seconds, got {value!r}",
+                                      param="keep_alive")
+        return None if value < 0 or value >= FOREVER_S else float(value)
     text = str(value).strip()
     try:
         return parse_keep_alive(float(text))
@@ -82,7 +89,7 @@ def parse_keep_alive(value: float | str | None) -> float | None:
         raise InvalidRequestError(f"keep_alive must be a number of seconds or a duration like '5m', got {value!r}",
                                   param="keep_alive")
     seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
-    return None if seconds < 0 else seconds
+    return parse_keep_alive(seconds)
 
 
 @dataclass(eq=False)
@@ -116,11 +123,26 @@ class Loaded:
 
 
 class ModelManager:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | None = None):
+        """on_fatal(error): called when the start-up preload fails (`hearth serve` then exits 1)."""
         self.cfg = cfg
         self.current: Loaded | None = None
+        self.draining = False  # shutting down: new requests get 503
+        self._on_fatal = on_fatal
         self._cond = asyncio.Condition()
         self._reaper: asyncio.Task | None = None
+        self._preload: asyncio.Task | None = None
+
+    @property
+    def loading(self) -> bool:
+        """The start-up preload is still running (requests get 503 with Retry-After meanwhile)."""
+        return self._preload is not None and not self._preload.done()
+
+    def check_available(self) -> None:
+        if self.draining:
+            raise UnavailableError("the server is shutting down: retry against a running server", retry_after=5)
+        if self.loading:
+            raise UnavailableError(f"model {self.cfg.model_name!r} is loading: retry in a few seconds", retry_after=2)
 
     # ---- names ----
     def _matches(self, name: str, m: Loaded) -> bool:
@@ -148,8 +170,12 @@ class ModelManager:
         return n, resolve_name(n, allow_local_paths=self.cfg.allow_local_paths)
 
     # ---- lifecycle ----
-    async def acquire(self, name: str | None, keep_alive: float | None | str = "default") -> tuple[Loaded, float]:
-        """The loaded model for name (loading it, possibly swapping out an idle one); returns (model, load_s)."""
+    async def acquire(self, name: str | None, keep_alive: float | None | str = "default",
+                      _preload: bool = False) -> tuple[Loaded, float]:
+        """The loaded model for name (loading it, possibly swapping out an idle one); returns (model, load_s).
+        503 while the start-up preload runs or the server drains."""
+        if not _preload:
+            self.check_available()
         display, path = self.resolve(name)
         load_s = 0.0
         async with self._cond:
@@ -232,14 +258,55 @@ class ModelManager:
                             and time.monotonic() >= m.expires_at:
                         await self._unload_locked()
 
-    async def start(self) -> None:
+    async def start(self, preload: bool = True) -> None:
+        """Start the reaper, and the preload unless the caller starts it later (begin_preload, once bound)."""
+        from ..store import recover_store
+
+        for line in await asyncio.to_thread(recover_store):  # an interrupted re-pull, stale partial downloads
+            log.info("model store: %s", line)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
-        if self.cfg.preload:
-            m, _ = await self.acquire(None)
+        if preload:
+            self.begin_preload()
+
+    def begin_preload(self) -> None:
+        """Load the served model in the background: the port answers (503) while it loads."""
+        if self.cfg.preload and self._preload is None:
+            self._preload = asyncio.get_running_loop().create_task(self._preload_default())
+
+    async def _preload_default(self) -> None:
+        try:
+            m, _ = await self.acquire(None, _preload=True)
             self.release(m)
+        except Exception as e:  # noqa: BLE001 - reported through on_fatal: the server cannot serve its model
+            log.error("cannot load %s: %s", self.cfg.model_name, e)
+            if self._on_fatal is not None:
+                self._on_fatal(e)
+
+    async def drain(self, timeout_s: float, grace_s: float = 5.0) -> int:
+        """Refuse new requests, let running ones finish for up to timeout_s, then end the rest with a 503 error
+        event. Returns how many requests were ended that way."""
+        self.draining = True
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()
+        deadline = time.monotonic() + timeout_s
+        while self.current is not None and self.current.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        m = self.current
+        if m is None or not m.active:
+            return 0
+        n = m.active
+        log.warning("drain timeout (%.0fs, --drain-timeout): ending %d request(s) with an error", timeout_s, n)
+        m.aengine.fail_all(UnavailableError(f"the server is shutting down and the request did not finish within "
+                                            f"--drain-timeout {timeout_s:g}s", retry_after=5))
+        deadline = time.monotonic() + grace_s
+        while self.current is m and m.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return n
 
     async def close(self) -> None:
         if self._reaper:
             self._reaper.cancel()
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()
         async with self._cond:
             await self._unload_locked()

@@ -326,7 +326,7 @@ async def pull(request: Request) -> Response:
 
     async def run() -> None:
         try:
-            await asyncio.to_thread(store_api.pull, name, progress)
+            await asyncio.to_thread(store_api.pull, name, progress, server(request))
             await queue.put({"status": "success"})
         except Exception as e:  # noqa: BLE001 - reported in the stream / as the response
             await queue.put(as_hearth_error(e))

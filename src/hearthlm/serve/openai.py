@@ -229,6 +229,7 @@ async def completions(request: Request):
             yield DONE
         except HearthError as e:
             yield sse(error_body("openai", e))
+            yield DONE  # clients stop reading at [DONE] whatever came before
         finally:
             for g in gens:
                 await g.aclose()
@@ -273,6 +274,7 @@ async def chat_completions(request: Request):
             yield DONE
         except HearthError as e:
             yield sse(error_body("openai", e))
+            yield DONE  # clients stop reading at [DONE] whatever came before
         finally:
             await gen.aclose()
 
