@@ -171,3 +171,22 @@ def test_real_overflow_past_validation_fails_one_request(eng):
         done.update({o.request_id: o for o in eng.step() if o.finished})
     err = _check(eng, done, ref, "bad")
     assert isinstance(err, RequestFailedError) and "sampling" in str(err)
+
+
+def test_offline_api_raises_a_failed_request(engine_for, monkeypatch):
+    """LLM.generate / LLM.stream raise the failed request's error instead of returning its partial text."""
+    llm = engine_for("llama")
+    real = LLMEngine._check_stop
+
+    def check_stop(self, seq, state, token, stop_ids):
+        if len(seq.output_ids) == 2 and seq.prompt_ids[0] == 7:
+            raise RuntimeError("stop handling exploded")
+        return real(self, seq, state, token, stop_ids)
+
+    monkeypatch.setattr(LLMEngine, "_check_stop", check_stop)
+    with pytest.raises(RequestFailedError, match="stop handling exploded"):
+        llm.generate([[7, 8, 9], [10, 11, 12]], SamplingParams(**GREEDY), use_tqdm=False)
+    with pytest.raises(RequestFailedError, match="stop handling exploded"):
+        list(llm.stream([7, 8, 9], SamplingParams(**GREEDY)))
+    assert len(llm.generate([[10, 11, 12]], SamplingParams(**GREEDY), use_tqdm=False)[0].outputs[0].token_ids) == 12
+    assert not llm.engine.requests

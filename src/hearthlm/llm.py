@@ -81,6 +81,9 @@ class LLM:
             for rid in ids:
                 if rid not in results:
                     self.engine.abort_request(rid)
+        failed = next((results[r].error for r in ids if results[r].error is not None), None)
+        if failed is not None:  # one request failed alone (engine isolation): never hand back its partial text
+            raise failed
         return [results[r] for r in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -110,6 +113,8 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
+                    if out.error is not None:
+                        raise out.error
                     text = out.outputs[0].text
                     if len(text) > sent:
                         yield text[sent:]
