@@ -108,8 +108,10 @@ def test_unknown_model_path_is_actionable(tmp_path):
     from hearthlm import LLM
     from hearthlm.errors import ModelNotFoundError
 
-    with pytest.raises(ModelNotFoundError, match="hearth pull"):
+    with pytest.raises(ModelNotFoundError, match="not found .*`hearth list`"):
         LLM(model=str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="hearth pull no-such-model"):  # a store name: offer the pull
+        LLM(model="no-such-model")
 
 
 def test_request_larger_than_pool_is_rejected(engine_for):

@@ -120,7 +120,7 @@ def test_garbage_files_give_typed_errors(tmp_path):
     (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"')
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         load_model(d)
-    with pytest.raises(ModelNotFoundError, match="hearth pull"):
+    with pytest.raises(ModelNotFoundError, match="not found .*`hearth list`"):
         load_model(tmp_path / "does-not-exist")
 
 

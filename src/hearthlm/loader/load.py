@@ -58,7 +58,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     from ..store.names import is_store_name
 
     if not is_store_name(str(model).strip()):
-        raise ModelNotFoundError(f"{str(model)!r} does not exist: pass a path to an HF model directory or a .gguf "
+        raise ModelNotFoundError(f"model path {str(model)!r} not found (no such file or directory): pass a path to an HF model directory or a .gguf "
                                  "file, or a name from `hearth list`")
     raise ModelNotFoundError(f"model {str(model)!r} not found: pass a path to an HF model directory or a .gguf "
                              f"file, a name from `hearth list`, or fetch it with `hearth pull {model}`")
