@@ -266,3 +266,13 @@ def test_admin_with_key(keyed):
     assert r.status_code == 404  # past the admin check: the store answers
     r = req(keyed, "DELETE", "/api/delete", json={"model": "no-such-model"})
     assert r.status_code == 401
+
+
+def test_httpx_client_sees_the_413_for_a_20mb_body(server):
+    """A client that sends the whole body before reading (httpx, requests) gets the 413, not a reset."""
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * (20 << 20) + b'"}]}'
+    t0 = time.monotonic()
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "--max-body-size" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 10

@@ -4,6 +4,7 @@ In order: body size (413), Host allow-list against DNS rebinding (403), Origin a
 preflights), API key (401), JSON content type against blind cross-site POSTs (415), admin routes (403)."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -165,6 +166,26 @@ class Policy:
                                  f"server with --api-key and {KEY_HINT}")
 
 
+DISCARD_MAX_BYTES = 64 << 20  # an oversized body is read and dropped up to this, so the client sees the 413
+DISCARD_IDLE_S = 1.0  # ... while it keeps arriving
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Read and drop a refused body (bounded in bytes and idle time): a client still sending when the connection
+    closes gets a reset instead of the 413, so most of it is drained first."""
+    seen = 0
+    while seen <= DISCARD_MAX_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), DISCARD_IDLE_S)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 def _media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
@@ -220,6 +241,8 @@ class SecurityMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
+                if "100-continue" not in headers.get("expect", "").lower():  # curl waits: nothing to discard
+                    await _discard_body(receive)
                 await self.refuse(scope, send, _too_large(limit))
                 return
         # b. Host (DNS rebinding arrives with a DNS name)
