@@ -48,10 +48,32 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate: Literal["left"] | None = None
+    # OpenAI fields not implemented yet: rejected when set, never ignored (reject_unimplemented)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    best_of: int | None = None
+
+    def reject_unimplemented(self) -> None:
+        """400 for an OpenAI field this server does not implement yet, when it asks for something."""
+        rf = self.response_format
+        asked = {"logit_bias": bool(self.logit_bias), "tools": bool(self.tools), "functions": bool(self.functions),
+                 "tool_choice": self.tool_choice not in (None, "none", "auto"),
+                 "function_call": self.function_call not in (None, "none", "auto"),
+                 "response_format": rf is not None and rf.get("type") != "text",
+                 "best_of": self.best_of not in (None, 1)}
+        for name, on in asked.items():
+            if on:
+                raise InvalidRequestError(f"{name} is not supported by this server yet: drop it from the request "
+                                          "(it is refused rather than ignored)", param=name)
 
     def params(self, max_tokens: int | None, logprobs: int | None,
                names: dict[str, str] | None = None) -> SamplingParams:
         """The request's SamplingParams; a bad value is an InvalidRequestError naming the field as sent."""
+        self.reject_unimplemented()
         try:
             return self._params(max_tokens, logprobs)
         except InvalidRequestError as e:
