@@ -60,12 +60,14 @@ _workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hearth-prep", i
 async def off_loop(fn: Callable[..., R], *args: Any) -> R:
     """Run fn(*args) on a low-priority worker thread (parsing, templating, tokenizing), never on the event loop."""
     return await asyncio.get_running_loop().run_in_executor(_workers, fn, *args)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def parse(request: Request, model: type[M]) -> M:
-    """JSON body -> pydantic model whatever the Content-Type (curl -d sends form-urlencoded). Large bodies are
-    decoded on a worker thread so the event loop keeps serving other requests."""
+    """JSON body -> pydantic model (serve/security.py has already required Content-Type: application/json and
+    capped the size). Large bodies are decoded on a worker thread so the event loop keeps serving others."""
     raw = await request.body()
     if len(raw) > OFF_LOOP_BYTES:
         return await off_loop(decode_body, raw, model)
