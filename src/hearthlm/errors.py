@@ -85,3 +85,37 @@ class UnavailableError(HearthError):
 class EngineDeadError(HearthError):
     http_status = 503
     code = "engine_dead"
+
+
+class BodyTooLargeError(HearthError):
+    """The request body is over --max-body-size (HTTP 413)."""
+
+    http_status = 413
+    code = "request_too_large"
+
+
+class ForbiddenError(HearthError):
+    """Refused Host, Origin or admin action (HTTP 403)."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class UnauthorizedError(HearthError):
+    """Missing or wrong API key (HTTP 401)."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+
+class UnsupportedMediaTypeError(HearthError):
+    """A body that is not application/json (HTTP 415)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class UnsafeBindError(HearthError):
+    """A non-loopback bind without an API key."""
+
+    code = "unsafe_bind"

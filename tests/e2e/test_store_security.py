@@ -9,19 +9,14 @@ import re
 import httpx
 import pytest
 
-from tests.store.fixtures import TEMPLATE, GGUFSite, make_tiny_gguf, make_tiny_hf_dir
+from tests.store.fixtures import TEMPLATE, GGUFSite, make_tiny_gguf, make_victim
 
 PATH_NAMES = ["/etc/passwd", "../../../../etc"]
 
 
 @pytest.fixture
 def victim(tmp_path):
-    d = tmp_path / "victim"
-    d.mkdir()
-    (d / "precious.txt").write_text("keep me")
-    make_tiny_gguf(d / "victim.gguf")
-    make_tiny_hf_dir(d / "hf")
-    return d
+    return make_victim(tmp_path)
 
 
 @pytest.fixture

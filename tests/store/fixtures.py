@@ -90,3 +90,13 @@ class GGUFSite:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def make_victim(root: Path) -> Path:
+    """A directory of user data outside the store (a file, a GGUF, an HF dir) that traversal tests must not touch."""
+    d = root / "victim"
+    d.mkdir()
+    (d / "precious.txt").write_text("keep me")
+    make_tiny_gguf(d / "victim.gguf")
+    make_tiny_hf_dir(d / "hf")
+    return d

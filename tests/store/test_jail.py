@@ -14,9 +14,9 @@ from hearthlm.errors import InvalidRequestError, ModelNotFoundError
 from hearthlm.store import (PullPolicy, find_dir, list_models, pull, recover_store, remove, resolve_in_store,
                             resolve_name, show_model, verify)
 from hearthlm.store import netpolicy
-from hearthlm.store.layout import MANIFEST, models_dir, partial_dir, store_dir
+from hearthlm.store.layout import models_dir, partial_dir, store_dir
 
-from .fixtures import GGUFSite, make_tiny_gguf, make_tiny_hf_dir
+from .fixtures import GGUFSite, make_tiny_gguf, make_victim
 
 BAD_NAMES = ["..", ".", "/", "/root", "../../victim", "org/..", "../x", "a/b/c", "a/../../victim", "-rf", ".hidden",
              "~", "~root", "a\\..\\b", "x:../../y", "", " ", "a" * 300]
@@ -31,12 +31,7 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def victim(tmp_path) -> Path:
-    d = tmp_path / "victim"
-    d.mkdir()
-    (d / "precious.txt").write_text("keep me")
-    make_tiny_gguf(d / "victim.gguf")
-    make_tiny_hf_dir(d / "hf")
-    return d
+    return make_victim(tmp_path)
 
 
 @pytest.fixture

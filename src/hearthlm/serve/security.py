@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
 
-from ..errors import HearthError
+from ..errors import (BodyTooLargeError, ForbiddenError, HearthError, UnauthorizedError, UnsafeBindError,
+                      UnsupportedMediaTypeError)
 from .errors import dialect_of, error_response
 from .models import ServeConfig
 
@@ -38,32 +39,6 @@ CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD"
 CORS_HEADERS = "Authorization, Content-Type, Accept, X-Request-Id"
 KEY_HINT = ("send `Authorization: Bearer <key>` (curl -H 'Authorization: Bearer <key>'; openai: api_key=<key>; "
             "ollama: Client(headers={'Authorization': 'Bearer <key>'}); huggingface_hub: token=<key>)")
-
-
-class BodyTooLargeError(HearthError):
-    http_status = 413
-    code = "request_too_large"
-
-
-class ForbiddenError(HearthError):
-    http_status = 403
-    code = "forbidden"
-
-
-class UnauthorizedError(HearthError):
-    http_status = 401
-    code = "invalid_api_key"
-
-
-class UnsupportedMediaTypeError(HearthError):
-    http_status = 415
-    code = "unsupported_media_type"
-
-
-class UnsafeBindError(HearthError):
-    """A non-loopback bind without an API key."""
-
-    code = "unsafe_bind"
 
 
 def _too_large(limit: int) -> BodyTooLargeError:
