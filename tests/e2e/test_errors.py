@@ -19,6 +19,8 @@ CASES = [
     ("/v1/chat/completions", {"model": "smollm2", "messages": MSGS, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"model": "smollm2", "messages": MSGS, "n": 0}, 400, "n must"),
     ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/chat/completions", b'{"messages": [], "top_k": 1' + b"0" * 5000 + b"}", 400, "too many digits"),
+    ("/api/chat", b'{"messages": [], "options": {"seed": 1' + b"0" * 5000 + b"}}", 400, "too many digits"),
     ("/v1/completions", {"model": "smollm2", "prompt": HUGE, "max_tokens": 16}, 400, "max_model_len is 2,048"),
     ("/v1/completions", {"model": "smollm2", "prompt": "", "max_tokens": 4}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": MSGS, "logit_bias": {"42": 100}}, 400, "logit_bias"),

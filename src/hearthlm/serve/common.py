@@ -80,6 +80,8 @@ def decode_body(raw: bytes, model: type[M]) -> M:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    except ValueError:  # an integer literal past Python's digit limit
+        raise InvalidRequestError("request body holds a number with too many digits (over 4,300)") from None
     except RecursionError:
         raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(data, dict):
