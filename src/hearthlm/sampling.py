@@ -37,22 +37,8 @@ class SamplingParams:
     truncate: str | None = None  # None | "left"
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, (list, tuple)):
-            self.stop = list(self.stop)
-        else:
-            raise InvalidRequestError(f"stop must be a string or a list of strings, got {_kind(self.stop)}",
-                                      param="stop")
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
-        elif isinstance(self.stop_token_ids, (list, tuple)):
-            self.stop_token_ids = list(self.stop_token_ids)
-        else:
-            raise InvalidRequestError(f"stop_token_ids must be a list of token ids, got {_kind(self.stop_token_ids)}",
-                                      param="stop_token_ids")
+        self.stop = _as_list(self.stop, "stop", "a string or a list of strings", single=str)
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         self.validate()
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -117,6 +103,17 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _as_list(value: object, name: str, what: str, single: type | None = None) -> list:
+    """None -> [], a list or tuple -> a list, a lone `single` -> [value]; anything else is a 400 naming the field."""
+    if value is None:
+        return []
+    if single is not None and isinstance(value, single):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise InvalidRequestError(f"{name} must be {what}, got {_kind(value)}", param=name)
 
 
 def _is_int(v: object) -> bool:
