@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequestError
 
@@ -140,3 +140,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.gpu_layers = normalize_gpu_layers(self.gpu_layers)
+
+    def copy(self) -> EngineConfig:
+        """A copy whose cache and scheduler configs are copies too: the engine resolves limits in its own."""
+        return replace(self, cache=replace(self.cache), scheduler=replace(self.scheduler))

@@ -23,20 +23,20 @@ class LLM:
         cpu_compile (CPU): decode steps run a torch.compile'd layer stack (each graph compiles on first use, then
         comes from inductor's disk cache); None = the HEARTH_CPU_COMPILE environment variable."""
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len or 1 << 30, enable_chunked_prefill=enable_chunked_prefill,
+                                max_model_len=max_model_len or 1 << 30,  # None: clamped to the model's context
+                                enable_chunked_prefill=enable_chunked_prefill,
                                 async_scheduling=async_scheduling)
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
                             enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs,
                             cache_dtype=kv_cache_dtype, memory_fraction=gpu_memory_utilization,
                             cpu_compile=cpu_compile)
-        if max_model_len is None:
-            sched.max_model_len = 1 << 30  # clamped to the model's context by the engine
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,
                                              scheduler=sched, quantization=quantization, gpu_layers=gpu_layers),
                                 loaded=loaded)
         self.tokenizer = self.engine.tokenizer
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt; a shared object is safe: the engine resolves each request in a copy."""
         if params is None:
             return [SamplingParams() for _ in range(n)]
         if isinstance(params, SamplingParams):

@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -95,7 +95,8 @@ def gpu_layers_for(gpu_layers: int | str | None, device: torch.device) -> int | 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        self.config = config
+        # the engine resolves limits (max_model_len, the token budget) in its own copy; the caller's stays as given
+        self.config = config = config.copy()
         self.device = pick_device(config.device)
         if loaded is None:
             from ..loader import resolve_model_path
@@ -277,10 +278,14 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, keep_prefix: int = 0, truncated: int = 0) -> str:
-        params = params or SamplingParams()
+        if params is None:
+            params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params must be a SamplingParams")
         params.validate(vocab_size=self.model_config.vocab_size)
+        # the request's own copy: max_tokens is resolved below, and the caller may share one object across
+        # prompts or change it later (lists copied too: SamplingParams' __post_init__ re-checks them)
+        params = replace(params)
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
