@@ -13,6 +13,9 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 1024
 MAX_TEMPERATURE = 1e4
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): logits / T would overflow float32 to inf and
+# softmax would turn them into NaN (T <= ~1e-37 emitted token 0 forever)
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -98,7 +101,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax instead of a draw: temperature below GREEDY_TEMPERATURE (0 included)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

@@ -1,4 +1,13 @@
-"""Sampling: penalties -> temperature -> top-k / top-p / min-p -> seeded sample; raw logprobs."""
+"""Sampling: penalties -> temperature -> min-p -> top-k -> top-p -> seeded sample; raw logprobs.
+
+Filter order (vLLM v1's): after penalties and temperature, min_p drops the tokens whose probability is below
+min_p times the most likely token's, then top_k keeps the k most likely of the rest, then top_p keeps the smallest
+prefix of those (most likely first, renormalized) whose mass reaches top_p. A temperature below 1e-5 is greedy.
+This module is the only sampling path: it runs as torch ops on CPU and CUDA alike, with no separate kernel.
+
+The draw is an exponential race, token = argmax_i p_i / E_i with E_i ~ Exp(1), which picks i with probability
+p_i exactly. E_i is a pure function of (seed, step, token id), so a row's draw is the same on any device and in any
+batch; E_i is finite and > 0 (see exponential_noise), so a filtered token (p_i == 0) never wins."""
 from __future__ import annotations
 
 import functools
@@ -50,18 +59,23 @@ def apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask excluded tokens with -inf. logits: [R, V] (already temperature-scaled); params: [R]."""
+    """Mask excluded tokens with -inf, in the module's order: min-p, top-k, top-p; the most likely token is always
+    kept. logits: [R, V] (already temperature-scaled); params: [R] (top_k <= 0 and top_p == 1 and min_p == 0 = off)."""
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # min-p against the whole (tempered) distribution: p_i < min_p * p_max
+    probs = sorted_logits.softmax(dim=-1)
+    remove = probs < min_p[:, None].to(probs.dtype) * probs[:, :1]
+    # top-k of what min-p kept (min-p keeps a prefix of the sorted row, so rank order is unchanged)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
-    remove = ranks >= k[:, None]
+    remove |= ranks >= k[:, None]
+    remove[:, 0] = False
+    # top-p over the survivors, renormalized: keep the smallest prefix whose mass reaches p (the crossing token too)
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept)
     cum_before = probs.cumsum(dim=-1) - probs
-    remove |= cum_before >= top_p[:, None]
-    # min-p: drop tokens below min_p * max prob
-    remove |= probs < (min_p[:, None] * probs[:, :1])
+    # top_p == 1 is off: a float32 cumsum may reach 1.0 before the tail and must not drop it
+    remove |= (cum_before >= top_p[:, None].to(probs.dtype)) & (top_p < 1)[:, None]
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -86,12 +100,18 @@ def row_key(seed: int, step: int) -> int:
 
 
 def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R] int64 keys -> [R, vocab] float32 Exp(1) draws; a pure function of (key, token id), so a row's draw is
-    the same on any device and in any batch."""
+    """[R] int64 keys -> [R, vocab] float32 Exp(1) draws, each finite and > 0; a pure function of (key, token id),
+    so a row's draw is the same on any device and in any batch.
+
+    Bound: m = h >> 9 is an integer in [0, 2**23 - 1], so m + 0.5 needs at most 24 significant bits and is exact in
+    float32, and the product by 2**-23 is exact too: u = (m + 0.5) * 2**-23 lies in [2**-24, 1 - 2**-24], strictly
+    inside (0, 1). Then E = -log1p(-u): -u is exact, 1 - u >= 2**-24 keeps the log finite (E <= 24 ln 2 ~ 16.6), and
+    log1p is accurate near 0, so the smallest E is ~2**-24 ~ 6e-8, never 0 (the old 24-bit float32 form rounded
+    2**24 - 0.5 up to 2**24, u == 1.0 and E == 0 once in 2**24 tokens)."""
     idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
     h = _mix32((keys[:, None] + idx[None, :] * 0x9E3779B1) & _M32)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    return torch.log1p(u.neg_()).neg_()
 
 
 @functools.cache
@@ -156,12 +176,19 @@ def _sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torc
         sub = filter_logits(sub, torch.tensor([p.top_k for p in params], device=dev),
                             torch.tensor([p.top_p for p in params], device=dev),
                             torch.tensor([p.min_p for p in params], device=dev))
-    probs = sub.softmax(dim=-1)
-    # exponential race == multinomial draw; keyed per sequence and step -> batch-independent
     keys = torch.tensor([row_key(reqs[i].seed, reqs[i].step) for i in rand_rows], device=dev)
     tokens = tokens.clone()
-    tokens[idx] = (probs / exponential_noise(keys, probs.shape[1])).argmax(dim=-1)
+    tokens[idx] = race(sub, keys)
     return tokens
+
+
+def race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One seeded draw per row from softmax(logits) (an exponential race == a multinomial draw, keyed per sequence
+    and step, so batch-independent). A -inf logit is never drawn: its probability is exactly 0, the noise is finite
+    and > 0, so its score is 0 while the most likely token's is > 0. logits: [R, V] float32 (tempered, filtered);
+    keys: [R] int64 -> [R] token ids."""
+    scores = logits.softmax(dim=-1).div_(exponential_noise(keys, logits.shape[1]))
+    return scores.argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
