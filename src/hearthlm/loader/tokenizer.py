@@ -7,6 +7,7 @@ reproduced here: GGUF vocabularies other than byte-level BPE with a known pre-to
 model directories without a tokenizer.json."""
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,6 +67,44 @@ class Tokenizer:
         if isinstance(ids, int):
             return self.backend.id_to_token(ids)
         return [self.backend.id_to_token(int(i)) for i in ids]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, even when they are not valid UTF-8 alone (decode would give U+FFFD):
+        byte-level BPE maps the vocabulary string back through GPT-2's byte alphabet, a SentencePiece byte token
+        <0xNN> is that byte, an added token is its text. Anything else is its decoded text in UTF-8."""
+        piece = self.backend.id_to_token(int(token_id))
+        if piece is None or int(token_id) in self._added_ids:
+            return self.decode([int(token_id)], skip_special_tokens=False).encode("utf-8")
+        kind, inverse = self._piece_decoding
+        if kind == "byte_level" and all(c in inverse for c in piece):
+            return bytes(inverse[c] for c in piece)
+        if kind == "byte_fallback" and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return self.decode([int(token_id)], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
+    @functools.cached_property
+    def _piece_decoding(self) -> tuple[str, dict[str, int]]:
+        """("byte_level", char -> byte) when the decoder is GPT-2's ByteLevel, ("byte_fallback", {}) when it turns
+        <0xNN> pieces into bytes (SentencePiece), else ("text", {})."""
+        from .gguf_tokenizer import byte_alphabet
+
+        decoder = self.backend.decoder
+        try:
+            spec = json.dumps(json.loads(decoder.__getstate__())) if decoder is not None else ""
+        except Exception:  # noqa: BLE001 - an unknown decoder: fall back to decoded text
+            spec = type(decoder).__name__
+        if '"ByteLevel"' in spec or spec == "ByteLevel":
+            return "byte_level", {c: b for b, c in byte_alphabet().items()}
+        if '"ByteFallback"' in spec or spec == "ByteFallback":
+            return "byte_fallback", {}
+        return "text", {}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         from .chat_template import render_chat

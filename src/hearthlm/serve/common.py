@@ -291,3 +291,10 @@ async def start(request: Request, dialect: str, model: str | None, params: Sampl
 
 def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """A token's own bytes (OpenAI logprobs' `bytes`): a token holding part of a UTF-8 character decodes alone to
+    U+FFFD, but its bytes are the real ones. Tokenizers without token_bytes fall back to the decoded text."""
+    own = getattr(tokenizer, "token_bytes", None)
+    return list(own(token_id) if own is not None else token_text(tokenizer, token_id).encode("utf-8"))

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.sequence import RequestOutput
 from ..errors import HearthError, InvalidRequestError
 from ..sampling import SamplingParams, renamed
-from .common import Delta, Generation, parse, server, start, token_text, usage
+from .common import Delta, Generation, parse, server, start, token_bytes, token_text, usage
 from .errors import error_body
 from .sse import DONE, sse, stream_response
 from .store_api import list_model_names
@@ -143,8 +143,7 @@ def chat_logprobs(tok, ids: list[int], lps: list[dict[int, float]] | None, top_n
         return None
 
     def entry(t: int, v: float) -> dict[str, Any]:
-        text = token_text(tok, t)
-        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+        return {"token": token_text(tok, t), "logprob": v, "bytes": token_bytes(tok, t)}
 
     return {"content": [{**entry(t, d[t]), "top_logprobs": [entry(k, v) for k, v in
                                                             sorted(d.items(), key=lambda kv: -kv[1])[:top_n]]}
