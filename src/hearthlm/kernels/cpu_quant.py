@@ -1,4 +1,4 @@
-"""Native CPU kernel for group-quantized matmuls and decode attention (csrc/cpu_quant.c): x quantized to int8 on the
+"""Native CPU kernel for group-quantized matmuls and attention (csrc/cpu_quant.c): x quantized to int8 on the
 fly (a scale per 16 inputs, optionally a second pass over the rounding residuals), u8 x s8 dot products with
 AVX-512 VNNI, OpenMP threads from the runtime torch already loaded (the same libgomp, so the two never fight over
 cores). It serves CPUs with AVX-512 VNNI; elsewhere its portable C loop is only a test reference and PyTorch's
@@ -76,9 +76,9 @@ def load(path: Path) -> ctypes.CDLL:
     c_int = ctypes.c_int
     lib.hl_qmatmul.argtypes = [p, i64, i64, i64, p, p, p, i64, c_int, p, i64, c_int, p, ctypes.c_float, c_int, c_int]
     lib.hl_qmatmul.restype = ctypes.c_int
-    lib.hl_decode_attention.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float,
-                                        ctypes.c_float, p]
-    lib.hl_decode_attention.restype = ctypes.c_int
+    lib.hl_attention.argtypes = [p, i64, p, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float,
+                                 ctypes.c_float, p]
+    lib.hl_attention.restype = ctypes.c_int
     lib.hl_simd.restype = ctypes.c_int
     lib.hl_prepare_rows.argtypes = [c_int, p, i64, i64, i64, p, ctypes.c_float, p]
     lib.hl_prepare_rows.restype = None
@@ -173,35 +173,46 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: tor
     return out
 
 
-class DecodeAttention:
-    """One decode query per sequence over float32 paged pools, RoPE and this step's K/V writes included: the step's
-    arguments prepared once, then one call per layer of the KV group.
-    cos, sin: [B, 1, head_dim] (layers/rotary.Rotary.cos_sin); slot_mapping: [B] int64; key_slots: [B, L] int64
-    (this step's slot included); mask: additive, B * L elements (0 / -inf) or None."""
+def key_ranges(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask: [R, L] bool (True: attend) or additive (0 / -inf), each row's attended keys one contiguous run ->
+    (first, count): int64 [R]. Raises ValueError for a row whose keys are not one run."""
+    m = mask if mask.dtype == torch.bool else mask == 0
+    count = m.sum(-1)
+    first = m.to(torch.uint8).argmax(-1)
+    idx = torch.arange(m.shape[-1], device=m.device)
+    if not bool((m == ((idx >= first[:, None]) & (idx < (first + count)[:, None]))).all()):
+        raise ValueError("native CPU attention: a row's keys must be one contiguous run")
+    return first.long(), count.long()
+
+
+class RowAttention:
+    """Attention for any rows over float32 paged pools, RoPE and the rows' K/V writes included: the step's
+    arguments prepared once, then one call per layer of the KV group. Row t attends key_count[t] slots from
+    key_slots[key_start[t]] on (its valid keys in position order): its bits depend on its own q and keys only.
+    cos, sin: [T, 1, head_dim] (layers/rotary.Rotary.cos_sin); slot_mapping: [T] int64; key_slots: flat int64."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor, key_slots: torch.Tensor,
-                 mask: torch.Tensor | None, num_heads: int, kv_heads: int, head_dim: int, scale: float,
-                 softcap: float | None, lib: ctypes.CDLL | None = None):
-        b, length = key_slots.shape
-        assert key_slots.dtype == slot_mapping.dtype == torch.int64 and cos.dtype == sin.dtype == torch.float32
-        keep = [cos.reshape(b, head_dim).contiguous(), sin.reshape(b, head_dim).contiguous(),
-                slot_mapping.contiguous(), key_slots.contiguous()]
-        if mask is not None:
-            keep.append(mask.reshape(b, length).float().contiguous())
+                 key_start: torch.Tensor, key_count: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+                 scale: float, softcap: float | None, lib: ctypes.CDLL | None = None):
+        t = slot_mapping.shape[0]
+        assert key_slots.dtype == slot_mapping.dtype == key_start.dtype == key_count.dtype == torch.int64
+        assert cos.dtype == sin.dtype == torch.float32 and key_start.shape == key_count.shape == (t,)
+        keep = [cos.reshape(t, head_dim).contiguous(), sin.reshape(t, head_dim).contiguous(),
+                slot_mapping.contiguous(), key_slots.reshape(-1).contiguous(), key_start.contiguous(),
+                key_count.contiguous()]
         self._keep = keep  # the pointers below stay valid while this object lives
-        self.rows, self.width, self.kv_heads, self.head_dim = b, num_heads * head_dim, kv_heads, head_dim
-        self._call = (lib or library()).hl_decode_attention
-        self._args = (keep[2].data_ptr(), keep[3].data_ptr(), keep[4].data_ptr() if mask is not None else None, b,
-                      length, num_heads, kv_heads, head_dim, scale, softcap or 0.0)
+        self.rows, self.width, self.kv_heads, self.head_dim = t, num_heads * head_dim, kv_heads, head_dim
+        self._call = (lib or library()).hl_attention
+        self._args = (*(k.data_ptr() for k in keep[2:]), t, num_heads, kv_heads, head_dim, scale, softcap or 0.0)
         self._rope = (keep[0].data_ptr(), keep[1].data_ptr())
 
     def __call__(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """qkv: [B, (heads + 2 kv_heads) * head_dim] float32 rows (unit column stride) from the fused projection;
-        pools: [blocks, block_size, kv_heads, head_dim] float32, contiguous. -> [B, heads * head_dim]."""
+        """qkv: [T, (heads + 2 kv_heads) * head_dim] float32 rows (unit column stride) from the fused projection;
+        pools: [blocks, block_size, kv_heads, head_dim] float32, contiguous. -> [T, heads * head_dim]."""
         out = torch.empty(self.rows, self.width, dtype=torch.float32)
         if self._call(qkv.data_ptr(), qkv.stride(0), *self._rope, k_pool.data_ptr(), v_pool.data_ptr(), *self._args,
                       out.data_ptr()):
-            raise MemoryError("native CPU decode attention: out of memory")
+            raise MemoryError("native CPU attention: out of memory")
         return out
 
     def accepts(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
@@ -214,9 +225,15 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                      v_pool: torch.Tensor, slot_mapping: torch.Tensor, key_slots: torch.Tensor,
                      mask: torch.Tensor | None, num_heads: int, scale: float, softcap: float | None,
                      lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """DecodeAttention for one layer: -> [B, heads * head_dim]."""
-    att = DecodeAttention(cos, sin, slot_mapping, key_slots, mask, num_heads, k_pool.shape[2], k_pool.shape[3],
-                          scale, softcap, lib)
+    """RowAttention for one layer, one query per sequence: key_slots [B, L], mask [B, L] additive (each row's
+    0 entries one run) or None -> [B, heads * head_dim]."""
+    b, length = key_slots.shape
+    if mask is None:
+        first, count = torch.zeros(b, dtype=torch.long), torch.full((b,), length, dtype=torch.long)
+    else:
+        first, count = key_ranges(mask.reshape(b, length))
+    att = RowAttention(cos, sin, slot_mapping, key_slots, first + torch.arange(b) * length, count, num_heads,
+                       k_pool.shape[2], k_pool.shape[3], scale, softcap, lib)
     assert att.accepts(qkv, k_pool, v_pool)
     return att(qkv, k_pool, v_pool)
 
@@ -230,5 +247,5 @@ def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | Non
     return out
 
 
-__all__ = ["DecodeAttention", "build", "decode_attention", "input_function", "interleave", "library", "load",
-           "pack", "prepare_rows", "qmatmul", "tile_scales"]
+__all__ = ["RowAttention", "build", "decode_attention", "input_function", "interleave", "key_ranges", "library",
+           "load", "pack", "prepare_rows", "qmatmul", "tile_scales"]

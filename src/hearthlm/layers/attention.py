@@ -39,7 +39,6 @@ class CpuPlan:
     key_rows: torch.Tensor | None = None  # [B * kv_heads * L] rows of the pool seen as [slots * kv_heads, head_dim]
     bag_rows: torch.Tensor | None = None  # [B * heads * L] the value row behind each probability (float32 pools)
     bag_offsets: torch.Tensor | None = None  # [B * heads] where each (sequence, head)'s L rows start in bag_rows
-    native: object = None  # native_decode_attention's prepared call (kernels/cpu_quant.DecodeAttention), or False
 
 
 @dataclass
@@ -50,6 +49,7 @@ class GroupMeta:
     window: int | None
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (kernel path)
     sub_batches: list[SubBatch] = field(default_factory=list)  # reference path
+    native: object = None  # native_attention's prepared call (kernels/cpu_quant.RowAttention), or False
 
 
 @dataclass
@@ -138,36 +138,56 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_row
     return torch.bmm(probs, v).view(b, h, d)
 
 
-def decode_only(meta: AttentionMetadata) -> bool:
-    """Whether every token of the step is a decode row (one query per sequence), reference path."""
-    return all(sb.token_index.shape[1] == 1 for sb in meta.groups[0].sub_batches)
+def native_rows(gm: GroupMeta, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The step's rows as the native kernel takes them: (key_slots flat, key_start [T], key_count [T]), each token
+    attending its valid keys (one run in position order) of its sub-batch row; None when the rows' keys are not
+    runs or the sub-batches do not cover the step's tokens."""
+    from ..kernels.cpu_quant import key_ranges
+
+    start = torch.full((num_tokens,), -1, dtype=torch.long)
+    count = torch.zeros(num_tokens, dtype=torch.long)
+    slots, base = [], 0
+    for sb in gm.sub_batches:
+        b, qmax = sb.token_index.shape
+        length = sb.key_slots.shape[1]
+        tok = sb.token_index[sb.valid_q]
+        try:
+            first, n = key_ranges(sb.mask[:, 0][sb.valid_q])
+        except ValueError:
+            return None
+        row = torch.arange(b)[:, None].expand(b, qmax)[sb.valid_q]
+        start[tok] = base + row * length + first
+        count[tok] = n
+        slots.append(sb.key_slots.reshape(-1))
+        base += b * length
+    if not slots or bool((start < 0).any()):
+        return None
+    return torch.cat(slots), start, count
 
 
-def native_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-                            meta: AttentionMetadata, layer: int, num_heads: int, scale: float,
-                            softcap: float | None) -> torch.Tensor | None:
-    """RoPE, K/V writes and attention in one call of the native CPU kernel (kernels/cpu_quant.py) when the step
-    is decode only (one query per sequence, in order) over float32 pools; else None (the caller takes the torch
-    path). qkv: [B, (heads + 2 kv_heads) * head_dim] -> [B, heads * head_dim]. The call's arguments are prepared
-    by the group's first layer (cos/sin are the step's) and kept in its CpuPlan."""
-    from ..kernels.cpu_quant import DecodeAttention
+def native_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
+                     meta: AttentionMetadata, layer: int, num_heads: int, scale: float,
+                     softcap: float | None) -> torch.Tensor | None:
+    """RoPE, K/V writes and attention in one call of the native CPU kernel (kernels/cpu_quant.py) for every row
+    of the step, prefill and decode alike (the same per-row arithmetic, so a row's result does not depend on the
+    batch, the chunking or the prefix cache), over float32 pools; else None (the caller takes the torch path).
+    qkv: [T, (heads + 2 kv_heads) * head_dim] -> [T, heads * head_dim]. The call's arguments are prepared by the
+    group's first layer (cos/sin are the step's) and kept in its GroupMeta."""
+    from ..kernels.cpu_quant import RowAttention
 
     k_cache, v_cache = kv_cache
     if meta.use_kernels or not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
         return None
     gm = meta.groups[meta.layer_group[layer]]
-    if len(gm.sub_batches) != 1:
+    if gm.native is None:
+        gm.native = False
+        rows = native_rows(gm, qkv.shape[0]) if k_cache.dtype == torch.float32 and not qkv.is_cuda else None
+        if rows is not None:
+            gm.native = RowAttention(cos, sin, gm.slot_mapping, *rows, num_heads, k_cache.shape[2],
+                                     k_cache.shape[3], scale, softcap)
+    if gm.native is False or not gm.native.accepts(qkv, k_cache, v_cache):
         return None
-    sb = gm.sub_batches[0]
-    plan = _cpu_plan(sb, qkv.shape[0], torch.float32, num_heads, k_cache.shape[2], False)
-    if plan.native is None:
-        plan.native = False
-        if plan.key_rows is not None and plan.whole and k_cache.dtype == torch.float32:
-            plan.native = DecodeAttention(cos, sin, gm.slot_mapping, sb.key_slots, plan.mask, num_heads,
-                                          k_cache.shape[2], k_cache.shape[3], scale, softcap)
-    if plan.native is False or not plan.native.accepts(qkv, k_cache, v_cache):
-        return None
-    return plan.native(qkv, k_cache, v_cache)
+    return gm.native(qkv, k_cache, v_cache)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: GroupMeta,

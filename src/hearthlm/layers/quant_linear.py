@@ -5,9 +5,9 @@ kernel (kernels/cpu_quant.py) or, where it is not built, for the CPU kernels PyT
                 Q8_0, Q6_K (groups of 16, signed codes; unpacked for the GPU kernels only, layers/gpu_quant.py),
                 and of the int8/int4 weights `quantize_int8` / `quantize_int4` make (--quantization)
                 (Q2_K, Q3_K stay dequantized)
-  NativeWeight  the native kernel's tiles (groups of 32, 4/5/8-bit codes, N % 16 == 0): int8 activations, a
-                residual pass for prefill and small decode batches, fused norm / activation / residual entry
-                points (LlamaLayer.native_call); a bf16 oneDNN copy from NATIVE_DENSE_MIN_ROWS rows
+  NativeWeight  the native kernel's tiles (groups of 32, 4/5/8-bit codes, N % 16 == 0): int8 activations with a
+                residual pass for every row count (a row's result never depends on its batch), fused norm /
+                activation / residual entry points (LlamaLayer.native_call)
   Int4Weight    aten._weight_int4pack_mm_for_cpu (bf16 activations, groups of 32): exact for 4-bit codes up to
                 bf16 rounding of scale and zero (torch's w = (code - 8) * scale + zero, zero = min + 8 * scale)
                 5- and 8-bit codes run as two 4-bit halves along K (2x the work), also exact up to bf16 scales.
@@ -27,8 +27,6 @@ import numpy as np
 import torch
 
 from ..kernels import cpu_quant
-from .activation import gated_act
-from .norm import rms_norm
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")  # unpacked to GroupQuant; others dequantized
 GPU_QUANT_TYPES = QUANT_TYPES + ("Q6_K",)  # groups of 16: no CPU int4 layout, but the GPU kernels take them
@@ -168,11 +166,6 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> GroupQuant:
 # changes over from 3 rows)
 DENSE_MIN_ROWS = 5
 DENSE_MIN_ROWS_SPLIT = 3
-NATIVE_DENSE_MIN_ROWS = 32  # the native kernel's change-over (NativeWeight)
-# Rows up to which batched decode steps take the native kernel's residual pass (NativeWeight.run): 1-4 sequences
-# get near float32 results for ~10% of their speed; more run llama.cpp's precision (int8 activations, +0.2%
-# perplexity on SmolLM2-135M), where the second pass would cost 1.6-2x. Prefill always takes it.
-NATIVE_RESIDUAL_MAX_ROWS = int(os.environ.get("HEARTH_CPU_RESIDUAL_ROWS", "4"))
 _dense_bytes = [0]  # bytes of live dense copies in this process
 
 
@@ -276,16 +269,14 @@ class Int4Weight:
 
 class NativeWeight:
     """A GroupQuant (groups of 32, 4/5/8-bit codes) for the native CPU kernel (kernels/cpu_quant.py: int8
-    activations, u8 x s8 dot products), 4-bit codes two a byte, else a byte each, fp16 scale and min.
-    dense: as Int4Weight's, a bf16 oneDNN copy for calls of `dense_min_rows` rows and more (prefill), where the
-    native kernel's per-row cost exceeds the bf16 GEMM's."""
+    activations, u8 x s8 dot products), 4-bit codes two a byte, else a byte each, fp16 scale and min. Every call
+    takes the kernel's residual pass (x to within 1/256 of a step): one scheme for every row count, so that a
+    row's result depends on that row alone (no row-count switch to another kernel either)."""
 
-    def __init__(self, g: GroupQuant, dense: bool | None = None):
+    def __init__(self, g: GroupQuant):
         self.out_features, self.in_features = g.shape
         self.codes, self.scale, self.mins, self.bits = cpu_quant.pack(g.codes, g.scale, g.min, g.bits)
-        self.dense = dense_copy(self, g, dense)
-        self.dense_min_rows = NATIVE_DENSE_MIN_ROWS
-        self.residual_max_rows = NATIVE_RESIDUAL_MAX_ROWS
+        self.dense = None  # no bf16 copy: its GEMM's rounding would differ from the kernel's
         self._call = cpu_quant.library().hl_qmatmul
         self._args = (self.in_features, self.codes.data_ptr(), self.scale.data_ptr(), self.mins.data_ptr(),
                       self.out_features, self.bits)
@@ -307,48 +298,32 @@ class NativeWeight:
         return cpu_quant.library() is not None
 
     def __call__(self, x: torch.Tensor, cast: bool = True) -> torch.Tensor:
-        # x: [M, K] -> [M, N] in x.dtype (cast=False: float32); with the residual pass (callers that cannot tell a
-        # batched decode step from the rest)
-        y = self.run(x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous(), residual=True)
+        # x: [M, K] -> [M, N] in x.dtype (cast=False: float32)
+        y = self.run(x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous())
         return y.to(x.dtype) if cast and x.dtype != torch.float32 else y
 
     def run(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
             norm: tuple[torch.Tensor, float] | None = None, silu_mul: bool = False,
-            residual: bool | None = None) -> torch.Tensor:
+            residual: bool = True) -> torch.Tensor:
         """out (+)= f(x) @ W^T, float32 (kernels/cpu_quant.qmatmul: f = RMSNorm with norm = (weight, eps), or
         SiLU(x[:, :K]) * x[:, K:] with silu_mul, else x). x: float32, unit column stride. residual: x's int8
-        rounding residuals in a second pass (near float32 results, about 2x the arithmetic); None: for calls of
-        up to residual_max_rows rows (decode steps of a few sequences, where the matmuls are bound by memory)."""
+        rounding residuals in a second pass (near float32 results); False only for tests and benchmarks."""
         m = x.shape[0]
-        if self.dense is not None and m >= self.dense_min_rows:
-            return self._run_dense(x, out, accumulate, norm, silu_mul)
         if out is None:
             out = torch.empty(m, self.out_features, dtype=torch.float32)
         if m:
             pre, w, eps = cpu_quant.input_function(norm, silu_mul)
-            if residual is None:
-                residual = m <= self.residual_max_rows
             if self._call(x.data_ptr(), m, x.stride(0), *self._args, out.data_ptr(), out.stride(0), pre, w, eps,
                           accumulate, residual):
                 raise MemoryError("native CPU matmul: out of memory for the quantized activations")
         return out
-
-    def _run_dense(self, x, out, accumulate, norm, silu_mul) -> torch.Tensor:
-        if norm is not None:
-            x = rms_norm(x, norm[0], norm[1])
-        elif silu_mul:
-            x = gated_act(x, "silu")
-        y = dense_linear(x.to(torch.bfloat16), self.dense, self.out_features)
-        if out is None:
-            return y.float()
-        return out.add_(y) if accumulate else out.copy_(y)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.mins]
 
     @property
     def dense_nbytes(self) -> int:
-        return 0 if self.dense is None else 2 * self.out_features * self.in_features
+        return 0
 
 
 def pack(g: GroupQuant) -> NativeWeight | Int4Weight | None:

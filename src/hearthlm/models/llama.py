@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError
 from ..layers.activation import gated_act
 from ..kernels.quant_gemv_a8 import QuantizedX
-from ..layers.attention import AttentionMetadata, decode_only, native_decode_attention, paged_attention
+from ..layers.attention import AttentionMetadata, native_attention, paged_attention
 from ..layers.linear import Linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import Rotary, apply_rotary
@@ -113,11 +113,12 @@ class LlamaLayer:
 
     def native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                     kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """__call__ through the native kernel's fused entry points; h (float32, contiguous) is updated in place."""
+        """__call__ through the native kernel's fused entry points; h (float32, contiguous) is updated in place.
+        Every row, prefill or decode, takes the same per-row arithmetic (the matmuls' residual pass, the native
+        attention), so a row's result does not depend on the rows it is batched with."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        res = None if decode_only(meta) else True  # the residual pass: by row count in decode steps, else always
-        qkv = self.qkv.native.run(h, norm=(self.input_norm, eps), residual=res)
+        qkv = self.qkv.native.run(h, norm=(self.input_norm, eps))
         if self.qkv.bias is not None:
             qkv += self.qkv.bias
         if self.q_norm is not None:  # per-head norms before RoPE (Qwen3), in place
@@ -126,17 +127,17 @@ class LlamaLayer:
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d)
             q.copy_(self.norm(q, self.q_norm))
             k.copy_(self.norm(k, self.k_norm))
-        o = native_decode_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
-                                    cfg.attn_logit_softcapping)
+        o = native_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
+                             cfg.attn_logit_softcapping)
         if o is None:
             o = self.attend_qkv(qkv, cos, sin, meta, kv_cache)
-        self.o.native.run(o, out=h, accumulate=True, residual=res)
+        self.o.native.run(o, out=h, accumulate=True)
         if self.o.bias is not None:
             h += self.o.bias
-        gate_up = self.gate_up.native.run(h, norm=(self.post_attn_norm, eps), residual=res)
+        gate_up = self.gate_up.native.run(h, norm=(self.post_attn_norm, eps))
         if self.gate_up.bias is not None:
             gate_up += self.gate_up.bias
-        h = self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True, residual=res)
+        h = self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True)
         return h if self.down.bias is None else h.add_(self.down.bias)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
@@ -322,7 +323,7 @@ class LlamaModel:
         return rms_norm(h.to(self.device), self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32 (a native head: the residual pass by row count)
+        # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32 (a native head: the residual pass, as every row)
         head = self.lm_head.native
         logits = head.run(hidden.float().contiguous()) if head is not None else self.lm_head(hidden).float()
         cap = self.cfg.final_logit_softcapping

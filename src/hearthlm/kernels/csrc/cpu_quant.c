@@ -297,11 +297,13 @@ int hl_qmatmul(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t 
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Decode attention over float32 paged pools, one query per sequence, with the step's RoPE and K/V writes.
- * qkv: [B, (H + 2 KVH) D] rows (stride ldq): q heads, k heads, v heads (q, k rotated here: x * cos + roll(x, D/2) *
- * sin, sin's first half negated as Rotary.cos_sin gives it; cos/sin: [B, D]). k/v pools: rows [slot * KVH + h] of D
- * floats; slot_mapping [B]: where this step's k, v go; key_slots [B, L]: the slots attended (this step's included);
- * mask [B, L] additive (0 / -inf) or NULL; out: [B, H D]. softcap <= 0: none. */
+ * Attention over float32 paged pools for any rows (prefill and decode alike), with the rows' RoPE and K/V writes.
+ * A row's arithmetic depends on its own q and its own keys only: the same row gives the same bits alone, in a
+ * batch, in any prefill chunk or as a decode step. qkv: [T, (H + 2 KVH) D] rows (stride ldq): q heads, k heads,
+ * v heads (q, k rotated here: x * cos + roll(x, D/2) * sin, sin's first half negated as Rotary.cos_sin gives it;
+ * cos/sin: [T, D]). k/v pools: rows [slot * KVH + h] of D floats; slot_mapping [T]: where each row's k, v go;
+ * row t attends the key_count[t] slots key_slots[key_start[t] ..] (its valid keys in position order, its own
+ * included; all rows' K/V are written first); out: [T, H D]. softcap <= 0: none. */
 static float dot(const float *a, const float *b, int64_t n) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -338,11 +340,10 @@ static float exp_shifted(float *p, int64_t n, float mx) {
     return sum;
 }
 
-/* The G query heads q [G, D] (scaled) of kv head kh against one sequence's L keys: scores into p [G, L], then
- * o [G, D] = softmax(p) V. */
+/* The G query heads q [G, D] (scaled) of kv head kh against one row's L keys: scores into p [G, L], then
+ * o [G, D] = softmax(p) V. Each sum runs in an order fixed by D and L alone. */
 static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, const float *v_pool,
-                   const int64_t *slots, const float *mask, int64_t L, int64_t KVH, int64_t kh, float softcap, float *p,
-                   float *o) {
+                   const int64_t *slots, int64_t L, int64_t KVH, int64_t kh, float softcap, float *p, float *o) {
 #if HL_VNNI
     if (D % 16 == 0 && D <= 256 && G <= 8) {
         const int64_t DC = D / 16;
@@ -370,7 +371,6 @@ static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, co
         for (int64_t l = 0; l < L; l++) {
             float sc = pg[l];
             if (softcap > 0.f) sc = tanhf(sc / softcap) * softcap;
-            if (mask) sc += mask[l];
             pg[l] = sc;
             mx = sc > mx ? sc : mx;
         }
@@ -408,22 +408,25 @@ static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, co
     }
 }
 
-int hl_decode_attention(float *qkv, int64_t ldq, const float *cos, const float *sin, float *k_pool, float *v_pool,
-                        const int64_t *slot_mapping, const int64_t *key_slots, const float *mask, int64_t B,
-                        int64_t L, int64_t H, int64_t KVH, int64_t D, float scale, float softcap, float *out) {
+int hl_attention(float *qkv, int64_t ldq, const float *cos, const float *sin, float *k_pool, float *v_pool,
+                 const int64_t *slot_mapping, const int64_t *key_slots, const int64_t *key_start,
+                 const int64_t *key_count, int64_t T, int64_t H, int64_t KVH, int64_t D, float scale, float softcap,
+                 float *out) {
     const int64_t G = H / KVH;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)B * H * D);
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(T ? T : 1) * H * D);
     if (!buf) return -1;
+    int64_t keys = 0;
+    for (int64_t t = 0; t < T; t++) keys += key_count[t];
     int failed = 0;
-#pragma omp parallel if (B * L * H * D > (1 << 14))
+#pragma omp parallel if (keys * H * D > (1 << 14))
     {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) { /* rotate q (into buf, scaled), rotate and store k, store v */
-            float *row = qkv + b * ldq;
-            const float *c = cos + b * D, *s = sin + b * D;
-            const int64_t slot = slot_mapping[b];
+        for (int64_t t = 0; t < T; t++) { /* rotate q (into buf, scaled), rotate and store k, store v */
+            float *row = qkv + t * ldq;
+            const float *c = cos + t * D, *s = sin + t * D;
+            const int64_t slot = slot_mapping[t];
             for (int64_t h = 0; h < H; h++) {
-                float *qb = buf + (b * H + h) * D;
+                float *qb = buf + (t * H + h) * D;
                 rope(row + h * D, c, s, D, qb);
                 for (int64_t i = 0; i < D; i++) qb[i] *= scale;
             }
@@ -433,12 +436,12 @@ int hl_decode_attention(float *qkv, int64_t ldq, const float *cos, const float *
             }
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < B * KVH; t++) {
-            const int64_t b = t / KVH, kh = t % KVH;
+        for (int64_t u = 0; u < T * KVH; u++) {
+            const int64_t t = u / KVH, kh = u % KVH, L = key_count[t];
             float stack_p[4096], *p = G * L <= 4096 ? stack_p : (float *)malloc(sizeof(float) * (size_t)G * L);
             if (!p) { failed = 1; continue; }
-            attend(buf + (b * H + kh * G) * D, G, D, k_pool, v_pool, key_slots + b * L, mask ? mask + b * L : NULL,
-                   L, KVH, kh, softcap, p, out + (b * H + kh * G) * D);
+            attend(buf + (t * H + kh * G) * D, G, D, k_pool, v_pool, key_slots + key_start[t], L, KVH, kh, softcap,
+                   p, out + (t * H + kh * G) * D);
             if (p != stack_p) free(p);
         }
     }
