@@ -3,10 +3,19 @@
 Tensors live in the runner; this module only hands out block ids. Layers are split into groups
 by attention window: full-attention layers keep every block, sliding-window layers release the
 blocks that fall out of their window (their table slot is set to the reserved null block 0).
+
+Prefix cache keys are SHA-256 chains: key_i = SHA-256(key_{i-1} || token ids of block i as little-endian
+int64), with key_{-1} = SHA-256(b"hearthlm-prefix-v1\0" || block size || group windows || salt). A block is
+published only once the KV of all its tokens is written, and a hit is served only when the block's stored
+preimage (parent key and tokens) equals the lookup's, so a key collision can never serve another prompt's KV.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -21,8 +30,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.block_preimage: list[bytes | None] = [None] * num_blocks  # parent key || packed tokens
+        self.hash_to_block: dict[bytes, int] = {}
+        self.rejected_hits = 0  # lookups whose key matched a block holding other tokens (a key collision)
         # blocks with ref 0, oldest first; block 0 is the null block and never handed out
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
 
@@ -41,6 +52,7 @@ class BlockPool:
             if self.hash_to_block.get(h) == block:
                 del self.hash_to_block[h]
             self.block_hash[block] = None
+            self.block_preimage[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -57,12 +69,20 @@ class BlockPool:
         if self.ref_counts[block] == 0:
             self.free_queue[block] = None
 
-    def lookup(self, h: int) -> int | None:
-        return self.hash_to_block.get(h)
+    def lookup(self, h: bytes, preimage: bytes) -> int | None:
+        """The cached block for key h, only if it holds exactly these tokens after exactly this parent."""
+        block = self.hash_to_block.get(h)
+        if block is not None and self.block_preimage[block] != preimage:
+            self.rejected_hits += 1
+            return None
+        return block
 
-    def register(self, block: int, h: int) -> None:
+    def register(self, block: int, h: bytes, preimage: bytes) -> None:
+        """Publish a block whose KV is fully written; the first block published under a key keeps it."""
+        assert block != NULL_BLOCK, "the null block holds no KV"
         if self.block_hash[block] is None and h not in self.hash_to_block:
             self.block_hash[block] = h
+            self.block_preimage[block] = preimage
             self.hash_to_block[h] = block
 
 
@@ -78,15 +98,41 @@ def kv_group_windows(layer_windows: list[int | None]) -> list[int | None]:
     return sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
 
 
-def chain_hash(parent: int | None, tokens: list[int]) -> int:
-    return hash((parent, tuple(tokens)))
+def _digest(data: bytes) -> bytes:
+    """The hashing primitive of prefix keys (tests patch it to inject collisions)."""
+    return hashlib.sha256(data).digest()
+
+
+def pack_tokens(tokens: Tokens[int]) -> bytes:
+    """Token ids as little-endian int64 bytes (cheap to hash; no str())."""
+    packed = array("q", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def root_key(block_size: int, windows: list[int | None], salt: bytes = b"") -> bytes:
+    """The parent key of every first block: binds keys to the KV layout and the engine's salt."""
+    layout = f"{block_size}|{','.join('full' if w is None else str(w) for w in windows)}|".encode()
+    return _digest(b"hearthlm-prefix-v1\0" + layout + salt)
+
+
+def block_preimage(parent: bytes, tokens: Tokens[int]) -> bytes:
+    return parent + pack_tokens(tokens)
+
+
+def chain_key(parent: bytes, tokens: Tokens[int]) -> bytes:
+    """SHA-256 digest keying a full block of `tokens` that follows the block keyed `parent`."""
+    return _digest(block_preimage(parent, tokens))
 
 
 class KVCacheManager:
     def __init__(self, layer_windows: list[int | None], block_size: int, num_blocks_per_group: list[int],
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, salt: bytes = b""):
+        """salt: anything else that changes the KV for the same tokens (e.g. cache dtype, model identity)."""
         self.block_size = block_size
         windows = kv_group_windows(layer_windows)
+        self.root_key = root_key(block_size, windows, salt)
         self.full_attention_only = windows == [None]
         # prefix reuse needs every block of the prefix; sliding groups drop them, so it is full-attention only
         self.enable_prefix_caching = enable_prefix_caching and self.full_attention_only
@@ -122,14 +168,17 @@ class KVCacheManager:
         return all(g.pool.num_free == g.pool.capacity for g in self.groups)
 
     # ---- per-sequence operations ----
-    def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
-        bs = self.block_size
-        ids = None
-        while (len(seq.block_hashes) + 1) * bs <= upto_tokens:
-            ids = ids or seq.all_ids
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            seq.block_hashes.append(chain_hash(parent, ids[i * bs:(i + 1) * bs]))
+    def _preimage(self, seq: Sequence, ids: list[int], i: int) -> bytes:
+        parent = seq.block_hashes[i - 1] if i else self.root_key
+        return block_preimage(parent, ids[i * self.block_size:(i + 1) * self.block_size])
+
+    def _update_hashes(self, seq: Sequence, upto_tokens: int) -> list[int]:
+        """Keys of the full blocks among the first upto_tokens known tokens; returns the known token ids."""
+        ids = seq.all_ids
+        num_blocks = min(upto_tokens, len(ids)) // self.block_size
+        for i in range(len(seq.block_hashes), num_blocks):
+            seq.block_hashes.append(_digest(self._preimage(seq, ids, i)))
+        return ids
 
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks for the longest cached prefix; returns the number of tokens reused."""
@@ -138,14 +187,15 @@ class KVCacheManager:
         if not self.enable_prefix_caching or seq.num_computed_tokens:
             return 0
         # at least one token must be computed to produce logits
-        self._update_hashes(seq, seq.num_tokens - 1)
+        ids = self._update_hashes(seq, seq.num_tokens - 1)
         pool, table = self.groups[0].pool, seq.block_tables[0]
-        for h in seq.block_hashes:
-            block = pool.lookup(h)
+        for i, h in enumerate(seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]):
+            block = pool.lookup(h, self._preimage(seq, ids, i))
             if block is None:
                 break
             pool.touch(block)
             table.append(block)
+        seq.num_registered = len(table)  # published already
         seq.num_computed_tokens = len(table) * self.block_size
         self.prefix_queries += len(seq.prompt_ids)
         self.prefix_hits += min(seq.num_computed_tokens, len(seq.prompt_ids))
@@ -180,16 +230,23 @@ class KVCacheManager:
                 table[i] = NULL_BLOCK
 
     def commit(self, seq: Sequence) -> None:
-        """Publish the sequence's newly completed full blocks to the prefix cache."""
-        if not self.enable_prefix_caching:
+        """Publish the sequence's newly computed full blocks to the prefix cache.
+
+        Only blocks inside the computed prefix qualify: num_computed_tokens counts tokens whose KV-writing step
+        has been launched, and every later reader is launched after it on the same stream. Blocks past it (a
+        prefill chunk ending inside a block, a prompt hashed ahead by match_prefix) stay private until computed,
+        so abort and preemption free them unpublished."""
+        if not self.enable_prefix_caching or not seq.block_tables:
             return
-        if (seq.num_registered + 1) * self.block_size > seq.num_computed_tokens:
+        table = seq.block_tables[0]
+        upto = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        upto = min(upto, len(table))
+        if upto <= seq.num_registered:
             return
-        self._update_hashes(seq, seq.num_computed_tokens)
-        pool, table = self.groups[0].pool, seq.block_tables[0]
-        upto = min(len(seq.block_hashes), len(table))
+        ids = self._update_hashes(seq, upto * self.block_size)
+        pool = self.groups[0].pool
         for i in range(seq.num_registered, upto):
-            pool.register(table[i], seq.block_hashes[i])
+            pool.register(table[i], seq.block_hashes[i], self._preimage(seq, ids, i))
         seq.num_registered = upto
 
     def free(self, seq: Sequence) -> None:

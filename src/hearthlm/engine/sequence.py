@@ -36,7 +36,7 @@ class Sequence:
     pending_row: int = -1  # row of the latest pending token among that step's sampled tokens
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
     block_tables: list[list[int]] = field(default_factory=list)  # one table per KV group
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # SHA-256 chain keys of full known blocks
     num_registered: int = 0  # leading blocks already published to the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
