@@ -60,25 +60,59 @@ def apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask excluded tokens with -inf, in the module's order: min-p, top-k, top-p; the most likely token is always
-    kept. logits: [R, V] (already temperature-scaled); params: [R] (top_k <= 0 and top_p == 1 and min_p == 0 = off)."""
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    # min-p against the whole (tempered) distribution: p_i < min_p * p_max
-    probs = sorted_logits.softmax(dim=-1)
-    remove = probs < min_p[:, None].to(probs.dtype) * probs[:, :1]
-    # top-k of what min-p kept (min-p keeps a prefix of the sorted row, so rank order is unchanged)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
-    remove |= ranks >= k[:, None]
-    remove[:, 0] = False
-    # top-p over the survivors, renormalized: keep the smallest prefix whose mass reaches p (the crossing token too)
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    cum_before = probs.cumsum(dim=-1) - probs
-    # top_p == 1 is off: a float32 cumsum may reach 1.0 before the tail and must not drop it
-    remove |= (cum_before >= top_p[:, None].to(probs.dtype)) & (top_p < 1)[:, None]
-    remove[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    kept. Ties are kept or dropped together, so a row's result never depends on how a sort orders equal logits.
+    logits: [R, V] float32 (already temperature-scaled); params: [R] (top_k <= 0, top_p == 1, min_p == 0 = off).
+
+    On CPU only a sorted prefix that provably holds every survivor is sorted (torch.topk): min-p and top-k bound
+    it directly, top-p alone by the tokens with p >= (1 - top_p) / V (the rest weigh at most 1 - top_p). CUDA sorts
+    whole rows (no host sync). Each decision reads only the row's own values, so the prefix length changes
+    nothing."""
+    rows, vocab = logits.shape
+    dev = logits.device
+    top = logits.amax(dim=-1, keepdim=True)
+    rel = logits - top  # log(p_i / p_max), as softmax computes it
+    log_min_p = min_p[:, None].to(torch.float32).log()  # min_p == 0 -> -inf: keeps all
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    use_p = top_p < 1
+    bounded = (min_p > 0) | (top_k > 0)  # survivors of min-p and top-k lie in the prefix
+    width = vocab
+    if dev.type == "cpu" and rows:
+        n_min = (rel >= log_min_p).sum(-1)
+        bound = torch.minimum(n_min, k)
+        tau = ((1 - top_p.double()) / vocab).log().float()[:, None]
+        n_p = (rel - (rel.exp().sum(-1, keepdim=True)).log() >= tau).sum(-1)  # p_i >= (1 - top_p) / V
+        bound = torch.where(bounded, bound, torch.where(use_p, n_p, torch.full_like(k, vocab)))
+        width = int(bound.max()) + 1
+    if width * 8 > vocab:
+        width, bound = vocab, None
+    vals, order = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+    if bound is not None:  # ties at a row's bound must lie inside the prefix, else sort whole rows
+        edge = vals.gather(1, (bound.clamp(min=1) - 1)[:, None])[:, 0]
+        if bool((edge <= vals[:, -1]).any()):
+            vals, order = logits.sort(dim=-1, descending=True)
+            width = vocab
+        else:
+            vals, order = vals[:, :-1], order[:, :-1]
+            width -= 1
+    prel = vals - top
+    keep = prel >= log_min_p
+    kth = vals.gather(1, (k.clamp(max=width) - 1)[:, None])
+    keep &= (vals >= kth) | (k > width)[:, None]  # k > width: the prefix lies wholly inside the top k
+    keep[:, 0] = True
+    if bool(use_p.any()):
+        e = prel.exp().masked_fill(~keep, 0.0)
+        cum = e.cumsum(dim=-1)
+        # renormalize over the survivors: all in the prefix when bounded, else the whole row
+        total = torch.where(bounded, cum[:, -1], rel.exp().sum(-1))[:, None]
+        ranks = torch.arange(width, device=dev)[None, :]
+        start = torch.ones_like(keep)
+        start[:, 1:] = vals[:, 1:] != vals[:, :-1]
+        first = torch.where(start, ranks, torch.zeros_like(ranks)).cummax(dim=-1).values  # each tie group's start
+        before = (cum - e).gather(1, first)
+        keep &= (before < top_p[:, None].to(torch.float32) * total) | ~use_p[:, None]
+        keep[:, 0] = True
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter_(1, order, vals.masked_fill(~keep, float("-inf")))
 
 
 _M32 = 0xFFFF_FFFF
@@ -101,17 +135,26 @@ def row_key(seed: int, step: int) -> int:
 
 def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """[R] int64 keys -> [R, vocab] float32 Exp(1) draws, each finite and > 0; a pure function of (key, token id),
-    so a row's draw is the same on any device and in any batch.
+    so a row's draw is the same on any device and in any batch."""
+    return noise_at(keys[:, None], torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :])
 
-    Bound: m = h >> 9 is an integer in [0, 2**23 - 1], so m + 0.5 needs at most 24 significant bits and is exact in
-    float32, and the product by 2**-23 is exact too: u = (m + 0.5) * 2**-23 lies in [2**-24, 1 - 2**-24], strictly
-    inside (0, 1). Then E = -log1p(-u): -u is exact, 1 - u >= 2**-24 keeps the log finite (E <= 24 ln 2 ~ 16.6), and
-    log1p is accurate near 0, so the smallest E is ~2**-24 ~ 6e-8, never 0 (the old 24-bit float32 form rounded
-    2**24 - 0.5 up to 2**24, u == 1.0 and E == 0 once in 2**24 tokens)."""
-    idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    h = _mix32((keys[:, None] + idx[None, :] * 0x9E3779B1) & _M32)
-    u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-    return torch.log1p(u.neg_()).neg_()
+
+NOISE_MIN = 5.9604641e-08  # -log1p(-2**-24) rounded down: the smallest draw
+NOISE_MAX = 16.635533  # -log1p(-(1 - 2**-24)) = 24 ln 2 rounded up: the largest draw
+
+
+def noise_at(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) draws at (key, token id) pairs (int64, broadcastable) -> float32 in [NOISE_MIN, NOISE_MAX].
+
+    Bound: m = h >> 9 is an integer in [0, 2**23 - 1], so u = (m + 0.5) * 2**-23 is exact (in float64, and even in
+    float32: m + 0.5 needs at most 24 significant bits) and lies in [2**-24, 1 - 2**-24], strictly inside (0, 1).
+    E = -log1p(-u): -u is exact, 1 - u >= 2**-24 keeps the log finite (E <= 24 ln 2), and u >= 2**-24 makes
+    E >= ~2**-24 > 0, never 0 (the old float32 form ((h >> 8) + 0.5) / 2**24 rounded 2**24 - 0.5 up to 2**24, so
+    u == 1.0 and E == 0 once in 2**24 tokens, and the race divided by zero). The log runs in float64 and is rounded
+    once to float32, so CPU and CUDA agree but for a float64 last-bit tie."""
+    h = _mix32((keys + ids * 0x9E3779B1) & _M32)
+    u = ((h >> 9).to(torch.float64) + 0.5) * (1.0 / (1 << 23))
+    return torch.log1p(u.neg_()).neg_().to(torch.float32)
 
 
 @functools.cache
@@ -182,13 +225,29 @@ def _sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torc
     return tokens
 
 
+RACE_WINDOW = 20.0  # > log(NOISE_MAX / NOISE_MIN) = 19.45: a token this far below the top can never win
+
+
 def race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """One seeded draw per row from softmax(logits) (an exponential race == a multinomial draw, keyed per sequence
-    and step, so batch-independent). A -inf logit is never drawn: its probability is exactly 0, the noise is finite
-    and > 0, so its score is 0 while the most likely token's is > 0. logits: [R, V] float32 (tempered, filtered);
-    keys: [R] int64 -> [R] token ids."""
-    scores = logits.softmax(dim=-1).div_(exponential_noise(keys, logits.shape[1]))
-    return scores.argmax(dim=-1)
+    """One seeded draw per row from softmax(logits): argmax_i p_i / E_i (an exponential race == a multinomial draw,
+    keyed per sequence and step, so batch-independent); ties go to the lowest token id. A -inf logit is never drawn:
+    its p is exactly 0, E is finite and > 0, so its score is 0 while the top token's is > 0.
+    logits: [R, V] float32 (tempered, filtered); keys: [R] int64 -> [R] token ids.
+
+    On CPU the noise is computed only where it can matter: the top token scores at least p_max / NOISE_MAX, and a
+    token with log(p_i / p_max) < -RACE_WINDOW at most p_i / NOISE_MIN < p_max / NOISE_MAX, so it cannot win (nor
+    tie). The result is the full race's, at a fraction of the hashing. CUDA races over whole rows (no host sync)."""
+    rows, vocab = logits.shape
+    probs = logits.softmax(dim=-1)
+    if logits.device.type != "cpu":
+        return probs.div_(exponential_noise(keys, vocab)).argmax(dim=-1)
+    rel = logits - logits.amax(dim=-1, keepdim=True)
+    r, ids = (rel >= -RACE_WINDOW).nonzero(as_tuple=True)
+    scores = probs[r, ids] / noise_at(keys[r], ids)
+    best = torch.full((rows,), -1.0).scatter_reduce_(0, r, scores, "amax")
+    win = scores == best[r]
+    out = torch.full((rows,), vocab, dtype=torch.int64).scatter_reduce_(0, r[win], ids[win], "amin")
+    return torch.where(out < vocab, out, greedy_tokens(logits))  # a row without candidates (NaN logits): argmax
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
