@@ -111,7 +111,8 @@ def cases(llm) -> dict[str, list[tuple[object, str, str]]]:
             c = out.outputs[0]
             pieces = [bytes(tok.token_bytes(t)) for t in c.token_ids if t not in tok.eos_token_ids]
             found[kind] += [(prompt, stop, before) for stop, before in split_stops(pieces, c.text)]
-    assert len(found["text"]) >= 3 and len(found["chat"]) >= 1, found  # CJK, accented and emoji all split
+    prompts = TEXT_PROMPTS + CHATS
+    assert all(any(p is q for q, _, _ in found["text"] + found["chat"]) for p in prompts), found  # each one splits
     return found
 
 
