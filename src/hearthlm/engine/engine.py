@@ -125,8 +125,9 @@ class LLMEngine:
             sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_model_len)
         windows = kv_group_windows(cfg.layer_windows)
         self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device)
+        salt = f"{self.loaded.path.resolve()}|{self.runner.dtype}|{config.cache.cache_dtype}".encode()  # KV identity
         self.kv = KVCacheManager(cfg.layer_windows, config.cache.block_size, self.runner.num_blocks,
-                                 config.cache.enable_prefix_caching)
+                                 config.cache.enable_prefix_caching, salt=salt)
         self.scheduler = Scheduler(sched, self.kv)
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
