@@ -1,7 +1,7 @@
 """CPU decode path: its shortcuts (fused RMSNorm call, one RoPE over q and k, bf16 results added to the float32
 stream, the vectorized greedy argmax) give the same bits as the plain formulas (attention: test_attention.py); the
-dense bf16 GEMM that multi-row calls take stays within bf16 rounding of dequantize-then-matmul; the default model's
-batched greedy output equals its batch-1 output up to near-tie logits."""
+dense bf16 GEMM that multi-row int4 calls take stays within bf16 rounding of dequantize-then-matmul (batch
+invariance of the default path: tests/test_batch_invariance.py)."""
 from __future__ import annotations
 
 import gc
@@ -16,7 +16,6 @@ from hearthlm.layers.quant_linear import Int4Weight, unpack_gguf
 from hearthlm.layers.rotary import Rotary, apply_rotary
 from hearthlm.runtime.sampler import greedy_tokens
 
-from ..conftest import assert_diverges_only_at_near_ties, needs_default_model, prompts_of
 from .test_quant_linear import close, dequant_ref, random_blocks
 
 
@@ -111,26 +110,3 @@ def test_greedy_tokens_equal_argmax():
                 assert torch.equal(greedy_tokens(x), x.argmax(-1)), (vocab, rows, trial)
     x = torch.randn(4, 256)[:, ::2]  # not contiguous: plain argmax
     assert torch.equal(greedy_tokens(x), x.argmax(-1))
-
-
-@needs_default_model
-def test_default_model_batched_greedy_matches_batch_1_or_diverges_at_a_near_tie(monkeypatch):
-    """Batched decode (16 rows: the dense bf16 GEMM, or the native kernel) against each prompt alone."""
-    from hearthlm import LLM, SamplingParams
-
-    gc.collect()  # dense copies of earlier tests' models released
-    # the native kernel's residual pass for all 16 rows, as for one: decode rows are then batch-invariant and only
-    # prefill switches kernels (to the bf16 copy from 32 rows); its single pass is priced in tests/quant
-    monkeypatch.setattr(quant_linear, "NATIVE_RESIDUAL_MAX_ROWS", 16)
-    llm = LLM(dtype="auto", device="cpu", max_model_len=256, max_num_seqs=16)
-    m = llm.engine.runner.model
-    if m.layers[0].qkv.packed.dense is None:
-        pytest.skip("no dense copies (no oneDNN bf16 or HEARTH_CPU_DENSE_MB=0)")
-    prompts = ["The history of the printing press", "def fibonacci(n):", "Once upon a time, in a small village,",
-               "The capital of France is"]
-    fill = [llm.tokenizer.decode(p) for p in prompts_of(12, [6, 11, 17], seed=4)]
-    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    batched = [o.outputs[0].token_ids for o in llm.generate(prompts + fill, sp, use_tqdm=False)][:len(prompts)]
-    alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-    ref = LLM(dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4)
-    assert_diverges_only_at_near_ties(ref, prompts, batched, alone)
