@@ -75,13 +75,15 @@ def test_cpu_plan_counts_what_the_engine_holds():
     held = blocks * 20 // 32 + embedding * 5 // 4 + embedding * 5 // 4 + 4 * norms  # Q4_1 0.625 B, Q8_0 1.25 B x2
     copies = 2 * (blocks + embedding)
     assert held == 137_274_624 and copies == 268_959_744
-    if library() is not None:  # the native kernel's tied head: Q8_0 codes a byte each + fp16 scale and min
+    native = library() is not None
+    if native:  # the native kernel's tied head: Q8_0 codes a byte each + fp16 scale and min; no bf16 copies
         held -= embedding * 5 // 4 - embedding * 9 // 8
+        copies = 0
     assert src.cpu_weights(0) == (src.cpu_weights(0)[0], 0) and src.cpu_weights(0)[0].total_bytes == held
     assert src.cpu_weights(1 << 30)[1] == copies and src.cpu_weights(1 << 30)[0].total_bytes == held + copies
     # a budget that stops part-way: whole matrices in load order (blocks first), as Int4Weight allocates them
     part = src.cpu_weights(100 << 20)[1]
-    assert 99 << 20 < part <= 100 << 20
+    assert part == 0 if native else 99 << 20 < part <= 100 << 20
     gc.collect()  # copies of models other tests dropped are released now, not during the load
     before = ql._dense_bytes[0]
     net = load_model("smollm2", device="cpu").model
@@ -91,13 +93,14 @@ def test_cpu_plan_counts_what_the_engine_holds():
 
 
 def test_cpu_plan_fuses_parts_as_linear_fused_does():
-    """Adjacent q/k/v parts of one code width (Q4_K beside Q4_0) are one matmul with one bf16 copy, as
-    Linear.fused builds them; a Q8_0 v after them is another: a budget that holds q+k's copy or v's, not both."""
+    """PyTorch int4 path: adjacent q/k/v parts of one code width (Q4_K beside Q4_0) are one matmul with one bf16
+    copy, as Linear.fused builds them; a Q8_0 v after them is another: a budget that holds q+k's copy or v's, not both."""
     from hearthlm.plan.sources import cpu_gguf_weights
 
     typed = [("blk.0.attn_q.weight", "Q4_K", (64, 32)), ("blk.0.attn_k.weight", "Q4_0", (32, 32)),
              ("blk.0.attn_v.weight", "Q8_0", (32, 32))]
     qk, v = 2 * 96 * 32, 2 * 32 * 32
-    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v)[1] == qk + v
-    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v - 1)[1] == qk  # q+k first, as one copy
-    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk - 1)[1] == v  # not q alone: it is fused with k
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v, native=False)[1] == qk + v
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v - 1, native=False)[1] == qk  # q+k, one copy
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk - 1, native=False)[1] == v  # q is fused with k
+    assert cpu_gguf_weights(typed, tied=False, dense_budget=qk + v, native=True)[1] == 0  # native: no copies

@@ -112,12 +112,14 @@ def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
     """(weight bytes the CPU engine holds for a GGUF, with the bf16 copies counted in, bytes of those copies).
     typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: layers.quant_linear's, 0 on
     CPUs without native bf16 GEMMs, where no copies are made); native: whether the native kernel's layout holds
-    the matrices (None: whether it is built here)."""
+    the matrices (None: whether it is built here; then no copies are made)."""
     from ..kernels.cpu_quant import library
     from ..layers.quant_linear import dense_budget_bytes
 
-    budget = dense_budget_bytes() if dense_budget is None else dense_budget
-    per_weight = _CPU_NATIVE_BYTES if (library() is not None if native is None else native) else _CPU_INT4_BYTES
+    native = library() is not None if native is None else native
+    per_weight = _CPU_NATIVE_BYTES if native else _CPU_INT4_BYTES
+    # the native kernel runs every row count on its own layout (batch invariance): it keeps no bf16 copies
+    budget = 0 if native else dense_budget_bytes() if dense_budget is None else dense_budget
     by_name = {n: (ty, shape) for n, ty, shape in typed}
     held: list[tuple[str, int]] = []
     linears: list[tuple[str, int]] = []  # (name for placement, bf16 copy bytes) in load order
