@@ -93,8 +93,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto",
                    help="auto, float32, float16, bfloat16. auto: bf16 on GPU; on CPU GGUF weights stay quantized (the "
-                        "native kernel, ~9x float32's decode speed on the default model), so a request's greedy text "
-                        "can depend on what it is batched with; float32 is exact and batch-invariant")
+                        "native kernel, several times float32's decode speed, batch-invariant); float32 is the exact "
+                        "path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-alive", default="5m", help="unload after this idle time (Ollama style; -1 = never)")
     p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
