@@ -59,7 +59,7 @@ class SamplingParams:
             if not _is_int(v) or not lo <= v <= hi:
                 bad(f"{name} must be an integer in [{lo}, {hi}], got {_show(v)}", name)
         if self.temperature < 0 or self.temperature > MAX_TEMPERATURE:
-            bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}", "temperature")
+            bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (below 1e-5 = greedy), got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0 <= self.min_p <= 1:
