@@ -158,14 +158,17 @@ def test_async_engine_stream_raises_only_for_the_failing_request(engine_for, mon
 
 
 def test_real_overflow_past_validation_fails_one_request(eng):
-    """No monkeypatch: a top_k that torch cannot hold (set after validation) breaks only its own row."""
+    """No monkeypatch of the engine: a top_k that torch cannot hold (set on the engine's own copy of the params,
+    after validation) breaks only its own row."""
     ref = _reference(eng)
     reqs = _good()
     bad = SamplingParams(temperature=1.0, top_k=5, seed=1, max_tokens=12)
     reqs["bad"] = (prompts_of(1, [7], seed=8)[0], bad)
     for rid, (prompt, params) in reqs.items():
         eng.add_request(prompt, params, rid)
-    bad.top_k = 10**20
+    held = eng.requests["bad"].params  # the engine resolves a copy: the caller's object stays as it was
+    assert held is not bad and all(seq.params is held for seq in eng.requests["bad"].seqs)
+    held.top_k = 10**20
     done = {}
     while eng.has_unfinished():
         done.update({o.request_id: o for o in eng.step() if o.finished})
