@@ -36,6 +36,9 @@ class DrainingServer(uvicorn.Server):
         # like uvicorn's, minus re-raising the signal after shutdown: a drained server exits 0
         if self.should_exit and sig in (signal.SIGINT, signal.SIGTERM):
             self.force_exit = True
+            # a forced exit cancels the lifespan task; uvicorn would log that as a traceback
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+            log.warning("second signal: exiting now without draining")
         else:
             self.should_exit = True
 
