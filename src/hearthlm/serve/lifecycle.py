@@ -17,9 +17,9 @@ class DrainingServer(uvicorn.Server):
     lets running requests finish for up to --drain-timeout, ends the rest with an error event (and [DONE] on
     OpenAI streams), then shuts down and returns (exit 0). A second signal forces the exit."""
 
-    def __init__(self, config: uvicorn.Config, cfg: ServeConfig, manager: ModelManager):
+    def __init__(self, config: uvicorn.Config, manager: ModelManager):
         super().__init__(config)
-        self.cfg, self.manager = cfg, manager
+        self.manager = manager
         self.failed: BaseException | None = None
 
     async def startup(self, sockets=None) -> None:
@@ -45,13 +45,13 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         for server in self.servers:  # stop accepting before draining
             server.close()
-        manager = self.manager
+        manager, timeout_s = self.manager, self.manager.cfg.drain_timeout_s
         if self.failed is None and not self.force_exit:
             busy = manager.current.active if manager.current is not None else 0
             if busy:
                 log.info("shutting down: draining %d running request(s) for up to %.0fs (--drain-timeout)", busy,
-                         self.cfg.drain_timeout_s)
-            ended = await manager.drain(self.cfg.drain_timeout_s)
+                         timeout_s)
+            ended = await manager.drain(timeout_s)
             if busy:
                 log.info("drained: %d finished, %d ended with an error", busy - ended, ended)
         await super().shutdown(sockets)
@@ -65,11 +65,7 @@ def run_server(cfg: ServeConfig) -> int:
     app = create_app(cfg, on_fatal=lambda e: holder[0].fail(e), defer_preload=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10, lifespan="on")
-    server = DrainingServer(config, cfg, app.state.hearth.manager)
+    server = DrainingServer(config, app.state.hearth.manager)
     holder.append(server)
     server.run()
-    if server.failed is not None:
-        return 1
-    if not server.started:  # bind failed (port in use): uvicorn logged why
-        return 1
-    return 0
+    return 1 if server.failed is not None or not server.started else 0  # failed load, or bind (uvicorn says why)

@@ -155,6 +155,15 @@ def _local_path(name: str, allow_local_paths: bool) -> Path | None:
     return None
 
 
+def _store_entry(d: Path, name: str) -> Path:
+    """model_entry of a store directory; ModelNotFoundError saying how to repair an incomplete one."""
+    entry = model_entry(d)
+    if entry is None:
+        raise ModelNotFoundError(f"store entry {name!r} holds no config.json and not exactly one .gguf: "
+                                 f"`hearth rm {name}` and pull it again")
+    return entry
+
+
 def resolve_name(name: str, *, allow_local_paths: bool) -> Path:
     """What the loader takes for a model name from a request: an alias -> the embedded default, a store name -> its
     entry, a local path -> itself only with allow_local_paths (else 400); an unknown name -> 404 advising
@@ -165,11 +174,7 @@ def resolve_name(name: str, *, allow_local_paths: bool) -> Path:
     if _is_default(n):
         return default_model_path()
     if is_store_name(n) and (d := find_dir(n)) is not None:
-        entry = model_entry(d)
-        if entry is None:
-            raise ModelNotFoundError(f"store entry {n!r} holds no config.json and not exactly one .gguf: "
-                                     f"`hearth rm {n}` and pull it again")
-        return inside_models(entry)
+        return inside_models(_store_entry(d, n))
     local = _local_path(n, allow_local_paths)
     if local is None:
         raise _not_found(n)
@@ -198,10 +203,7 @@ def show_model(name: str, *, allow_local_paths: bool = True) -> dict[str, Any]:
             return info
         if d is None:
             raise _not_found(name)
-        entry, manifest, embedded = model_entry(d), read_manifest(d), False
-        if entry is None:
-            raise ModelNotFoundError(f"store entry {name!r} holds no config.json and not exactly one .gguf: "
-                                     f"`hearth rm {name}` and pull it again")
+        entry, manifest, embedded = _store_entry(d, name), read_manifest(d), False
         shown = (manifest or {}).get("name", name)
     desc = _describe(entry)
     info = _info(shown, entry, manifest, embedded, desc).to_dict()
