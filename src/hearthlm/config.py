@@ -137,9 +137,16 @@ class EngineConfig:
     # --gpu-layers: None = every block on `device`; N = the last N blocks there, the others on the CPU (CUDA only);
     # "auto" = the largest N the memory plan fits (normalize_gpu_layers)
     gpu_layers: int | str | None = None
+    # --batch-invariant (CUDA): every kernel's per-row arithmetic independent of the batch (dense weights through
+    # one fixed-tiling matmul, attention splits fixed per sequence length); the CPU default path is invariant always
+    batch_invariant: bool = False
+    # -t/--threads: CPU threads for torch and the native kernel; None = the physical cores this process may use
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         self.gpu_layers = normalize_gpu_layers(self.gpu_layers)
+        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
+            raise InvalidRequestError(f"threads must be a positive count, got {self.threads!r}", param="threads")
 
     def copy(self) -> EngineConfig:
         """A copy whose cache and scheduler configs are copies too: the engine resolves limits in its own."""
