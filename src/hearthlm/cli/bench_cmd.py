@@ -6,34 +6,47 @@ import argparse
 import random
 import time
 
+from .flags import QUANTIZATIONS, _choice, add_engine_args, engine_kwargs
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure decode latency/throughput against an HF baseline")
     p.add_argument("mode", choices=["latency", "throughput", "prefix", "serving", "coldstart"])
     p.add_argument("--preset", default="llama-3.2-1b", help="random weights of a real shape (see hearth plan)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="latency: batch sizes")
+    p.add_argument("--batch-sizes", "--batch", type=int, nargs="+", default=[1], metavar="N",
+                   help="latency: the batch sizes (sequences decoded together) to measure, e.g. 1 16 64")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-requests", type=int, default=256, help="throughput: requests")
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one step (default 16384 for throughput, as vLLM's offline engine; else 8192)")
     p.add_argument("--baseline", choices=["none", "hf", "hf-cb"], default="none",
                    help="HF transformers in the same run: hf = generate (and, for throughput, its continuous "
                         "batching too); hf-cb = throughput against continuous batching only")
     p.add_argument("--hf-max-batch", type=int, default=16, help="HF baseline: largest batch it is run at")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 or int8")
-    p.add_argument("--quantization", default="none",
-                   help="weights: none, int8, int4, fp8, or q4_k_m (Q4_K_M's GPU layout); the HF baseline stays dense")
     p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt tokens")
     p.add_argument("--url", default=None, help="serving: server base URL (default HEARTH_HOST or 127.0.0.1:11435)")
     p.add_argument("--concurrency", type=int, default=16, help="serving: concurrent clients")
     p.add_argument("--model", default=None, help="serving: model name; coldstart: saved model directory")
+    add_engine_args(p, exclude=("gpu_layers",),
+                    defaults=dict(max_num_seqs=256, max_num_batched_tokens=None),
+                    kwargs={"quantization": {"type": _choice((*QUANTIZATIONS, "q4_k_m")),
+                                             "metavar": "|".join((*QUANTIZATIONS, "q4_k_m"))}},
+                    help=dict(max_num_batched_tokens="token budget of one step (default 16384 for throughput, as "
+                                                     "vLLM's offline engine; else 8192)",
+                              quantization="weights: none, int8, int4, fp8, or q4_k_m (Q4_K_M's GPU layout); the "
+                                           "HF baseline stays dense",
+                              dtype="auto (default: bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16"))
     p.set_defaults(func=run)
+
+
+def _engine(args: argparse.Namespace, device, dtype, **over) -> dict:
+    """LLM keyword arguments from the engine flags, for a model `build_pair` already loaded (its quantization)."""
+    kw = {k: v for k, v in engine_kwargs(args).items() if k != "quantization"}
+    kw.update(device=str(device), dtype=str(dtype).removeprefix("torch."),
+              max_num_batched_tokens=args.max_num_batched_tokens or (16384 if args.mode == "throughput" else 8192))
+    kw.update(over)
+    return kw
 
 
 def _sync() -> None:
@@ -48,22 +61,25 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.serving import run_serving
 
         return run_serving(args)
+    import torch
+
+    # auto -> the concrete device and dtype the workloads (and bench/coldstart.py) use
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
     if args.mode == "coldstart":
         from ..bench.coldstart import run_coldstart
 
         return run_coldstart(args)
-    import torch
 
     from .. import LLM, SamplingParams
     from ..bench.models import build_pair, copy_bandwidth, weight_bytes
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.perf_counter()
     hf, loaded = build_pair(args.preset, dtype, device, quantization=args.quantization)
-    llm = LLM(loaded=loaded, device=str(device), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens or (16384 if args.mode == "throughput" else 8192),
-              kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(loaded=loaded, **_engine(args, device, dtype))
     print(f"# hearth bench {args.mode} --preset {args.preset}: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}; engine ready in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(0)
@@ -72,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "latency":
         peak = copy_bandwidth(device) if device.type == "cuda" else None
         print("| batch | hearthlm tok/s | achieved GB/s (weights+KV) | HF tok/s | ratio |\n|---|---|---|---|---|")
-        for bs in args.batch:
+        for bs in args.batch_sizes:
             prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(bs)]
             sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
             llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -207,9 +223,8 @@ def _prefix(args, loaded, rng) -> int:
     print("| prefix caching | requests | mean TTFT ms | p50 TTFT ms | prefix hit rate |\n|---|---|---|---|---|")
     means = {}
     for caching in (False, True):
-        llm = LLM(loaded=loaded, device=str(loaded.model.device), max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192, enable_prefix_caching=caching,
-                  kv_cache_dtype=args.kv_cache_dtype)
+        llm = LLM(loaded=loaded, **_engine(args, loaded.model.device, args.dtype, max_num_batched_tokens=8192,
+                                           enable_prefix_caching=caching))
         llm.generate([shared[:64] + [5]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
         # the first request pays for the prefix; the rest arrive once it is cached (as in a chat service)
         llm.generate(prompts[:1], sp, use_tqdm=False)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import normalize_gpu_layers
 from ..errors import HearthError
+from .flags import add_engine_args, flag_name
 
 # hearthlm.plan is imported inside the functions: it reaches torch through hearthlm.loader, and building the
 # `hearth` parser (every subcommand) must not pay for that
@@ -27,39 +28,47 @@ VERDICT_TEXT = {
 }
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Fills {presets}, {quants}, {kv_dtypes}, {devices} in help strings when help is printed, not when built."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = super()._get_help_string(action) or ""
-        if "{" not in text:
-            return text
-        from ..plan.memory import DEVICE_PRESETS, KV_DTYPE_BYTES, QUANTS
-        from ..plan.presets import PRESETS
-
-        return text.format(presets=", ".join(PRESETS), quants=", ".join(QUANTS), kv_dtypes="|".join(KV_DTYPE_BYTES),
-                           devices="|".join(DEVICE_PRESETS))
+# the names --help lists, written out: importing hearthlm.plan reaches torch through hearthlm.loader, and
+# `hearth plan --help` must not pay for that (tests/cli/test_flags.py keeps these equal to plan's tables)
+HELP_PRESETS = ("llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "smollm2-135m", "gemma-2-2b")
+HELP_QUANTS = ("f32", "f16", "bf16", "q8_0", "fp8", "int8", "q6_k", "q5_1", "q5_k_m", "q5_0", "q4_1", "q4_k_m",
+               "q4_0", "int4", "q3_k_m", "q2_k")
+HELP_KV_DTYPES = ("auto", "bf16", "f16", "f32", "fp8", "int8", "fp8_e4m3")
+HELP_DEVICES = ("h100", "h200", "a100-80", "a100-40", "rtx4090")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `plan` on an argparse subparsers object; dispatch with `args.func(args)`."""
     p = subparsers.add_parser(
-        "plan", help="memory plan: weights, KV cache, activations; will it fit?", formatter_class=_HelpFormatter,
+        "plan", help="memory plan: weights, KV cache, activations; will it fit?",
         description="Compute the memory plan of a model before loading anything: weights, KV cache per token "
                     "and for ctx x concurrency, activations, overhead; the verdict, the limits, and advice. "
-                    "Exit code 0 when it fits, 2 when it does not, 1 for bad input.")
+                    "Exit code 0 when it fits, 2 when it does not, 1 for bad input. The flags are `hearth serve`'s.")
     p.add_argument("model", nargs="?", default="smollm2",
                    help="HF model directory, .gguf file, 'smollm2' (embedded GGUF, default) or a preset: "
-                        "{presets}")
-    p.add_argument("--quant", help="weight format (default: the file's): {quants}")
-    p.add_argument("--ctx", help="tokens per sequence, e.g. 8192 or 128k (default: min(8192, model max))")
-    p.add_argument("--concurrency", default="1", help="sequences decoding together (default 1)")
-    p.add_argument("--kv-cache-dtype", default="auto", help="{kv_dtypes} (default auto = bf16)")
-    p.add_argument("--gpu-memory-utilization", default="0.9", help="fraction of device memory to use (0.9)")
-    p.add_argument("--gpu-layers", help="N|auto: the last N blocks on the GPU, the others (and their KV) in RAM, "
-                                        "llama.cpp's -ngl; auto = the most that fit (default: all)")
-    p.add_argument("--max-num-batched-tokens", default="2048", help="tokens per forward (2048)")
-    p.add_argument("--device", default="auto", help="{devices}|cpu|auto|<GiB> (default auto)")
+                        + ", ".join(HELP_PRESETS))
+    # the engine's flags and aliases; values are checked by build_plan (bad input exits 1, not argparse's 2)
+    add_engine_args(p, only=("max_model_len", "max_num_seqs", "quantization", "kv_cache_dtype", "gpu_layers",
+                             "gpu_memory_utilization", "max_num_batched_tokens", "device"),
+                    defaults=dict(max_model_len=None, max_num_seqs="1", quantization=None, kv_cache_dtype="auto",
+                                  gpu_memory_utilization="0.9", max_num_batched_tokens="2048", device="auto"),
+                    kwargs={d: {"type": str} for d in ("max_model_len", "max_num_seqs", "quantization",
+                                                        "kv_cache_dtype", "gpu_layers", "gpu_memory_utilization",
+                                                        "max_num_batched_tokens")} | {
+                        "quantization": {"type": str, "metavar": "QUANT"},
+                        "kv_cache_dtype": {"type": str, "metavar": "|".join(HELP_KV_DTYPES)}},
+                    hidden={"max_num_seqs": ("--concurrency",), "quantization": ("--quant",)},
+                    help=dict(
+                        max_model_len="tokens per sequence, e.g. 8192 or 128k (llama.cpp's -c/--ctx-size; default: "
+                                      "min(8192, the model's max))",
+                        max_num_seqs="sequences decoding together (llama.cpp's -np/--parallel; default 1)",
+                        quantization="weight format (default: the file's): " + ", ".join(HELP_QUANTS),
+                        kv_cache_dtype="KV cache storage (default auto = the model's dtype, bf16)",
+                        gpu_layers="N|auto: the last N blocks on the GPU, the others (and their KV) in RAM, "
+                                   "llama.cpp's -ngl; auto = the most that fit (default: all)",
+                        gpu_memory_utilization="fraction of device memory to use (default 0.9)",
+                        max_num_batched_tokens="tokens per forward (default 2048)",
+                        device="|".join(HELP_DEVICES) + "|cpu|auto|<GiB> (default auto)"))
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -83,13 +92,17 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     from ..plan.memory import device_spec, make_plan, normalize_quant, system_memory_bytes
     from ..plan.sources import resolve_model
 
+    # a Namespace built by hand may still use the old names (ctx, concurrency, quant)
+    want_quant = getattr(args, "quantization", None) or getattr(args, "quant", None)
+    want_ctx = getattr(args, "max_model_len", None) or getattr(args, "ctx", None)
+    want_seqs = getattr(args, "max_num_seqs", None) or getattr(args, "concurrency", None) or 1
     src = resolve_model(args.model)
     quant, weights = src.quant, src.weights
-    if getattr(args, "quant", None):
-        quant = normalize_quant(args.quant)
+    if want_quant:
+        quant = normalize_quant(want_quant)
         if quant != src.quant:
             weights = None
-    ctx = _tokens(args.ctx, "--ctx") if getattr(args, "ctx", None) else min(8192, src.cfg.max_position_embeddings)
+    ctx = _tokens(want_ctx, flag_name(args, "max_model_len")) if want_ctx else min(8192, src.cfg.max_position_embeddings)
     try:
         util = float(getattr(args, "gpu_memory_utilization", 0.9))
     except ValueError:
@@ -115,7 +128,7 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
                      "batched decode (HEARTH_CPU_DENSE_MB caps them)") if copies else \
             "GGUF on the CPU: the int4 kernel's layout (no bf16 copies on this CPU or budget)"
     plan = make_plan(
-        src.cfg, quant, ctx, _tokens(getattr(args, "concurrency", 1), "--concurrency"),
+        src.cfg, quant, ctx, _tokens(want_seqs, flag_name(args, "max_num_seqs")),
         str(getattr(args, "kv_cache_dtype", "auto")), device, util, gpu_layers,
         _tokens(getattr(args, "max_num_batched_tokens", 2048), "--max-num-batched-tokens"),
         weights=weights, host_bytes=system_memory_bytes() if device.kind == "gpu" else None)
@@ -209,7 +222,8 @@ def _print_human(src: ModelSource, plan: MemoryPlan, advice: list[Advice]) -> No
              f"{plan.num_layers} blocks, device {plan.device.name} "
              f"({plan.device.bandwidth_bytes_per_s / 1e12:.2f} TB/s)")
     rows = _rows(src, plan)
-    tail = [_verdict_line(plan)] + [f"warning: {w}" for w in plan.warnings] + _advice_lines(plan, advice)
+    tail = [_verdict_line(plan), f"memory: {plan.figures().line()}"] + [f"warning: {w}" for w in plan.warnings] \
+        + _advice_lines(plan, advice)
     try:
         from rich.console import Console
         from rich.table import Table

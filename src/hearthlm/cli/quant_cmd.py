@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HearthError
+from .flags import add_engine_args, flag_name
 
 TARGET_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k", "f16", "f32"]
 
@@ -21,25 +22,32 @@ def add_parser(sub: Any) -> None:
                                    "dequantized weights) to a GGUF file that llama.cpp, transformers and hearthlm "
                                    "read. K-quant mixes follow llama.cpp (see hearthlm/quant/formats.py).")
     q.add_argument("model", help="HF model directory, .gguf file, store name or 'smollm2'")
-    q.add_argument("--to", required=True, metavar="TYPE", help="|".join(TARGET_NAMES))
+    q.add_argument("-q", "--quantization", default=None, metavar="TYPE",
+                   help="the GGUF type to write (required): " + "|".join(TARGET_NAMES))
+    q.add_argument("--to", dest="quantization", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     q.add_argument("-o", "--output", required=True, help="output .gguf path")
     q.set_defaults(func=run_quantize)
 
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a model on a text file",
                        description="Perplexity like llama-perplexity: the whole text is tokenized and scored in "
-                                   "windows of --ctx tokens; each window after the first scores only the tokens "
-                                   "it adds (its last --stride tokens).")
+                                   "windows of -c/--max-model-len tokens; each window after the first scores only "
+                                   "the tokens it adds (its last --stride tokens).")
     p.add_argument("model", help="HF model directory, .gguf file, store name or 'smollm2'")
     p.add_argument("--file", "-f", required=True, help="UTF-8 text file")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default ctx/2)")
-    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
     p.add_argument("--llama-compat", action="store_true",
                    help="llama-perplexity's scheme: disjoint ctx chunks, BOS first, second half scored")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_engine_args(p, only=("max_model_len", "max_num_seqs", "device", "dtype"),
+                    defaults=dict(max_model_len=512, max_num_seqs=1),
+                    kwargs={"max_num_seqs": {"type": int}},  # checked in run_perplexity: bad input exits 1
+                    hidden={"max_num_seqs": ("--batch",)},
+                    help=dict(max_model_len="tokens per window (llama.cpp's -c; default 512)",
+                              max_num_seqs="windows scored together in one forward pass (default 1)",
+                              dtype="auto (default: the engine's choice; on CPU GGUF weights stay quantized on the "
+                                    "native kernel), float32 (the exact path, as llama-perplexity's f32), bfloat16, "
+                                    "float16"))
     p.set_defaults(func=run_perplexity)
 
 
@@ -54,23 +62,23 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     out = Path(args.output).expanduser()
     try:
-        if args.to.lower() not in TARGET_NAMES:
-            raise ValueError(f"--to {args.to!r} is not a known type: choose one of {', '.join(TARGET_NAMES)}")
+        target = (args.quantization or "").lower()
+        if not args.quantization:
+            raise ValueError(f"say which type to write with -q/--quantization TYPE: {', '.join(TARGET_NAMES)}")
+        if target not in TARGET_NAMES:
+            raise ValueError(f"--quantization {args.quantization!r} is not a known type: choose one of "
+                             f"{', '.join(TARGET_NAMES)}")
         model = resolve_model_path(args.model)
         if not out.parent.is_dir():
             raise FileNotFoundError(f"output directory {out.parent} does not exist: create it first")
-        tty = sys.stderr.isatty()
-        progress = (lambda i, n, name, t: print(f"\r[{i + 1}/{n}] {name} -> {t}\033[K", end="", file=sys.stderr)) \
-            if tty else None
-        report = quantize_model(model, args.to.lower(), out, progress)
-        if tty:
-            print(file=sys.stderr)
+        report = quantize_model(model, target, out)  # a bar per tensor on a terminal (hearthlm.progress)
     except (HearthError, ValueError, OSError) as e:
         return _fail("quantize", e)
     types = ", ".join(f"{t} x{n}" for t, n in report.types.most_common())
-    print(f"wrote {out} ({report.arch}, {args.to}): {sum(report.types.values())} tensors [{types}], "
+    print(f"wrote {out} ({report.arch}, {target}): {sum(report.types.values())} tensors [{types}], "
           f"{report.data_bytes / 2**20:.1f} MiB of weights, {report.bits_per_weight:.2f} bits/weight, "
           f"{report.seconds:.1f} s")
+    print("\n".join(report.breakdown()))
     return 0
 
 
@@ -84,17 +92,22 @@ def run_perplexity(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise ValueError(f"text file {path} is empty: give it some text to score")
-        for flag in ("ctx", "batch"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        if args.max_num_seqs < 1:
+            raise ValueError(f"{flag_name(args, 'max_num_seqs')} must be >= 1, got {args.max_num_seqs}")
         if args.chunks is not None and args.chunks < 1:
             raise ValueError(f"--chunks must be >= 1, got {args.chunks}")
-        llm = perplexity_llm(args.model, args.ctx, args.batch, args.dtype, args.device)
+        device = args.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        ctx, batch = args.max_model_len, args.max_num_seqs
+        llm = perplexity_llm(args.model, ctx, batch, args.dtype, device)
         tok = llm.tokenizer
         ids = tok.encode(text)
         bos = tok.bos_token_id
         adds_bos = bos is not None and tok.encode("a")[:1] == [bos]
-        res = perplexity(llm, ids, args.ctx, args.ctx if args.llama_compat else args.stride, args.batch,
+        res = perplexity(llm, ids, ctx, ctx if args.llama_compat else args.stride, batch,
                          args.llama_compat, args.chunks, bos if adds_bos else None)
     except (HearthError, ValueError, OSError) as e:
         return _fail("perplexity", e)

@@ -5,9 +5,13 @@ import argparse
 import logging
 import os
 import re
+import sys
+
+# the flag vocabulary lives in cli/flags.py; these names stay importable from here for older importers
+from .flags import (add_compile_arg, add_engine_args, add_memory_args, engine_kwargs, gpu_layers_arg,  # noqa: F401
+                    parse_size, utilization_arg)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def host_port(value: str | None = None) -> tuple[str, int]:
@@ -18,84 +22,18 @@ def host_port(value: str | None = None) -> tuple[str, int]:
     return host or DEFAULT_HOST, int(port) if port else DEFAULT_PORT
 
 
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1.5GiB', '1073741824' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M, 2G or a number of bytes")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
-
-
-def gpu_layers_arg(text: str) -> int | str | None:
-    """--gpu-layers N|auto|-1 -> N, 'auto' or None (all blocks on the GPU)."""
-    from ..config import normalize_gpu_layers
-    from ..errors import InvalidRequestError
-
-    try:
-        return normalize_gpu_layers(text)
-    except InvalidRequestError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def utilization_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], e.g. 0.9; got {text!r}")
-    return v
-
-
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """--kv-cache-dtype, --quantization, --gpu-layers and --gpu-memory-utilization, shared by `hearth serve` and
-    `hearth run`."""
-    p.add_argument("--gpu-memory-utilization", type=utilization_arg, default=0.9, metavar="F",
-                   help="share of the GPU memory left after loading that the KV cache and a step's activations "
-                        "may use (0.9); the KV pool is this share minus the peak of a profiled largest step")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   help="KV cache storage: auto (model dtype), fp8 or int8 (codes + a scale per token and head: "
-                        "~1.9x the tokens of bf16), fp8_e4m3 (e4m3 without scales, as vLLM's fp8: 2x the tokens, "
-                        "values beyond +-448 saturate; CUDA SM 8.9+)")
-    p.add_argument("--quantization", default="none",
-                   help="weight-only quantization of an HF safetensors model at load: none, int8 (groups of 32), "
-                        "int4 (groups of 32, scale + min) or fp8 (e4m3, CUDA SM 8.9+); GGUF files are already "
-                        "quantized")
-    p.add_argument("--gpu-layers", type=gpu_layers_arg, default=None, metavar="N|auto",
-                   help="layer offload (llama.cpp's -ngl): the last N blocks on the GPU, the others on the CPU from "
-                        "RAM (slower decode: `hearth plan --gpu-layers N` estimates how much); auto = the most that "
-                        "fit; default: all on the GPU. CUDA only")
-
-
-def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    """--compile, shared by `hearth serve` and `hearth run`."""
-    p.add_argument("--compile", action="store_true",
-                   help="CPU: run decode steps through torch.compile (inductor C++ kernels; needs g++): the same "
-                        "tokens, ~1.4x the batch-1 decode speed, but each batch-size range (1, 2-4, 5+ rows) "
-                        "compiles on first use: ~30 s on 2 cores, ~5 s once inductor's disk cache has it. "
-                        "Same as HEARTH_CPU_COMPILE=1")
-
-
 def add_parser(sub) -> None:
     host, port = host_port()
     p = sub.add_parser("serve", help="serve a model over OpenAI, Ollama and TGI HTTP APIs")
     p.add_argument("model", nargs="?", default=None, help="model path, store name or alias (default: smollm2)")
     p.add_argument("--host", default=host, help=f"bind address (default {host}; env HEARTH_HOST=host:port)")
     p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
-    p.add_argument("--max-model-len", type=int, default=4096, help="context window per request (tokens)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the name(s) the API reports for the model and accepts in the `model` field (vLLM's "
+                        "flag): the first is the one /v1/models, /api/tags and /api/ps show (default: the model "
+                        "argument, or smollm2)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    p.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache size, e.g. 512M, 2G")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    add_memory_args(p)
-    add_compile_arg(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto",
-                   help="auto, float32, float16, bfloat16. auto: bf16 on GPU; on CPU GGUF weights stay quantized (the "
-                        "native kernel, several times float32's decode speed, batch-invariant); float32 is the exact "
-                        "path")
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)
     p.add_argument("--keep-alive", default="5m", help="unload after this idle time (Ollama style; -1 = never)")
     p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
     p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine stats log lines")
@@ -141,15 +79,10 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from ..serve.models import ServeConfig, parse_keep_alive
 
-    return ServeConfig(model=args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
-                       enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-                       quantization=args.quantization, gpu_layers=args.gpu_layers,
-                       gpu_memory_utilization=args.gpu_memory_utilization,
-                       cpu_compile=getattr(args, "compile", False) or None, device=args.device,
-                       dtype=args.dtype,
-                       seed=args.seed, keep_alive_s=parse_keep_alive(args.keep_alive),
+    eng = engine_kwargs(args)
+    return ServeConfig(model=args.model, host=args.host, port=args.port, max_queue=args.max_queue,
+                       served_model_name=list(args.served_model_name or []), **eng,
+                       keep_alive_s=parse_keep_alive(args.keep_alive),
                        stats_interval_s=args.stats_interval, preload=not args.no_preload,
                        api_keys=_csv(args.api_key) or _csv_env("HEARTH_API_KEY"),
                        insecure_no_auth=args.insecure_no_auth, allowed_hosts=_csv(args.allowed_hosts),
@@ -158,9 +91,32 @@ def config_from_args(args: argparse.Namespace):
                        max_body_size=args.max_body_size, drain_timeout_s=args.drain_timeout)
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
+def port_in_use(host: str, port: int) -> OSError | None:
+    """The error a bind of host:port gives now (as uvicorn binds: SO_REUSEADDR), or None when it is free."""
+    import socket
 
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None  # an unresolvable host: uvicorn says why
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    # a busy port fails first, in well under a second: before torch, uvicorn and the model are imported or loaded
+    busy = port_in_use(args.host, args.port)
+    if busy is not None:
+        print(f"error: cannot listen on {args.host}:{args.port}: {busy.strerror or busy}: another server (perhaps "
+              f"`hearth serve`) is using it; stop it, or pick another port with --port (or HEARTH_HOST)",
+              file=sys.stderr)
+        return 1
     from ..serve.lifecycle import run_server
     from ..serve.security import UnsafeBindError, check_bind
 

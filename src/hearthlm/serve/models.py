@@ -20,11 +20,16 @@ from ..loader.load import DEFAULT_ALIASES
 
 log = logging.getLogger("hearthlm.serve")
 DEFAULT_NAME = "smollm2"
+# model names TGI clients send when the URL already picks the model: huggingface_hub.InferenceClient(base_url)
+# posts "dummy" (older releases "tgi") to /v1/chat/completions; they mean the model this server runs
+PLACEHOLDER_NAMES = frozenset({"tgi", "dummy"})
 
 
 @dataclass
 class ServeConfig:
     model: str | None = None
+    # --served-model-name (vLLM): the names the API reports and accepts for `model`; the first is the one shown
+    served_model_name: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 11435
     max_model_len: int = 4096
@@ -58,10 +63,23 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.kv_cache_dtype = normalize_cache_dtype(self.kv_cache_dtype)  # fail before the server starts
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        self.served_model_name = [n.strip() for n in self.served_model_name if n and n.strip()]
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_NAME
+        """The name the API shows for the served model: the first --served-model-name, else the model argument."""
+        return self.served_model_name[0] if self.served_model_name else self.model or DEFAULT_NAME
+
+    def names_served_model(self, name: str) -> bool:
+        """Whether a request's `model` means the model given on the command line: empty, a TGI placeholder, one
+        of --served-model-name, or (without --served-model-name) the model argument or an alias of the default."""
+        if not name or name.lower() in PLACEHOLDER_NAMES or name == self.model_name:
+            return True
+        if self.served_model_name:
+            return name in self.served_model_name
+        return self.model is None and name.lower() in DEFAULT_ALIASES
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -160,9 +178,11 @@ class ModelManager:
         unloaded or read before this succeeds."""
         n = (name or "").strip()
         n = n.removesuffix(":latest")
-        if not n or n == self.cfg.model_name or n.lower() in DEFAULT_ALIASES and self.cfg.model is None:
-            n = self.cfg.model_name
         cur = self.current
+        if n.lower() in PLACEHOLDER_NAMES and cur is not None:  # TGI: the model this server runs now
+            return cur.name, cur.path
+        if self.cfg.names_served_model(n):
+            n = self.cfg.model_name
         if cur is not None and self._matches(n, cur):
             return cur.name, cur.path
         if n == self.cfg.model_name:  # given on the command line by the local user: trusted
