@@ -122,7 +122,7 @@ def test_partial_offload_picks_the_largest_gpu_layers():
     plan = m.make_plan(cfg, "bf16", 8192, 1, "auto", device, 0.9)
     w = m.weights_bytes(cfg, "bf16")
     layer, head = w.layer_bytes[0], w.head_bytes
-    kv_layer = 8192 * 2 * 8 * 128 * 2
+    kv_layer = (8192 + 16) * 2 * 8 * 128 * 2  # a layer's pool: 512 blocks + the null block
     fixed = head + w.other_bytes + plan.activation_bytes + plan.overhead_bytes
     n = (plan.usable_bytes - fixed) // (layer + kv_layer)  # largest N with N x (block + its KV) + fixed <= usable
     assert plan.verdict == "partial_offload" and plan.gpu_layers == n == 12 and not plan.ok

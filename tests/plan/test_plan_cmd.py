@@ -62,7 +62,8 @@ def test_numbers_match_hand_calculation(capsys, model, params, kv_per_token):
     assert rc == 0 and plan["verdict"] == "fits" and plan["quant"] == "bf16"
     assert plan["weights_bytes"] == pytest.approx(params * 2, rel=0.02)
     assert plan["kv_bytes_per_token"] == kv_per_token
-    assert plan["kv_bytes"] == kv_per_token * 4096 * 2
+    assert plan["kv_bytes"] == kv_per_token * (4096 * 2 + 16)  # the pool: 2 x 256 blocks + the null block
+    assert plan["kv_tokens"] == 4096 * 2
     assert plan["num_params"] == params
     assert plan["total_bytes"] == (plan["weights_bytes"] + plan["kv_bytes"] + plan["activation_bytes"]
                                    + plan["overhead_bytes"])
@@ -108,9 +109,9 @@ def test_json_parses_and_carries_advice(capsys):
     rc, plan = plan_json(capsys, "gemma-2-2b", "--ctx", "8k", "--concurrency", "64", "--device", "24",
                          "--kv-cache-dtype", "fp8")
     assert rc == 2 and plan["verdict"] == "kv_spills"
-    # 13 sliding layers hold 4096 + 16 tokens, 13 global ones 8192; fp8: 2 x 4 x (256 x 1 B + 4 B scale)
-    # per layer-token
-    assert plan["kv_bytes"] == 64 * 2 * 4 * (256 + 4) * (13 * 4112 + 13 * 8192)
+    # 13 sliding layers hold 4096 + 16 tokens per sequence (+ 128 blocks for one 2,048-token prefill chunk),
+    # 13 global ones 8192, each pool + the null block; fp8: 2 x 4 x (256 x 1 B + 4 B scale) per layer-token
+    assert plan["kv_bytes"] == 2 * 4 * (256 + 4) * (13 * (64 * 4112 + 129 * 16) + 13 * (64 * 8192 + 16))
     assert plan["advice"] and all({"flag", "text", "cost_tier", "numbers"} <= set(a) for a in plan["advice"])
     assert [a["cost_tier"] for a in plan["advice"]] == sorted(a["cost_tier"] for a in plan["advice"])
 

@@ -229,7 +229,9 @@ def ps_cmd(args: argparse.Namespace) -> int:
     if not models:
         print(f"the server at {url} has no model loaded")
         return 0
-    rows = [[m.get("name") or m.get("model", "?"), human_bytes(m.get("size")), human_bytes(m.get("size_vram")),
+    from ..plan.memory import gib  # the unit of `hearth plan` and the engine's start-up log
+
+    rows = [[m.get("name") or m.get("model", "?"), gib(m.get("size") or 0), gib(m.get("size_vram") or 0),
              (m.get("details") or {}).get("quantization_level", "-"), str(m.get("expires_at") or "-")] for m in models]
     table(["NAME", "MEMORY", "GPU MEMORY", "QUANT", "UNTIL"], rows)
     return 0

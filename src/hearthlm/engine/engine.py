@@ -141,10 +141,11 @@ class LLMEngine:
         if place.offloaded:
             offload = (f"; --gpu-layers {place.gpu_layers}: blocks 0-{place.num_host_layers - 1} on {place.host} "
                        f"(KV {self.runner.host_kv_cache_bytes / 2**20:.1f} MiB there), eager steps")
-        log.info("model %s (%s, %s) loaded in %.2fs on %s; KV cache %d blocks x %d = %d tokens (%.1f MiB)%s%s",
+        from ..plan.preflight import engine_memory  # the figures `hearth plan` and `hearth ps` show
+
+        log.info("model %s (%s, %s) loaded in %.2fs on %s; memory: %s; KV cache %d blocks x %d%s%s",
                  self.loaded.path.name, cfg.architecture, self.loaded.quantization, self.loaded.load_seconds,
-                 self.device, full, config.cache.block_size, full * config.cache.block_size,
-                 self.runner.kv_cache_bytes / 2**20, offload,
+                 self.device, engine_memory(self).line(), full, config.cache.block_size, offload,
                  "" if self.kv.enable_prefix_caching else "; prefix caching off")
 
     @property

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
+from ..plan.memory import kv_blocks_per_seq, kv_group_order
 from .sequence import Sequence
 
 NULL_BLOCK = 0
@@ -94,8 +95,8 @@ class KVGroup:
 
 
 def kv_group_windows(layer_windows: list[int | None]) -> list[int | None]:
-    """The KV groups' windows in their fixed order (full attention first); runner and manager share it."""
-    return sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
+    """The KV groups' windows in their fixed order (full attention first); runner, manager and plan share it."""
+    return kv_group_order(layer_windows)
 
 
 def _digest(data: bytes) -> bytes:
@@ -146,11 +147,9 @@ class KVCacheManager:
 
     # ---- sizing helpers ----
     def blocks_needed(self, group: KVGroup, num_tokens: int, chunk: int) -> int:
-        """Blocks a sequence of num_tokens holds at its peak in this group."""
-        full = -(-num_tokens // self.block_size)
-        if group.window is None:
-            return full
-        return min(full, -(-(group.window + chunk) // self.block_size) + 1)
+        """Blocks a sequence of num_tokens holds at its peak in this group, steps of up to `chunk` tokens: the
+        plan's formula (plan.memory.kv_blocks_per_seq), which also sizes the pool."""
+        return kv_blocks_per_seq(group.window, num_tokens, self.block_size, chunk)
 
     def fits_ever(self, num_tokens: int, chunk: int) -> bool:
         return all(self.blocks_needed(g, num_tokens, chunk) <= g.pool.capacity for g in self.groups)

@@ -74,6 +74,18 @@ class LoadedModel:
     load_seconds: float
 
 
+def weight_bytes(model: LlamaModel) -> int:
+    """Bytes of the weight tensors a loaded model holds (a tensor shared by two modules counted once): packed
+    codes, scales, dense copies, norms -- what `hearth plan` calls the weights."""
+    seen, total = set(), 0
+    for t in model.weight_tensors():
+        key = (t.device, t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -158,8 +170,11 @@ def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, 
 
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", weights: str | None = None,
-               quantization: str | None = None, gpu_layers: int | None = None) -> LoadedModel:
+               quantization: str | None = None, gpu_layers: int | None = None,
+               progress: bool | None = None) -> LoadedModel:
     """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`.
+    progress: a bar on stderr per tensor read, dequantized or packed (hearthlm.progress: None = on a terminal, once
+    loading has taken a second).
     gpu_layers: the last N blocks on `device`, the others on the CPU (models/llama.py Placement); None = all.
     Offloaded blocks take the same dtype and quantized/dequantized form as the device's (GGUF: dense on CUDA
     unless HEARTHLM_WEIGHTS=quantized), so they compute what the device would, up to rounding."""
@@ -198,7 +213,8 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
                 return QuantWeight.from_group(q, dev)
             return q if q is not None else convert(gw.get(n, cfg), dev)
 
-        net = model_class(cfg.architecture)(cfg, get, device, freq_factors=freq, placement=place)
+        with _LoadBar(len(gw.tensors), path.name, progress) as ticks:
+            net = model_class(cfg.architecture)(cfg, ticks(get), device, freq_factors=freq, placement=place)
     else:
         cfg = read_hf_config(path)
         st = SafetensorsWeights(path)
@@ -211,12 +227,37 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
             t = convert(st.get(n), place.weight_device(n))
             return t if quantize is None or t is None else quantize(n, t)
 
-        net = model_class(cfg.architecture)(cfg, get_st, device, placement=place)
+        with _LoadBar(len(st.where), path.name, progress) as ticks:
+            net = model_class(cfg.architecture)(cfg, ticks(get_st), device, placement=place)
     weights_s = time.perf_counter() - start
     tokenizer = tokenizer.result()
     cfg.eos_token_ids = tokenizer.eos_token_ids
     log.debug("load %s: weights %.2fs, tokenizer ready after %.2fs", path.name, weights_s, time.perf_counter() - start)
     return LoadedModel(cfg, net, tokenizer, path, quant, time.perf_counter() - start)
+
+
+class _LoadBar:
+    """`with _LoadBar(n, name, progress) as ticks:` ticks(get) is `get` advancing a "loading" bar of n tensors."""
+
+    def __init__(self, total: int, name: str, progress: bool | None):
+        from ..progress import bar
+
+        self.bar = bar(total, f"loading {name}", "tensor", progress)
+
+    def __enter__(self) -> Callable[[Callable[[str], object]], Callable[[str], object]]:
+        def ticks(get: Callable[[str], object]) -> Callable[[str], object]:
+            def counted(name: str) -> object:
+                out = get(name)
+                if self.bar.n < (self.bar.total or 0):
+                    self.bar.update(1)
+                return out
+
+            return counted
+
+        return ticks
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def _placement(cfg: ModelConfig, device: torch.device, gpu_layers: int | None, has_lm_head: bool,

@@ -179,17 +179,67 @@ def kv_scale_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "auto") -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * KV_SCALE_BYTES_PER_HEAD.get(normalize_kv_dtype(kv_dtype), 0)
 
 
+def kv_blocks_per_seq(window: int | None, num_tokens: int, block_size: int = 16, chunk: int = 1) -> int:
+    """Blocks one sequence of `num_tokens` tokens holds at its peak in a KV group: THE KV-per-token formula, used
+    by the plan, the engine's pool (`kv_pool_blocks`) and the scheduler's admission check (KVCacheManager).
+
+    Full attention keeps every token: ceil(num_tokens / block_size). A sliding-window layer, while a step of
+    `chunk` new tokens runs (1 when decoding, up to --max-num-batched-tokens in a prefill chunk), keeps the
+    `window - 1` keys before the step's first query plus the step's tokens: window + chunk - 1 tokens whose start
+    is not block-aligned, so at most ceil((window + chunk - 1) / block_size) + 1 blocks.
+    """
+    full = -(-num_tokens // block_size)
+    if window is None:
+        return full
+    return min(full, -(-(window + max(1, chunk) - 1) // block_size) + 1)
+
+
 def kv_tokens_per_layer(cfg: ModelConfig, ctx: int, block_size: int = 16) -> list[int]:
-    """Cached tokens per layer for one sequence of `ctx` tokens, rounded up to whole blocks.
+    """Cached tokens per layer for one decoding sequence of `ctx` tokens, in whole blocks (`kv_blocks_per_seq`).
 
     Full-attention layers keep ctx tokens; a sliding-window layer keeps min(ctx, window + block_size) --
     the extra block because the window's start is not block-aligned.
     """
-    out = []
-    for w in cfg.layer_windows:
-        tokens = ctx if w is None else min(ctx, w + block_size)
-        out.append(-(-tokens // block_size) * block_size)
+    return [kv_blocks_per_seq(w, ctx, block_size) * block_size for w in cfg.layer_windows]
+
+
+def kv_group_order(windows: Iterable[int | None]) -> list[int | None]:
+    """The KV groups' windows in their fixed order: full attention first, then sliding windows ascending
+    (engine/kv_cache.kv_group_windows)."""
+    return sorted(set(windows), key=lambda w: (w is not None, w or 0))
+
+
+def kv_pool_blocks(cfg: ModelConfig, ctx: int, concurrency: int = 1, block_size: int = 16,
+                   max_num_batched_tokens: int = 2048) -> dict[int | None, int]:
+    """Blocks of each KV group's pool (by window) for `concurrency` sequences of `ctx` tokens all at their peak:
+
+        concurrency x kv_blocks_per_seq(window, ctx)
+        + (sliding groups) the extra blocks of one prefill chunk of min(max_num_batched_tokens, ctx) tokens
+        + 1 null block (block 0, never handed out)
+
+    The engine's KV pool on the CPU is exactly this (capped by memory); on CUDA it is the most blocks worth having.
+    """
+    chunk = min(max_num_batched_tokens, ctx)
+    out = {}
+    for w in kv_group_order(cfg.layer_windows):
+        per_seq = kv_blocks_per_seq(w, ctx, block_size)
+        out[w] = concurrency * per_seq + kv_blocks_per_seq(w, ctx, block_size, chunk) - per_seq + 1
     return out
+
+
+def kv_pool_bytes(cfg: ModelConfig, pool_blocks: dict[int | None, int], kv_dtype: str = "auto",
+                  block_size: int = 16, layers: Iterable[int] | None = None) -> int:
+    """Bytes of the pools of `layers` (default all) holding `pool_blocks` blocks per window:
+    sum over layers of blocks x block_size x 2 (K and V) x num_kv_heads x (head_dim x dtype bytes + scale bytes)."""
+    k = normalize_kv_dtype(kv_dtype)
+    per_layer_token = 2 * cfg.num_kv_heads * (cfg.head_dim * KV_DTYPE_BYTES[k] + KV_SCALE_BYTES_PER_HEAD.get(k, 0))
+    idx = range(cfg.num_layers) if layers is None else layers
+    return sum(pool_blocks[cfg.layer_windows[i]] for i in idx) * block_size * per_layer_token
+
+
+def kv_pool_tokens(cfg: ModelConfig, pool_blocks: dict[int | None, int], block_size: int = 16) -> int:
+    """Tokens the first group's pool holds for sequences (its null block excluded): the engine's KV capacity."""
+    return (pool_blocks[kv_group_order(cfg.layer_windows)[0]] - 1) * block_size
 
 
 def kv_bytes_for_context(cfg: ModelConfig, ctx: int, concurrency: int = 1, kv_dtype: str = "auto",
@@ -197,7 +247,8 @@ def kv_bytes_for_context(cfg: ModelConfig, ctx: int, concurrency: int = 1, kv_dt
     """KV bytes for `concurrency` sequences of `ctx` tokens (data + scales), over `layers` (default all).
 
     = concurrency x sum over layers of kv_tokens_per_layer[i] x 2 x num_kv_heads x (head_dim x dtype bytes
-    + scale bytes per head).
+    + scale bytes per head). The engine's pool adds its null block (and a prefill chunk for sliding layers):
+    `kv_pool_bytes(cfg, kv_pool_blocks(...))`, which the plan reports.
     """
     k = normalize_kv_dtype(kv_dtype)
     per_layer_token = 2 * cfg.num_kv_heads * (cfg.head_dim * KV_DTYPE_BYTES[k] + KV_SCALE_BYTES_PER_HEAD.get(k, 0))
@@ -293,6 +344,29 @@ def device_spec(name: str) -> DeviceSpec:
 
 
 # ----------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class MemoryFigures:
+    """What a model takes: weights + KV pool + activations + runtime overhead, in bytes. `hearth plan` computes
+    them before loading (MemoryPlan.figures), the engine from what it holds (plan.preflight.engine_memory; its
+    start-up log line), `hearth ps` shows their total; `line()` is the one format all three print."""
+
+    weights_bytes: int
+    kv_bytes: int
+    kv_tokens: int  # tokens the KV pool holds for sequences
+    activation_bytes: int
+    overhead_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+
+    def line(self) -> str:
+        """'weights 0.12 GiB + KV 0.05 GiB (1,024 tokens) + activations 0.05 GiB + overhead 0.25 GiB = 0.47 GiB'"""
+        return (f"weights {gib(self.weights_bytes)} + KV {gib(self.kv_bytes)} ({self.kv_tokens:,} tokens) + "
+                f"activations {gib(self.activation_bytes)} + overhead {gib(self.overhead_bytes)} = "
+                f"{gib(self.total_bytes)}")
+
+
 @dataclass
 class MemoryPlan:
     """Where the bytes go for one model x quant x context x concurrency on one device.
@@ -338,11 +412,17 @@ class MemoryPlan:
     requested_gpu_layers: int | str | None = None
     warnings: list[str] = field(default_factory=list)
     weights_detail: WeightBytes | None = field(default=None, repr=False)
+    kv_tokens: int = 0  # tokens the KV pool (kv_bytes) holds for sequences: ctx x concurrency in whole blocks
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("weights_detail")
         return d
+
+    def figures(self) -> MemoryFigures:
+        """The four figures `hearth plan`, the engine's start-up log and `hearth ps` all show."""
+        return MemoryFigures(self.weights_bytes, self.kv_bytes, self.kv_tokens, self.activation_bytes,
+                             self.overhead_bytes)
 
 
 def decode_slowdown(device_read_bytes: int, host_read_bytes: int, device_bandwidth: float,
@@ -401,6 +481,11 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
         kv = act_dtype if kv == "auto" else kv
     tied = w.lm_head_bytes == 0
 
+    def pool_kv(c: int, conc: int, layers: Iterable[int] | None = None) -> int:
+        """Bytes of the engine's KV pools (of `layers`) for conc sequences of c tokens: kv_pool_blocks."""
+        return kv_pool_bytes(cfg, kv_pool_blocks(cfg, c, conc, block_size, max_num_batched_tokens), kv,
+                             block_size, layers)
+
     def placement(n: int) -> tuple[int, int]:
         """(device weight bytes, host weight bytes) with the last n blocks on the device."""
         if n >= L:
@@ -411,8 +496,8 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
     def need(n: int, c: int, conc: int) -> tuple[int, int, int, int]:
         """(device total, host total, device weights, device kv) for n device blocks, ctx c, conc seqs."""
         dev_w, host_w = placement(n)
-        dev_kv = kv_bytes_for_context(cfg, c, conc, kv, block_size, range(L - n, L))
-        host_kv = kv_bytes_for_context(cfg, c, conc, kv, block_size, range(L - n)) if n < L else 0
+        dev_kv = pool_kv(c, conc, range(L - n, L))
+        host_kv = pool_kv(c, conc, range(L - n)) if n < L else 0
         act = activation_bytes(cfg, max_num_batched_tokens, act_dtype, conc)
         return dev_w + dev_kv + act + overhead, host_w + host_kv, dev_w, dev_kv
 
@@ -424,7 +509,7 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
         """Largest n < L that fits with the requested KV, or -1."""
         return next((n for n in range(L - 1, -1, -1) if fits(n, ctx, concurrency)), -1)
 
-    full_kv = kv_bytes_for_context(cfg, ctx, concurrency, kv, block_size)
+    full_kv = pool_kv(ctx, concurrency)
     act = activation_bytes(cfg, max_num_batched_tokens, act_dtype, concurrency)
     total = w.total_bytes + full_kv + act + overhead
     req = gpu_layers
@@ -497,6 +582,8 @@ def make_plan(cfg: ModelConfig, quant: str, ctx: int, concurrency: int = 1, kv_d
         cpu_weight_read_fraction=host_read / read_total if read_total else 0.0,
         slowdown=decode_slowdown(read_total - host_read, host_read, dev.bandwidth_bytes_per_s),
         requested_gpu_layers=req, warnings=warnings, weights_detail=w,
+        kv_tokens=kv_pool_tokens(cfg, kv_pool_blocks(cfg, ctx, concurrency, block_size, max_num_batched_tokens),
+                                 block_size),
     )
 
 

@@ -7,10 +7,13 @@ from pathlib import Path
 from ..errors import OutOfMemoryError
 from .advice import advise
 from .memory import (
+    MemoryFigures,
     MemoryPlan,
     WeightBytes,
+    activation_bytes,
     device_spec,
     make_plan,
+    overhead_bytes,
     system_memory_bytes,
     weights_bytes,
 )
@@ -103,3 +106,20 @@ def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int
 def offloaded_layers(plan: MemoryPlan) -> int | None:
     """The engine's --gpu-layers after `preflight`: N when the plan offloads, else None (every block on the device)."""
     return plan.gpu_layers if plan.ok and plan.verdict == "partial_offload" else None
+
+
+def engine_memory(engine) -> MemoryFigures:
+    """The figures of a loaded engine (LLMEngine), in `hearth plan`'s terms: the weights and KV pools it holds
+    (bytes of its tensors), a step's activations (the profiled peak on CUDA, else the plan's formula for its
+    --max-num-batched-tokens and --max-num-seqs) and the runtime overhead. For the same settings on the CPU they
+    equal `hearth plan --device cpu --ctx <max_model_len> --concurrency <max_num_seqs>`'s."""
+    from ..loader.load import weight_bytes
+
+    runner, sched = engine.runner, engine.config.scheduler
+    act = getattr(runner, "activation_bytes", 0)
+    if not act:
+        dtype = str(runner.dtype).replace("torch.", "")
+        act = activation_bytes(engine.model_config, sched.max_num_batched_tokens,
+                               "f32" if dtype == "float32" else "bf16", sched.max_num_seqs)
+    return MemoryFigures(weight_bytes(engine.loaded.model), runner.kv_cache_bytes, engine.kv_capacity_tokens, act,
+                         overhead_bytes(engine.device.type))

@@ -45,22 +45,34 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 def tensor_type(name: str, shape: tuple[int, ...], target: Target, n_layers: int, tied: bool) -> str:
     """GGML type name for tensor `name` of `shape` (rows first) under `target`."""
+    return tensor_type_why(name, shape, target, n_layers, tied)[0]
+
+
+def tensor_type_why(name: str, shape: tuple[int, ...], target: Target, n_layers: int,
+                    tied: bool) -> tuple[str, str]:
+    """(GGML type, why that type) for tensor `name` of `shape` under `target` -- `hearth quantize`'s breakdown."""
     if len(shape) < 2 or name.endswith("norm.weight") or name.startswith("rope_freqs"):
-        return "F32"
+        return "F32", "norms and 1-D tensors stay F32 (tiny)"
     t = target.base
     if t in ("F32", "F16"):
-        return t
+        return t, f"the target, {t}"
+    why = f"the target's type, {t}"
     if (name == "output.weight" or (tied and name == "token_embd.weight")) and t != "Q8_0":
         t = "Q6_K"
+        why = ("the output head (here the tied token embedding) is kept at Q6_K, as llama.cpp does" if tied
+               and name == "token_embd.weight" else "the output head is kept at Q6_K, as llama.cpp does")
     elif target.mix and (m := _LAYER.match(name)) and (".attn_v." in name or ".ffn_down." in name):
         if use_more_bits(int(m.group(1)), n_layers):
             t = "Q6_K"
+            why = "the _M mix: attn_v and ffn_down of the first and last eighth of the layers and every third layer at Q6_K"
     cols = shape[-1]
     if t in _K_FALLBACK and cols % QK_K:
+        why = (f"{why}, but rows of {cols} values do not split into {QK_K}-value super-blocks: "
+               f"{t} falls back to {_K_FALLBACK[t]} (llama.cpp's rule)")
         t = _K_FALLBACK[t]
     if cols % 32:
-        t = "F16"
-    return t
+        return "F16", f"rows of {cols} values do not split into 32-value blocks: F16"
+    return t, why
 
 
 def type_nbytes(type_name: str, shape: tuple[int, ...]) -> int:

@@ -71,9 +71,13 @@ def window_logits(llm, windows: list[list[int]]) -> list[torch.Tensor]:
 
 
 def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: int = 1,
-               llama_compat: bool = False, max_windows: int | None = None, bos_id: int | None = None
-               ) -> PerplexityResult:
-    """Perplexity of token ids under `llm` (an LLM; its KV pool must hold `batch` windows of `ctx` tokens)."""
+               llama_compat: bool = False, max_windows: int | None = None, bos_id: int | None = None,
+               progress: bool | None = None) -> PerplexityResult:
+    """Perplexity of token ids under `llm` (an LLM; its KV pool must hold `batch` windows of `ctx` tokens).
+    progress: a bar on stderr per window with the running PPL (hearthlm.progress: None = on a terminal, after a
+    second)."""
+    from ..progress import bar
+
     eng = llm.engine
     max_len = eng.model_config.max_position_embeddings
     stride = max(1, ctx // 2) if stride is None else stride
@@ -89,20 +93,26 @@ def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: 
     nll_sum = nll2_sum = 0.0
     scored = evaluated = 0
     start = time.perf_counter()
-    for i in range(0, len(wins), batch):
-        group = wins[i:i + batch]
-        toks = [list(ids[b:e]) for b, e, _ in group]
-        if llama_compat and bos_id is not None:
-            for t in toks:
-                t[0] = bos_id
-        logits = window_logits(llm, toks)
-        for (b, e, first), lg in zip(group, logits):
-            lp = torch.log_softmax(lg[first - b - 1:e - b - 1].float(), dim=-1)
-            nll = -lp.gather(1, torch.tensor(ids[first:e])[:, None].to(lp.device))[:, 0].double()
-            nll_sum += float(nll.sum())
-            nll2_sum += float((nll * nll).sum())
-            scored += e - first
-            evaluated += e - b
+    ticks = bar(len(wins), "perplexity", "window", progress)
+    try:
+        for i in range(0, len(wins), batch):
+            group = wins[i:i + batch]
+            toks = [list(ids[b:e]) for b, e, _ in group]
+            if llama_compat and bos_id is not None:
+                for t in toks:
+                    t[0] = bos_id
+            logits = window_logits(llm, toks)
+            for (b, e, first), lg in zip(group, logits):
+                lp = torch.log_softmax(lg[first - b - 1:e - b - 1].float(), dim=-1)
+                nll = -lp.gather(1, torch.tensor(ids[first:e])[:, None].to(lp.device))[:, 0].double()
+                nll_sum += float(nll.sum())
+                nll2_sum += float((nll * nll).sum())
+                scored += e - first
+                evaluated += e - b
+            ticks.update(len(group))
+            ticks.set_postfix_str(f"PPL {math.exp(nll_sum / scored):.4f}")
+    finally:
+        ticks.close()
     seconds = time.perf_counter() - start
     mean = nll_sum / scored
     var = max(0.0, nll2_sum / scored - mean * mean)
@@ -111,12 +121,14 @@ def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: 
     return PerplexityResult(ppl, ppl * err, mean, len(ids), scored, evaluated, len(wins), ctx, stride, seconds)
 
 
-def perplexity_llm(model: str, ctx: int, batch: int = 1, dtype: str = "float32", device: str = "cpu"):
-    """An LLM for `perplexity`: KV pool of exactly `batch` windows of `ctx` tokens, no prefix caching."""
+def perplexity_llm(model: str, ctx: int, batch: int = 1, dtype: str = "float32", device: str = "cpu",
+                   progress: bool | None = None):
+    """An LLM for `perplexity`: KV pool of exactly `batch` windows of `ctx` tokens, no prefix caching.
+    progress: the load's bar (load_model)."""
     from ..llm import LLM
     from ..loader import load_model
 
-    loaded = load_model(model, dtype, device)
+    loaded = load_model(model, dtype, device, progress=progress)
     max_len = loaded.config.max_position_embeddings
     if ctx > max_len:
         raise InvalidRequestError(f"--ctx {ctx} is larger than the model's context ({max_len} tokens): "

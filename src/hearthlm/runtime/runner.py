@@ -65,17 +65,25 @@ def available_memory_bytes(device: torch.device) -> int:
 def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype: torch.dtype,
                     device: torch.device, windows: list[int | None], layers: list[int] | None = None,
                     offloaded: bool = False, activation_bytes: int = 0) -> list[int]:
-    """Blocks per KV group (groups ordered as `windows`) within the memory budget of `device`, for the pools of
-    `layers` (default: all) that live there. A group with no layer on `device` gets max_useful: no limit here.
+    """Blocks per KV group (groups ordered as `windows`) for the pools of `layers` (default: all) on `device`.
+
+    What is worth having comes from the plan (plan.memory.kv_pool_blocks, the one KV formula): max_num_seqs
+    sequences of max_model_len tokens at their peak, plus the null block. That is the pool on the CPU, capped by
+    the memory share: --kv-cache-memory when given, else CacheConfig.memory_fraction of the available RAM minus a
+    step's activations (plan.memory.activation_bytes). On CUDA the pool is the share of the free device memory
+    after loading, minus `activation_bytes` (ModelRunner._profile_step_bytes), up to what is worth having.
     offloaded: the CPU pools of --gpu-layers' offloaded blocks, which the model cannot run without: half the free
-    RAM rather than the CPU engine's 4 GiB cap (pages are touched only as blocks get used).
-    activation_bytes: what a step needs on top (ModelRunner._profile_step_bytes), kept out of a GPU budget."""
+    RAM (pages are touched only as blocks get used). A group with no layer on `device` gets what is worth having.
+    cache.num_blocks: exactly that many blocks per group."""
+    from ..plan.memory import activation_bytes as plan_activation_bytes, kv_pool_blocks
+
     bs = cache.block_size
     if cache.num_blocks is not None:
         return [cache.num_blocks] * len(windows)
     per_block = kv_bytes_per_block(cfg, bs, dtype, cache.cache_dtype)
     here = [cfg.layer_windows[i] for i in (range(cfg.num_layers) if layers is None else layers)]
     counts = {w: sum(1 for lw in here if lw == w) for w in windows}
+    wanted = kv_pool_blocks(cfg, sched.max_model_len, sched.max_num_seqs, bs, sched.max_num_batched_tokens)
     budget = cache.kv_cache_memory
     if budget is None:
         if device.type == "cuda":
@@ -90,22 +98,19 @@ def plan_num_blocks(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig
                     f"smaller quantization (hearth plan shows what fits)")
         elif offloaded:
             budget = int(available_memory_bytes(device) * 0.5)
-        else:  # CPU: a quarter of free RAM, at most 4 GiB (KV beyond that is rarely usable at CPU speed)
-            budget = min(int(available_memory_bytes(device) * 0.25), 4 << 30)
-    # never more than max_num_seqs sequences of max_model_len tokens (plus the null block) can use
-    max_useful = sched.max_num_seqs * (-(-sched.max_model_len // bs) + 1) + 1
-    out = {w: max_useful for w in windows if not counts[w]}
-    for w in windows:
-        if w is not None and counts[w]:
-            out[w] = min(max_useful, sched.max_num_seqs * (-(-w // bs) + 2)
-                         + -(-sched.max_num_batched_tokens // bs) + 1)
-    spent = sum(out[w] * counts[w] * per_block for w in out)
+        else:  # CPU: the plan's pool, within the memory share left after a step's activations
+            step = activation_bytes or plan_activation_bytes(
+                cfg, sched.max_num_batched_tokens, "f32" if dtype == torch.float32 else "bf16", sched.max_num_seqs)
+            budget = int(available_memory_bytes(device) * cache.memory_fraction) - step
+    # sliding-window groups (bounded by their window) get what they are worth; full attention the rest of the budget
+    out = {w: wanted[w] for w in windows}
     full_layers = counts.get(None, 0)
     if full_layers:
-        out[None] = min(max_useful, max(2, (budget - spent) // (per_block * full_layers)))
-    elif None not in windows and windows and counts[windows[0]]:  # only sliding layers: the whole budget
+        spent = sum(out[w] * counts[w] * per_block for w in windows if w is not None)
+        out[None] = min(wanted[None], max(2, (budget - spent) // (per_block * full_layers)))
+    elif windows and counts[windows[0]]:  # only sliding layers: their pool within the budget
         w = windows[0]
-        out[w] = min(max_useful, max(out[w], budget // (per_block * counts[w])))
+        out[w] = min(wanted[w], max(2, budget // (per_block * counts[w])))
     return [int(out[w]) for w in windows]
 
 

@@ -129,9 +129,11 @@ class Loaded:
 
     @property
     def size_bytes(self) -> int:
-        p = self.path
-        weights = sum(f.stat().st_size for f in p.rglob("*.safetensors")) if p.is_dir() else p.stat().st_size
-        return weights + self.engine.runner.kv_cache_bytes
+        """What the model takes: weights held + KV pool + a step's activations + runtime overhead, the total of
+        the engine's start-up log line and of `hearth plan` for the same settings (plan.preflight.engine_memory)."""
+        from ..plan.preflight import engine_memory
+
+        return engine_memory(self.engine).total_bytes
 
     def expires_wall(self) -> float | None:
         """Unix time of the planned unload (None = never)."""
