@@ -64,6 +64,30 @@ def ago(ts: float) -> str:
     return "just now"
 
 
+def until(expires_at: str | None, now: float | None = None) -> str:
+    """/api/ps's expires_at (ISO 8601) as Ollama's UNTIL column says it: '4 minutes from now', 'Forever'."""
+    from datetime import datetime
+
+    if not expires_at:
+        return "Forever"
+    try:
+        ts = datetime.fromisoformat(str(expires_at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return str(expires_at)
+    s = ts - (time.time() if now is None else now)
+    if s > 50 * 365 * 86400:  # the server says "a century from now" for keep_alive -1
+        return "Forever"
+    if s <= 0:
+        return "Stopping..."
+    if s < 1:
+        return "Less than a second from now"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if s >= size:
+            k = int(s // size)
+            return f"{k} {unit}{'s' if k > 1 else ''} from now"
+    return "Less than a second from now"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> None:
     console = _rich()
     if console is not None:
@@ -232,6 +256,6 @@ def ps_cmd(args: argparse.Namespace) -> int:
     from ..plan.memory import gib  # the unit of `hearth plan` and the engine's start-up log
 
     rows = [[m.get("name") or m.get("model", "?"), gib(m.get("size") or 0), gib(m.get("size_vram") or 0),
-             (m.get("details") or {}).get("quantization_level", "-"), str(m.get("expires_at") or "-")] for m in models]
+             (m.get("details") or {}).get("quantization_level", "-"), until(m.get("expires_at"))] for m in models]
     table(["NAME", "MEMORY", "GPU MEMORY", "QUANT", "UNTIL"], rows)
     return 0
