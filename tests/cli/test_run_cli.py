@@ -1,16 +1,18 @@
-"""`hearth run`: through a running server, and in-process in a pseudo-terminal (REPL, streaming, /bye)."""
+"""`hearth run` through a running server: the request it sends, no silent truncation, Ctrl-C closes the stream
+(the server stops generating) and keeps the session. The in-process session is tested in test_run_repl.py."""
 from __future__ import annotations
 
+import json
 import os
-import select
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.client.fake_server import WORDS, FakeServer, unused_port
-from tests.conftest import needs_default_model
 
 HEARTH = [sys.executable, "-m", "hearthlm.cli.main"]
 
@@ -23,8 +25,9 @@ def env(tmp_path):
 
 def test_run_uses_running_server(env):
     with FakeServer() as server:
-        out = subprocess.run([*HEARTH, "run", "Why is the sky blue?", "--max-tokens", "8", "--seed", "3"],
-                             env=dict(env, HEARTH_HOST=server.url), capture_output=True, text=True, timeout=60)
+        out = subprocess.run([*HEARTH, "run", "smollm2", "Why is the sky blue?", "--max-tokens", "8", "--seed", "3"],
+                             env=dict(env, HEARTH_HOST=server.url), capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "".join(WORDS) + "\n"
     assert server.paths()[0] == "/health" and "/v1/chat/completions" in server.paths()
@@ -33,81 +36,91 @@ def test_run_uses_running_server(env):
     assert body["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
 
 
-class Pty:
-    """A child process on a pseudo-terminal; reads are timestamped so streaming can be observed."""
+def test_server_backend_refuses_what_does_not_fit(monkeypatch):
+    from hearthlm.cli.repl import Timings
+    from hearthlm.cli.run_cmd import ServerBackend
+    from hearthlm.errors import ContextLengthError
+    from hearthlm.sampling import SamplingParams
 
-    def __init__(self, argv: list[str], env: dict):
-        self.master, slave = os.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-        os.close(slave)
-        self.reads: list[tuple[float, bytes, bool]] = []  # (time, data, child still running)
+    with FakeServer() as server:
+        server.max_model_len = 19  # /tokenize counts words: 12 + 8 does not fit
+        backend = ServerBackend(server.url, "m")
+        history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three four five"},
+                   {"role": "assistant", "content": "six seven eight"}, {"role": "user", "content": "nine ten"}]
+        with pytest.raises(ContextLengthError) as e:
+            "".join(backend.stream(history, SamplingParams(max_tokens=8), Timings()))
+        assert (e.value.prompt_tokens, e.value.max_tokens, e.value.max_model_len) == (12, 8, 19)
+        assert "/v1/chat/completions" not in server.paths()  # refused, not truncated and sent
+        assert "".join(backend.stream(history[-1:], SamplingParams(max_tokens=8), Timings())) == "".join(WORDS)
 
-    def text(self) -> str:
-        return b"".join(d for _, d, _ in self.reads).decode(errors="replace")
 
-    def read_until(self, needle: str, start: int, deadline: float) -> int:
-        """Read until `needle` occurs in the output after character `start`; returns its end position."""
-        while time.monotonic() < deadline:
-            pos = self.text().find(needle, start)
-            if pos >= 0:
-                return pos + len(needle)
-            ready, _, _ = select.select([self.master], [], [], 0.05)
-            if ready:
+class EndlessStream:
+    """An OpenAI-dialect server whose chat stream never ends by itself: it records when the client hangs up."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.hung_up = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _json(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._json(200, {"status": "ok"} if self.path == "/health" else {"data": [{"id": "endless"}]})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/chat/completions":
+                    return self._json(404, {"detail": "Not Found"})  # no /tokenize: the client skips its check
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+                chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "tok "}}]}
                 try:
-                    data = os.read(self.master, 4096)
-                except OSError:
-                    break
-                self.reads.append((time.monotonic(), data, self.proc.poll() is None))
-        raise AssertionError(f"{needle!r} did not appear; output so far: {self.text()!r}")
+                    for _ in range(3000):
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                        owner.sent += 1
+                        time.sleep(0.02)
+                except OSError:  # the client closed the connection
+                    owner.hung_up.set()
 
-    def send(self, line: str) -> None:
-        os.write(self.master, line.encode() + b"\n")
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
-        os.close(self.master)
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
-@needs_default_model
-def test_run_repl_streams_in_a_pty(env):
-    deadline = time.monotonic() + 60
-    pty = Pty([*HEARTH, "run", "--max-tokens", "16", "--temperature", "0", "--device", "cpu"], env)
+def test_ctrl_c_closes_the_server_stream_and_keeps_the_session(env):
+    from tests.cli.test_run_repl import Pty
+
+    server = EndlessStream()
+    deadline = time.monotonic() + 30
+    pty = Pty([*HEARTH, "run"], dict(env, HEARTH_HOST=server.url), deadline)
     try:
-        pos = pty.read_until(">>> ", 0, deadline)
-        assert "/bye to quit" in pty.text() and "server" not in pty.text()  # no server: loaded in-process
-        pty.send("Why is the sky blue?")
-        pos = pty.read_until("Why is the sky blue?", pos, deadline)  # the terminal's echo
-        n_before = len(pty.reads)
-        end = pty.read_until(">>> ", pos, deadline)  # the reply, then the next prompt
-        reply = pty.text()[pos:end - 4].strip()
-        reply_reads = [r for r in pty.reads[n_before:] if r[1].strip(b"\r\n> ")]
-        assert len(reply.split()) >= 3, reply
-        assert len(reply_reads) >= 2, f"the reply came in one piece, not streamed: {pty.reads[n_before:]}"
-        assert all(alive for _, _, alive in reply_reads)  # it streamed while the REPL was running
-        pty.send("/clear")
-        pos = pty.read_until(">>> ", end, deadline)
-        pty.send("/bye")
+        assert f"Using the hearth server at {server.url}" in pty.expect(">>> ")
+        pty.line("hello")
+        pty.expect("tok tok tok")
+        pty.send("\x03")
+        assert pty.expect(">>> ", timeout=5).endswith("\n>>> ")
+        assert server.hung_up.wait(5), "the stream was not closed"
+        assert server.sent < 1000
+        assert pty.proc.poll() is None
+        pty.send("\x04")  # Ctrl-D at the prompt: exit 0
         assert pty.proc.wait(max(1.0, deadline - time.monotonic())) == 0
     finally:
         pty.close()
-
-
-def test_server_backend_drops_oldest_turns_to_fit(monkeypatch):
-    import argparse
-
-    from hearthlm.cli.run_cmd import _server_backend
-
-    args = argparse.Namespace(max_tokens=8, temperature=0.0, top_p=1.0, seed=None)
-    with FakeServer() as server:
-        server.max_model_len = 19  # /tokenize counts words: 12 + 8 does not fit
-        monkeypatch.setenv("HEARTH_HOST", server.url)
-        stream = _server_backend(args, "m")
-        history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three four five"},
-                   {"role": "assistant", "content": "six seven eight"}, {"role": "user", "content": "nine ten"}]
-        assert "".join(stream(history)) == "".join(WORDS)
-        sent = [b for p, b in server.requests if p == "/v1/chat/completions"][-1]["messages"]
-        assert [m["content"] for m in sent] == ["be brief", "six seven eight", "nine ten"]
-        monkeypatch.setenv("HEARTH_HOST", f"127.0.0.1:{unused_port()}")
-        assert _server_backend(args, "m") is None
+        server.close()

@@ -247,8 +247,7 @@ class Session:
                 print(f"error: {e}", file=self.err, flush=True)
                 return
             self.params[fld] = value
-            shown = "-1" if value is None else " ".join(value) if isinstance(value, list) else str(value)
-            self.say(f"Set parameter '{rest[1]}' to '{shown}'")
+            self.say(f"Set parameter '{rest[1]}' to '{' '.join(rest[2:])}'")
         elif what == "parameter":
             self.say("Available Parameters:\n" + "\n".join(
                 f"  /set parameter {n} {'<string> <string> ...' if k is list else f'<{k.__name__}>':<24}{h}"
