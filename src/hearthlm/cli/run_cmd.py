@@ -37,7 +37,7 @@ class _RunParser(argparse.ArgumentParser):
 
 
 def add_parser(sub: Any) -> None:
-    from .serve_cmd import add_compile_arg, add_memory_args
+    from .flags import add_engine_args
 
     p = sub.add_parser("run", help="chat with a model (one-shot with a prompt, else interactive)",
                        description="Chat with a model. Interactive: /? lists the commands, Ctrl-C stops an answer, "
@@ -57,18 +57,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--verbose", action="store_true", help="print timings after each answer (stderr)")
     p.add_argument("--local", action="store_true", help="load the model in this process even if a server runs")
-    _add_engine_args(p)
-    add_memory_args(p)
-    add_compile_arg(p)
+    # the shared engine flags (-c/--max-model-len, -t/--threads, --dtype, -ngl, ...); --seed above is the
+    # answers' seed, not the engine's
+    add_engine_args(p, exclude=("seed",), defaults=dict(max_num_seqs=4))
     p.set_defaults(func=run)
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-model-len", "-c", "--ctx-size", type=int, default=4096, dest="max_model_len",
-                   help="context window in tokens (4096); llama.cpp's -c / Ollama's num_ctx")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the physical cores)")
 
 
 def check_model(name: str) -> None:
@@ -106,10 +98,11 @@ class LocalBackend:
         from .. import LLM
 
         start = time.perf_counter()
-        self.llm = LLM(model=model, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
-                       max_num_seqs=4, threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
-                       quantization=args.quantization, gpu_layers=args.gpu_layers,
-                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_compile=args.compile or None)
+        from .flags import engine_kwargs
+
+        kwargs = engine_kwargs(args)
+        kwargs.pop("seed", None)  # args.seed is the answers' seed (SamplingParams), not the engine's
+        self.llm = LLM(model=model, **kwargs)
         self.load_s = time.perf_counter() - start
         self.max_model_len: int | None = self.llm.engine.max_model_len
 
