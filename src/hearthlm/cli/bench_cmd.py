@@ -13,8 +13,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure decode latency/throughput against an HF baseline")
     p.add_argument("mode", choices=["latency", "throughput", "prefix", "serving", "coldstart"])
     p.add_argument("--preset", default="llama-3.2-1b", help="random weights of a real shape (see hearth plan)")
-    p.add_argument("--batch-sizes", "--batch", type=int, nargs="+", default=[1], metavar="N",
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], metavar="N",
                    help="latency: the batch sizes (sequences decoded together) to measure, e.g. 1 16 64")
+    p.add_argument("--batch", dest="batch_sizes", type=int, nargs="+", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-requests", type=int, default=256, help="throughput: requests")
