@@ -69,6 +69,7 @@ class Timings:
     eval_tokens: int = 0
     eval_s: float = 0.0  # after the first token
     total_s: float = 0.0  # load included
+    finish_reason: str | None = None  # "stop" | "length" | None (interrupted, unknown)
 
     def report(self) -> str:
         def rate(n: int, s: float) -> str:
@@ -183,6 +184,10 @@ class Session:
         self.messages.append({"role": "assistant", "content": "".join(reply)})
         self.load_s = 0.0
         timings.total_s = timings.load_s + time.perf_counter() - timings.started
+        if not stopped and timings.finish_reason == "length" and self.params.get("max_tokens") is None:
+            limit = f" ({self.backend.max_model_len:,} tokens)" if self.backend.max_model_len else ""
+            print(f"note: the answer stopped at the end of the context window{limit}: /clear the conversation, or "
+                  "start with a larger -c/--max-model-len", file=self.err, flush=True)
         if self.verbose:
             print(timings.report(), file=self.err, flush=True)
         return not stopped

@@ -125,6 +125,7 @@ class LocalBackend:
                         timings.prompt_tokens = len(out.prompt_token_ids) - out.num_cached_tokens
                         timings.prompt_s = now - timings.started
                     timings.eval_tokens, timings.eval_s = n, now - (first or now)
+                    timings.finish_reason = out.outputs[0].finish_reason
                     yield text[sent:]  # possibly "" (one item per step: the session checks Ctrl-C in between)
                     sent = len(text)
                     if out.finished:
@@ -166,6 +167,8 @@ class ServerBackend:
                 if text and first is None:
                     first = now
                     timings.prompt_s = now - timings.started
+                for choice in chunk.get("choices") or []:
+                    timings.finish_reason = choice.get("finish_reason") or timings.finish_reason
                 if usage := chunk.get("usage"):
                     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                     timings.prompt_tokens = int(usage.get("prompt_tokens", 0)) - int(cached)
