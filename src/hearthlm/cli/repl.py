@@ -254,9 +254,10 @@ class Session:
             self.params[fld] = value
             self.say(f"Set parameter '{rest[1]}' to '{' '.join(rest[2:])}'")
         elif what == "parameter":
+            usage = {n: f"{n} " + ("<string> <string> ..." if k is list else f"<{k.__name__}>")
+                     for n, (_, k, _) in PARAMETERS.items()}
             self.say("Available Parameters:\n" + "\n".join(
-                f"  /set parameter {n} {'<string> <string> ...' if k is list else f'<{k.__name__}>':<24}{h}"
-                for n, (_, k, h) in PARAMETERS.items()))
+                f"  /set parameter {usage[n]:<28}{h}" for n, (_, _, h) in PARAMETERS.items()))
         elif what == "system" and len(rest) >= 2:
             # the text after "/set system", quotes (Ollama allows """...""") stripped
             self.system = line.split(None, 2)[2].strip().strip('"').strip() or None
