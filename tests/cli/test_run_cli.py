@@ -124,3 +124,19 @@ def test_ctrl_c_closes_the_server_stream_and_keeps_the_session(env):
     finally:
         pty.close()
         server.close()
+
+
+def test_ctrl_c_ends_a_one_shot_answer_with_a_newline_and_130(env):
+    from tests.cli.test_run_repl import Pty
+
+    server = EndlessStream()
+    pty = Pty([*HEARTH, "run", "--", "hello"], dict(env, HEARTH_HOST=server.url), time.monotonic() + 30)
+    try:
+        pty.expect("tok tok tok")
+        pty.send("\x03")
+        assert pty.proc.wait(10) == 130
+        assert server.hung_up.wait(5)
+        assert pty.drain().endswith("\n"), pty.out[-80:]  # the cut answer ends its line
+    finally:
+        pty.close()
+        server.close()

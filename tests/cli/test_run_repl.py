@@ -60,6 +60,19 @@ class Pty:
                 except OSError:  # the child exited and closed the terminal
                     raise AssertionError(f"{needle!r} never appeared; output: {self.out[self.pos:]!r}") from None
 
+    def drain(self, timeout: float = 2) -> str:
+        """Everything the child wrote until it closed the terminal (or `timeout`)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and select.select([self.master], [], [], 0.05)[0]:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            self.out += data.decode(errors="replace").replace("\r\n", "\n")
+        return self.out
+
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
