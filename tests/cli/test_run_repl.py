@@ -217,3 +217,16 @@ def test_words_after_double_dash_are_the_prompt():
     assert args.after_dashes == ["-c", "64", "--help"] and args.max_model_len == 4096
     args = build_parser().parse_args(["run", "--", "hello"])  # no model: the default one
     assert args.model is None and args.after_dashes == ["hello"]
+
+
+@needs_default_model
+def test_an_empty_piped_prompt_is_an_error_before_loading(monkeypatch, capsys):
+    import io
+
+    from hearthlm.cli import run_cmd
+    from hearthlm.cli.main import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    monkeypatch.setattr(run_cmd, "LocalBackend", None)  # loading would fail the test
+    assert main(["run", "smollm2"]) == 1
+    assert "error: the prompt is empty" in capsys.readouterr().err

@@ -149,6 +149,15 @@ class ServerBackend:
         self.client = HearthClient(url, max_retries=2)
         self.max_model_len: int | None = None
 
+    def model_name(self) -> str:
+        """The model the server answers with (its first loaded one when none was named), for /show."""
+        from ..errors import HearthError
+
+        try:
+            return self.model or next((m["id"] for m in self.client.models() if m.get("id")), "smollm2")
+        except HearthError:
+            return "smollm2"
+
     def stream(self, messages: list[dict[str, str]], params: SamplingParams, timings: Timings) -> Iterator[str]:
         from ..client import text_of
 
@@ -232,14 +241,16 @@ def run(args: argparse.Namespace) -> int:
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     SamplingParams(**params)  # InvalidRequestError for a bad flag, before loading anything
     prompt = _prompt(args)
+    if prompt is not None and not prompt.strip():
+        print("error: the prompt is empty: put it after the model (`hearth run smollm2 \"Hi\"`) or pipe it in; "
+              "without one, from a terminal, the chat is interactive", file=sys.stderr)
+        return 1
     url = _server(model, args.local)
     backend: LocalBackend | ServerBackend = ServerBackend(url, model) if url else LocalBackend(args, model)
-    session = Session(backend, model or "smollm2", params, system=args.system, verbose=args.verbose)
+    name = backend.model_name() if isinstance(backend, ServerBackend) else model or "smollm2"
+    session = Session(backend, name, params, system=args.system, verbose=args.verbose)
     session.load_s = getattr(backend, "load_s", 0.0)
     if prompt is not None:
-        if not prompt.strip():
-            print("error: the prompt is empty", file=sys.stderr)
-            return 1
         try:
             return 0 if session.ask(prompt) else 130
         except ContextLengthError as e:
