@@ -176,6 +176,7 @@ class ServerBackend:
                 if text and first is None:
                     first = now
                     timings.prompt_s = now - timings.started
+                timings.eval_tokens += bool(text)  # a chunk per token until the usage chunk counts them exactly
                 for choice in chunk.get("choices") or []:
                     timings.finish_reason = choice.get("finish_reason") or timings.finish_reason
                 if usage := chunk.get("usage"):
