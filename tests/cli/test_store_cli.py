@@ -67,7 +67,7 @@ def test_pull_list_show_rm(env, tmp_path):
 def test_ps_against_a_server(env):
     with FakeServer() as server:
         out = hearth(dict(env, HEARTH_HOST=server.url), "ps")
-    assert out.returncode == 0 and "fake-model" in out.stdout and "123.5 MB" in out.stdout
+    assert out.returncode == 0 and "fake-model" in out.stdout and "0.11 GiB" in out.stdout  # hearth plan's unit
 
 
 def test_rm_refuses_paths_and_commands_recover_the_store(env, tmp_path):

@@ -256,7 +256,9 @@ class _LoadBar:
 
         return ticks
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self.bar.total:  # loaded: tensors the model did not ask for count as done
+            self.bar.update(self.bar.total - self.bar.n)
         self.bar.close()
 
 
