@@ -105,6 +105,11 @@ class LLMEngine:
 
             quantization = normalize_quantization(config.quantization)
             gpu_layers = gpu_layers_for(config.gpu_layers, self.device)
+            invariant_gpu = config.batch_invariant and self.device.type == "cuda"
+            if invariant_gpu and (quantization != "none" or gpu_layers is not None):
+                flag = "--quantization" if quantization != "none" else "--gpu-layers"
+                raise InvalidRequestError(f"--batch-invariant runs dense weights with every block on the GPU: drop "
+                                          f"{flag}, or drop --batch-invariant", param="batch_invariant")
             path = resolve_model_path(config.model)
             dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
             plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
@@ -112,7 +117,7 @@ class LLMEngine:
                              kv_dtype=config.cache.cache_dtype, quantization=quantization, gpu_layers=gpu_layers,
                              requested_dtype=str(config.dtype).replace("torch.", ""))
             loaded = load_model(path, config.dtype, self.device, quantization=quantization,
-                                gpu_layers=offloaded_layers(plan))
+                                gpu_layers=offloaded_layers(plan), weights="dequantize" if invariant_gpu else None)
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -124,6 +129,11 @@ class LLMEngine:
         if not sched.enable_chunked_prefill:
             sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, sched.max_model_len)
         windows = kv_group_windows(cfg.layer_windows)
+        if self.device.type == "cuda":  # (the CPU default path is invariant already)
+            if config.batch_invariant and self.loaded.model.placement.offloaded:
+                raise InvalidRequestError("--batch-invariant runs every block on the GPU: drop --gpu-layers",
+                                          param="batch_invariant")
+            self.loaded.model.set_batch_invariant(config.batch_invariant)
         self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device)
         salt = f"{self.loaded.path.resolve()}|{self.runner.dtype}|{config.cache.cache_dtype}".encode()  # KV identity
         self.kv = KVCacheManager(cfg.layer_windows, config.cache.block_size, self.runner.num_blocks,

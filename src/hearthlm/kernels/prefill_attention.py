@@ -63,8 +63,8 @@ if HAS_TRITON:
 
         hi = tl.minimum(ctx_start + tl.minimum(t0 + BLOCK_Q, q_len), seq_len)  # last query pos + 1
         lo = 0
-        if USE_WINDOW:
-            lo = tl.maximum(ctx_start + t0 - window + 1, 0)
+        if USE_WINDOW:  # key tiles start at multiples of BLOCK_N: a row's tiles do not depend on its query tile
+            lo = tl.maximum(ctx_start + t0 - window + 1, 0) // BLOCK_N * BLOCK_N
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -87,6 +87,10 @@ if HAS_TRITON:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+# --batch-invariant tiling by head_dim (<= 128, larger): (BLOCK_M, BLOCK_N, num_warps) for every step
+INVARIANT_TILES = {False: (64, 64, 4), True: (32, 32, 4)}
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -118,7 +122,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
                                    max_seqlen_q: int | None = None, block_m: int | None = None,
                                    block_n: int | None = None, num_warps: int = 4,
                                    num_stages: int = 2, first_seq: int = 0,
-                                   out: torch.Tensor | None = None) -> torch.Tensor:
+                                   out: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
+    # invariant: one tiling (INVARIANT_TILES) whatever the step holds, so each row's arithmetic is fixed
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
@@ -134,6 +139,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
     if max_seqlen_q is None:  # host sync; callers usually know it already
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     block_d = next_pow2(head_dim)
+    if invariant:
+        block_m, block_n, num_warps = INVARIANT_TILES[block_d > 128]
     if block_m is None:
         big = 64 if block_d > 128 else 128
         block_m = 16 if max_seqlen_q * group <= 16 else big
@@ -163,7 +170,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, softcap: float | None = None, window: int | None = None,
                             max_seqlen_q: int | None = None, first_seq: int = 0,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
     """Causal attention for a ragged batch of new tokens (any q_len >= 1 per sequence).
 
     q: [num_tokens, num_heads, head_dim], packed by sequence; cu_seqlens_q: [num_seqs + 1] int32
@@ -172,9 +179,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32 (incl. new tokens)
     Token i of sequence b sits at position seq_len_b - q_len_b + i. returns [num_tokens, num_heads, head_dim].
     first_seq: attend only sequences first_seq.. (their rows of `out`, which is returned; others untouched).
+    invariant: one fixed tiling for every call (--batch-invariant), decode rows included.
     """
     if use_triton(q):
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                              scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out)
+                                              scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out,
+                                              invariant=invariant)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                        scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out)

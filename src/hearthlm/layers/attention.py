@@ -67,6 +67,9 @@ class AttentionMetadata:
     decode_order: torch.Tensor | None = None
     # --gpu-layers: the same step's metadata on the offloaded blocks' device (reference path), built once per step
     host: AttentionMetadata | None = None
+    # kernel path, --batch-invariant: every row (decode, prefill chunk, cached prefix) takes the prefill kernel
+    # with one fixed tiling, so a row's arithmetic depends only on its own position and context
+    batch_invariant: bool = False
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -280,6 +283,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
         if not kv_written:
             reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
+        if meta.batch_invariant:
+            return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, meta.cu_seqlens_q, meta.seq_lens,
+                                           scale, softcap=softcap, window=gm.window,
+                                           max_seqlen_q=meta.max_query_len, invariant=True)
         if meta.max_query_len == 1:
             return paged_decode_attention(q, k_cache, v_cache, gm.block_tables, meta.seq_lens, scale,
                                           softcap=softcap, window=gm.window, seq_order=meta.decode_order)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.gemv import USE_GEMV, gemv, gemv_supported
+from ..kernels.invariant_matmul import invariant_linear
 from ..kernels.quant_gemv_a8 import QuantizedX
 from .gpu_quant import Fp8Weight, QuantWeight
 from .quant_linear import GroupQuant, Int4Weight, NativeWeight, pack
@@ -49,6 +50,7 @@ class Linear:
         self.weight: torch.Tensor | None = weight
         self.bias = bias
         self.parts: list[Linear] | None = None
+        self.invariant = False  # --batch-invariant: dense CUDA weights take kernels.invariant_matmul for every M
         # CPU quantized weight without bias: __call__ goes straight to it (a few us a call at batch 1)
         self._cpu = self.packed if isinstance(self.packed, (NativeWeight, Int4Weight)) and bias is None else None
 
@@ -98,6 +100,8 @@ class Linear:
             y = torch.cat([p(x, xa) for p in self.parts], dim=-1)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
+            if self.invariant:
+                return invariant_linear(x, self.weight, self.bias)
             if USE_GEMV and self.weight.is_cuda and gemv_supported(x, self.weight, self.bias, GEMV_MAX_M):
                 return gemv(x.view(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
@@ -105,6 +109,19 @@ class Linear:
         y = self.packed(x2, xa) if xa is not None and isinstance(self.packed, QuantWeight) else self.packed(x2)
         y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def set_invariant(self, on: bool) -> None:
+        """--batch-invariant: route dense weights through the fixed-order matmul; a weight kept quantized (or FP8)
+        has no such kernel on CUDA and is an InvalidRequestError."""
+        for p in self.parts or [self]:
+            if on and p.packed is not None and not isinstance(p.packed, (NativeWeight, Int4Weight)):
+                from ..errors import InvalidRequestError
+
+                raise InvalidRequestError(f"--batch-invariant needs dense weights on CUDA, but a layer holds "
+                                          f"{type(p.packed).__name__} weights: drop --quantization (a GGUF file is "
+                                          "dequantized to the model dtype under --batch-invariant)",
+                                          param="batch_invariant")
+            p.invariant = on
 
     def native_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """__call__, except that a CPU int4 weight's result stays in its kernels' bf16: for callers that only add it

@@ -257,10 +257,18 @@ class LlamaModel:
                                       freq_factors)
         self.dtype = self.embed.dtype
         self.cpu_graph = None  # compiled CPU decode step (enable_cpu_compile)
+        self.batch_invariant = False  # set_batch_invariant
         self.cos_sin = None
         if device.type == "cuda" and not self.layer_cls.gemma and cfg.hidden_act == "silu":
             self.cos_sin = K.build_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                                  cfg.rope_scaling, freq_factors, device=device)
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """--batch-invariant: every Linear takes the fixed-order matmul (kernels/invariant_matmul.py) and the
+        attention metadata asks for one fixed-tiling kernel for every row (layers/attention.py)."""
+        self.batch_invariant = on
+        for lin in [self.lm_head] + [v for layer in self.layers for v in vars(layer).values() if isinstance(v, Linear)]:
+            lin.set_invariant(on)
 
     def enable_cpu_compile(self) -> None:
         """Run decode-only steps through a torch.compile'd layer stack (models/cpu_compile.py). CPU models with

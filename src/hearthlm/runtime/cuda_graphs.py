@@ -40,6 +40,7 @@ class DecodeGraphs:
         self.prev_tokens = prev_tokens
         self.dev_i64 = torch.zeros((3 + g) * n, dtype=torch.long, device=device)
         self.dev_i32 = torch.zeros(2 * n + g * n * max_blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per sequence
         self.host = [(torch.zeros_like(self.dev_i64, device="cpu").pin_memory(),
                       torch.zeros_like(self.dev_i32, device="cpu").pin_memory()) for _ in range(2)]
         self.flip = 0
@@ -61,8 +62,9 @@ class DecodeGraphs:
         groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
                   for s, t, w in zip(slots, tables, self.windows)]
         meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
-                                 max_query_len=1, use_kernels=True,
-                                 decode_order=order[:bs] if USE_DECODE_ORDER else None)
+                                 max_query_len=1, use_kernels=True, cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
+                                 decode_order=order[:bs] if USE_DECODE_ORDER else None,
+                                 batch_invariant=self.model.batch_invariant)
         rows = src[:bs]
         inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
         hidden = self.model.forward(inputs, pos[:bs], meta, self.kv_caches)

@@ -305,7 +305,7 @@ class ModelRunner:
                                   for sb in subs]
             gms.append(gm)
         meta = AttentionMetadata(groups=gms, layer_group=self.layer_group, max_query_len=max_query_len,
-                                 use_kernels=use_kernels)
+                                 use_kernels=use_kernels, batch_invariant=use_kernels and self.model.batch_invariant)
         if use_kernels:
             meta.seq_lens = seq_lens.to(dev, torch.int32)
             meta.cu_seqlens_q = cu.to(dev, torch.int32)
