@@ -6,12 +6,10 @@ Bound: with N draws from a distribution over a support of size S, E[TV] <= sum_i
 concentrates: McDiarmid gives a tail exp(-2 N t^2), t = 0.015 at N = 20,000 for e^-9), so a correct sampler fails
 about never and a draw from the wrong rule (or a stray token) fails.
 
-CI draws 1,500 per rule on CPU (the CPU sampler costs ~1 ms a row of 49,152 logits on 2 cores); the same check
-with 20,000 draws per rule runs on CUDA (marked gpu) and on CPU with HEARTHLM_SLOW_TESTS=1 (~8 min on 2 cores)."""
+20,000 draws per rule, on CPU in CI and on CUDA (marked gpu)."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -23,7 +21,6 @@ from hearthlm.runtime.sampler import SampleRequest, noise_at, row_key, sample, s
 from .conftest import needs_default_model
 
 N_DRAWS = 20_000
-N_CI = 1_500
 CHUNK = 2_000
 PROMPT = "The capital of France is the city of"
 REPEATS = "the cat and the dog and the cat and the bird and the"
@@ -125,14 +122,6 @@ def check_rule(name: str, real_logits, device: str = "cpu", n: int = N_DRAWS) ->
 @needs_default_model
 @pytest.mark.parametrize("name", list(RULES))
 def test_draws_follow_the_exact_distribution(name, real_logits):
-    check_rule(name, real_logits, n=N_CI)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("HEARTHLM_SLOW_TESTS"), reason="set HEARTHLM_SLOW_TESTS=1 (~8 min on 2 cores)")
-@needs_default_model
-@pytest.mark.parametrize("name", list(RULES))
-def test_draws_follow_the_exact_distribution_20k(name, real_logits):
     check_rule(name, real_logits)
 
 

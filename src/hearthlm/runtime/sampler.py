@@ -51,9 +51,10 @@ def apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
                                 device=logits.device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
-            counts = torch.bincount(torch.tensor(r.output_ids, device=logits.device), minlength=vocab)[:vocab]
-            logits[row] -= p.frequency_penalty * counts.float() + p.presence_penalty * (counts > 0).float()
+        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:  # only the tokens seen: no [V] pass
+            ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
+            ids, counts = ids[ids < vocab], counts[ids < vocab]
+            logits[row, ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
         if len(r.output_ids) < p.min_tokens and r.stop_ids:
             logits[row, torch.tensor(r.stop_ids, device=logits.device)] = float("-inf")
 
