@@ -113,9 +113,12 @@ def run(args: argparse.Namespace) -> int:
     # a busy port fails first, in well under a second: before torch, uvicorn and the model are imported or loaded
     busy = port_in_use(args.host, args.port)
     if busy is not None:
-        print(f"error: cannot listen on {args.host}:{args.port}: {busy.strerror or busy}: another server (perhaps "
-              f"`hearth serve`) is using it; stop it, or pick another port with --port (or HEARTH_HOST)",
-              file=sys.stderr)
+        import errno
+
+        why = (busy.strerror or str(busy)).lower()
+        fix = ("another server (perhaps `hearth serve`) is using it: stop it, or pick another port with --port (or "
+               "HEARTH_HOST)") if busy.errno == errno.EADDRINUSE else "pick another --port or --host"
+        print(f"error: cannot listen on {args.host}:{args.port}: {why}; {fix}", file=sys.stderr)
         return 1
     from ..serve.lifecycle import run_server
     from ..serve.security import UnsafeBindError, check_bind
