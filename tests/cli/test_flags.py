@@ -221,7 +221,7 @@ def test_ps_until_in_words():
 
     assert until(iso(299.6), now) == "4 minutes from now"
     assert until(iso(3600 * 2 + 5), now) == "2 hours from now"
-    assert until(iso(1), now) == "1 second from now"
+    assert until(iso(1.5), now) == "1 second from now"  # (isoformat keeps microseconds only)
     assert until(iso(100 * 365 * 86400), now) == "Forever" and until(None) == "Forever"
     assert until(iso(-3), now) == "Stopping..."
     assert until("2030-01-01T00:00:00Z", datetime(2029, 12, 31, 23, 0, tzinfo=timezone.utc).timestamp()) == \

@@ -33,7 +33,10 @@ def add_parser(sub) -> None:
                         "flag): the first is the one /v1/models, /api/tags and /api/ps show (default: the model "
                         "argument, or smollm2)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
-    add_engine_args(p)
+    add_engine_args(p, defaults=dict(max_num_seqs=None),
+                    help=dict(max_num_seqs="sequences decoded together (llama.cpp's -np/--parallel, Ollama's "
+                                           "OLLAMA_NUM_PARALLEL; default 64 on a GPU, 4 on the CPU, where the KV "
+                                           "pool is max-model-len x this many tokens)"))
     p.add_argument("--keep-alive", default="5m", help="unload after this idle time (Ollama style; -1 = never)")
     p.add_argument("--no-preload", action="store_true", help="load the model on the first request")
     p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between engine stats log lines")

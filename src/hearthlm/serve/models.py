@@ -33,7 +33,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 11435
     max_model_len: int = 4096
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None  # None: SEQS_DEFAULT for the device
     max_num_batched_tokens: int = 2048
     max_queue: int = 256
     kv_cache_memory: int | None = None  # bytes; None = the planner's share of free memory
@@ -83,6 +83,15 @@ class ServeConfig:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+SEQS_DEFAULT = {"cuda": 64, "cpu": 4}  # --max-num-seqs unset: the CPU KV pool is max_model_len x this many tokens
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 FOREVER_S = 100 * 365 * 86400.0  # keep_alive at or past a century never expires (as a negative value)
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -243,7 +252,9 @@ class ModelManager:
 
     async def _load(self, name: str, path: Path) -> Loaded:
         c = self.cfg
-        sched = SchedulerConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        seqs = c.max_num_seqs or SEQS_DEFAULT["cuda" if c.device.startswith("cuda") or c.device == "auto" and
+                                              _cuda_available() else "cpu"]
+        sched = SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                                 max_model_len=c.max_model_len)
         cache = CacheConfig(kv_cache_memory=c.kv_cache_memory, enable_prefix_caching=c.enable_prefix_caching,
                             memory_fraction=c.gpu_memory_utilization,

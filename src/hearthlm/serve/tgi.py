@@ -173,7 +173,8 @@ async def info(request: Request) -> dict[str, Any]:
     return {"model_id": m.name if m else cfg.model_name, "model_sha": None,
             "model_dtype": str(m.engine.runner.dtype).replace("torch.", "") if m else cfg.dtype,
             "model_device_type": m.engine.device.type if m else cfg.device, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": cfg.max_num_seqs + cfg.max_queue, "max_best_of": 1, "max_stop_sequences": 16,
+            "max_concurrent_requests": (m.engine.config.scheduler.max_num_seqs if m else cfg.max_num_seqs or 0)
+            + cfg.max_queue, "max_best_of": 1, "max_stop_sequences": 16,
             "max_input_tokens": max_len - 1, "max_total_tokens": max_len, "max_input_length": max_len - 1,
             "max_batch_total_tokens": m.engine.kv_capacity_tokens if m else None,
             "max_client_batch_size": 1, "router": "hearthlm", "version": __version__, "sha": None,
