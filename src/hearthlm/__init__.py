@@ -1,6 +1,10 @@
 """hearthlm: local-first LLM inference and serving."""
 from __future__ import annotations
 
+from .runtime.threads import set_wait_policy as _set_wait_policy
+
+_set_wait_policy()  # before torch loads libgomp: bounded OpenMP spin-waits, unless set (runtime/threads.py)
+
 import importlib
 from typing import TYPE_CHECKING, Any
 

@@ -98,6 +98,10 @@ class LLMEngine:
         # the engine resolves limits (max_model_len, the token budget) in its own copy; the caller's stays as given
         self.config = config = config.copy()
         self.device = pick_device(config.device)
+        self._cpu_share = None  # torch's and the native kernel's CPU threads, fewer beside busy neighbours
+        if self.device.type == "cpu" or config.threads:
+            from ..runtime.threads import start_threads
+            self._cpu_share = start_threads(config.threads)
         if loaded is None:
             from ..loader import resolve_model_path
             from ..loader.load import normalize_quantization, resolve_dtype
@@ -352,6 +356,8 @@ class LLMEngine:
         Requests whose sampling reads their token history on the host (penalties, logprobs, min_tokens)
         turn the overlap off while they run."""
         outputs: list[RequestOutput] = []
+        if self._cpu_share is not None:
+            self._cpu_share.poll()
         overlap = self.runner.can_overlap and not self._host_sampled
         previous, self._inflight = self._inflight, None  # cleared first: a failing step is never retried
         if previous is not None and not overlap:

@@ -7,7 +7,8 @@ int4 kernel runs.
 The C source ships with the package and is compiled once per machine with the system C compiler (`cc`, or $CC)
 for this CPU (-march=native) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU.
 Without a compiler the engine keeps PyTorch's own int4 kernel (layers/quant_linear.py) and logs why once.
-HEARTH_CPU_NATIVE=0 turns the kernel off.
+HEARTH_CPU_NATIVE=0 turns the kernel off. The first build shows a one-line status on stderr (a terminal; else an
+INFO log line). Its parallel regions use `set_threads`' count (runtime/threads.py sets it with torch's).
 
 Weights reach the kernel as layers/quant_linear.NativeWeight makes them: codes unsigned (signed ones + 128, the
 offset folded into the min), 4-bit codes two a byte, in tiles of 16 rows as the C file's comment describes
@@ -22,6 +23,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,13 +63,69 @@ def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
     os.close(fd)
     try:
         start = time.perf_counter()
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        _compile([cc, *flags, str(SOURCE), "-o", tmp, "-lm"])
         os.replace(tmp, out)  # atomic: concurrent builders leave one complete file
         log.info("built the native CPU kernel in %.1fs: %s", time.perf_counter() - start, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+STATUS = "hearthlm: compiling the native CPU kernel for this CPU (once per machine)"
+
+
+def _status_stream():
+    """stderr when it is a terminal (the build's one-line status goes there), else None."""
+    try:
+        return sys.stderr if sys.stderr is not None and sys.stderr.isatty() else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def _compile(cmd: list[str], stream=None, interval_s: float = 0.25) -> None:
+    """Run the compiler; while it runs, a one-line status with the elapsed seconds on `stream` (default: stderr
+    if a terminal), else an INFO log line. Raises CalledProcessError (with the compiler's stderr) or OSError."""
+    stream = stream or _status_stream()
+    if stream is None:
+        log.info("%s ...", STATUS.removeprefix("hearthlm: "))
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            stream.write(f"\r{STATUS} ... {time.perf_counter() - start:.0f}s")
+            stream.flush()
+            try:
+                stdout, stderr = proc.communicate(timeout=interval_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        ok = proc.returncode == 0
+        stream.write(f"\r{STATUS} ... {'done' if ok else 'failed'} in {time.perf_counter() - start:.1f}s\n")
+        stream.flush()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, stdout, stderr)
+
+
+_threads = 0  # set_threads' count for the kernel's parallel regions; 0: OpenMP's default
+
+
+def set_threads(n: int) -> None:
+    """The native kernel's OpenMP team size (its parallel regions pass it explicitly: OpenMP keeps the default
+    count per calling thread). Applies to the library now if it is loaded, else when it loads."""
+    global _threads
+    _threads = max(0, int(n))
+    if library.cache_info().currsize:
+        lib = library()
+        if lib is not None:
+            lib.hl_set_threads(_threads)
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -82,6 +140,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.hl_simd.restype = ctypes.c_int
     lib.hl_prepare_rows.argtypes = [c_int, p, i64, i64, i64, p, ctypes.c_float, p]
     lib.hl_prepare_rows.restype = None
+    lib.hl_set_threads.argtypes = [c_int]
+    lib.hl_set_threads.restype = None
+    lib.hl_team_size.restype = c_int
+    lib.hl_set_threads(_threads)
     return lib
 
 
@@ -248,4 +310,4 @@ def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | Non
 
 
 __all__ = ["RowAttention", "build", "decode_attention", "input_function", "interleave", "key_ranges", "library",
-           "load", "pack", "prepare_rows", "qmatmul", "tile_scales"]
+           "load", "pack", "prepare_rows", "qmatmul", "set_threads", "tile_scales"]

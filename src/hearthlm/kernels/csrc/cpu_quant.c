@@ -33,6 +33,28 @@
 
 int hl_simd(void) { return HL_VNNI; }
 
+/* Threads of this kernel's parallel regions (runtime/threads.py sets it with torch's): an explicit num_threads
+ * clause, as OpenMP keeps the default count per calling thread. 0: that default. */
+static int hl_nthreads = 0;
+void hl_set_threads(int n) { hl_nthreads = n > 0 ? n : 0; }
+#ifdef _OPENMP
+static int team(void) { return hl_nthreads > 0 ? hl_nthreads : omp_get_max_threads(); }
+#else
+static __attribute__((unused)) int team(void) { return 1; }
+#endif
+/* The team a parallel region of this kernel gets on the calling thread (tests). */
+int hl_team_size(void) {
+    int n = 1;
+#pragma omp parallel num_threads(team())
+    {
+#ifdef _OPENMP
+#pragma omp single
+        n = omp_get_num_threads();
+#endif
+    }
+    return n;
+}
+
 static __attribute__((unused)) float h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
     if (exp == 0) {
@@ -256,7 +278,7 @@ int hl_qmatmul(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t 
     int8_t *xq = scratch, *xres = residual ? scratch + xq_bytes / 2 : NULL;
     float *dx = (float *)(scratch + xq_bytes), *xs = dx + 2 * M * G, *tmp = xs + M * G;
     const int64_t work = M * N * K;
-#pragma omp parallel if (work > (1 << 18))
+#pragma omp parallel if (work > (1 << 18)) num_threads(team())
     {
 #ifdef _OPENMP
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -418,7 +440,7 @@ int hl_attention(float *qkv, int64_t ldq, const float *cos, const float *sin, fl
     int64_t keys = 0;
     for (int64_t t = 0; t < T; t++) keys += key_count[t];
     int failed = 0;
-#pragma omp parallel if (keys * H * D > (1 << 14))
+#pragma omp parallel if (keys * H * D > (1 << 14)) num_threads(team())
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) { /* rotate q (into buf, scaled), rotate and store k, store v */
