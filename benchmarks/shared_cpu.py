@@ -31,6 +31,9 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+# the environment as the user gave it: `import hearthlm` (below, in main) sets GOMP_SPINCOUNT in this process, and
+# llama-server (libgomp too) and the baseline must not inherit it
+ENV = dict(os.environ)
 PROMPT = ("The lighthouse keeper climbed the spiral stairs at dusk, as he had every evening for forty years. "
           "Tonight the sea was calm, and far out on the horizon he saw a light that should not have been there. "
           "He picked up his logbook and began to write:")
@@ -60,7 +63,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
 @contextmanager
 def server(cmd: list[str], health: str, log_path: Path, env: dict | None = None):
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or ENV)
         try:
             wait_http(health, proc)
             yield proc
@@ -105,7 +108,7 @@ class SpinNeighbour:
         self.cpu, self.proc = cpu, None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], env=ENV,
                                      preexec_fn=lambda: os.sched_setaffinity(0, {self.cpu}))
         time.sleep(0.5)  # the neighbour is there before the request, as the llama neighbour is
 
@@ -187,6 +190,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--neighbour", nargs="+", default=["spin"], choices=["spin", "llama"])
     ap.add_argument("--engines", nargs="+", default=["hearthlm", "llama.cpp"], choices=["hearthlm", "llama.cpp"])
+    ap.add_argument("--baseline-src", help="also run hearthlm from this src/ folder (e.g. a worktree of an older "
+                    "commit), as the engine 'hearthlm@baseline'")
     ap.add_argument("--logs", default="/tmp/shared_cpu_logs")
     args = ap.parse_args()
 
@@ -218,14 +223,18 @@ def main() -> None:
         else:
             neighbour = SpinNeighbour(cpus[-1])
         try:
-            for engine in args.engines:
+            engines = list(args.engines) + (["hearthlm@baseline"] if args.baseline_src else [])
+            for engine in engines:
                 port = free_port()
-                if engine == "hearthlm":
-                    cmd, health = hearth_cmd(model, port, args.threads), f"http://127.0.0.1:{port}/health"
+                env = None
+                if engine.startswith("hearthlm"):
+                    cmd = hearth_cmd(model, port, args.threads)
+                    if engine.endswith("@baseline"):
+                        env = {**ENV, "PYTHONPATH": str(Path(args.baseline_src).resolve())}
                 else:
                     cmd = llama_cmd(args.llama_server, model, port, args.threads)
-                    health = f"http://127.0.0.1:{port}/health"
-                with server(cmd, health, logs / f"{engine}.log"):
+                health = f"http://127.0.0.1:{port}/health"
+                with server(cmd, health, logs / f"{engine}.log", env):
                     r = measure(f"http://127.0.0.1:{port}", None, args.tokens, args.repeats, neighbour)
                 r.update(engine=engine, neighbour=kind)
                 results.append(r)
