@@ -4,14 +4,20 @@ Threads: torch's intra-op pool and the native kernel's OpenMP team (kernels/cpu_
 by default the physical cores this process may use (its affinity mask, one CPU per core: SMT siblings share a
 core's vector units, so a second thread per core only adds barrier waits).
 
-Waiting: torch and the native kernel share one libgomp (torch's copy). Its workers spin between parallel regions
-before they sleep, 300,000 rounds by default, several milliseconds, and a barrier spins as long. Alone that saves a
-futex wake per region; beside a busy process (another engine, a build) a spinning worker holds a core that the
-thread it waits for, or the neighbour, needs, and every region then waits out a scheduler slice: 100x slower
-instead of 2x. libgomp reads its policy once, when it loads (when torch is imported), so `hearthlm` sets
-GOMP_SPINCOUNT at import time, before torch: a spin of tens of microseconds covers the gap between one decode
-step's regions, then the worker sleeps. Only when torch is not imported yet and the user set neither
-OMP_WAIT_POLICY nor GOMP_SPINCOUNT (theirs win: OMP_WAIT_POLICY=ACTIVE brings the long spin back).
+Neighbours: a decode step is ~150 OpenMP parallel regions, each ending in a barrier that needs every thread of
+the team on a core. Beside a busy process (another engine, a build) one thread of the team is often queued behind
+it, and the others spin at the barrier: each region then waits out a scheduler slice, 2.5x to 7x slower on 2 cores
+(llama.cpp alike), up to 100x beside another spinning engine. Passive waiting alone (OMP_WAIT_POLICY=PASSIVE)
+fixes that but halves the speed alone (a futex wake per region on a VM). So CpuShare sizes the native kernel's
+team from the CPU time other processes take on our CPUs, measured as the engine steps: a busy neighbour on one of
+2 cores leaves hearthlm one thread, which never waits for another.
+
+Spinning: libgomp's workers spin 300,000 `pause` rounds before they sleep (~25 ms on an AMD EPYC, where a pause
+is ~85 ns): after every step, idle or not, they burn that much CPU that a neighbour could use. libgomp reads its
+policy once, when it loads (when torch is imported), so `import hearthlm` sets GOMP_SPINCOUNT=SPIN_COUNT (~1-2 ms,
+still longer than the gaps between one step's regions) before torch loads: only when torch is not imported yet and
+the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (theirs win). An engine started after an earlier
+`import torch` logs how to get it.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ from pathlib import Path
 
 log = logging.getLogger("hearthlm")
 
-# libgomp spin rounds before a waiting thread sleeps (a round is one `pause`, ~10-40 ns on current x86): covers
-# the gap between the parallel regions of one decode step, not a scheduler slice of a neighbour
+# libgomp spin rounds before a waiting thread sleeps (a round is one `pause`: 10-140 ns on current x86): covers the
+# gaps between the parallel regions of a decode step, not a neighbour's scheduler slice
 SPIN_COUNT = 20000
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
