@@ -1,7 +1,7 @@
 """CPU decode benchmark: hearthlm vs HF transformers on the same weights, same process, same machine.
 
 Usage: python benchmarks/cpu_decode.py [--model PATH] [--tokens 128] [--streams 16] [--dtype auto float32]
-                                      [--repeats 3] [--no-hf] [--compile]
+                                      [--repeats 3] [--no-hf] [--compile] [--cpu-kernel auto avx2 torch]
 ("auto" keeps GGUF weights quantized on CPU; "float32" dequantizes, matching HF token for token. --compile adds a
 column per dtype with the torch.compile'd decode step (LLM(cpu_compile=True)); its "warm-up" row is the time to
 compile both decode graphs, batch 1 and --streams rows: a cold inductor cache compiles, a warm one loads.)
@@ -22,12 +22,12 @@ import torch
 
 
 def bench_hearth(model, dtype: str, tokens: int, streams: int, repeats: int = 1,
-                 compile: bool = False) -> tuple[float, float, float, float]:
+                 compile: bool = False, cpu_kernel: str = "auto") -> tuple[float, float, float, float]:
     from hearthlm import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype=dtype, device="cpu", max_model_len=1024, max_num_seqs=max(16, streams),
-              cpu_compile=compile)
+              cpu_compile=compile, cpu_kernel=cpu_kernel)
     load = time.perf_counter() - t0
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     prompt = "Write a long story about a lighthouse keeper."
@@ -91,11 +91,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="hearthlm runs per figure; the best is reported")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile'd decode step per dtype")
+    ap.add_argument("--cpu-kernel", nargs="+", default=["auto"],
+                    help="a column per --cpu-kernel value (auto avx512vnni avx2 torch) and dtype")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     runs = [(dt, False) for dt in args.dtype] + ([(dt, True) for dt in args.dtype] if args.compile else [])
-    results = {f"{dt} compiled" if c else dt: bench_hearth(args.model, dt, args.tokens, args.streams, args.repeats, c)
-               for dt, c in runs}
+    results = {f"{dt}{' compiled' if c else ''}{'' if k == 'auto' else ' ' + k}":
+               bench_hearth(args.model, dt, args.tokens, args.streams, args.repeats, c, k)
+               for dt, c in runs for k in args.cpu_kernel}
     b = None if args.no_hf else bench_hf(args.model, args.tokens, args.streams)
     load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if b is None:

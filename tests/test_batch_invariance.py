@@ -1,6 +1,7 @@
 """Same answer under any load: a greedy request gives the same tokens alone, inside batches of 2 to 64 other
 requests, with its prefix (or all of its prompt) in the prefix cache, and with its prompt prefilled in small chunks,
-on the default CPU path (GGUF weights on the native kernel) and the float32 path. Default model, real weights."""
+on the default CPU path (GGUF weights on the native kernel), the native kernel's AVX2 build (cpu_kernel avx2: what
+CPUs without AVX-512 run; also built and run on AVX-512 CPUs) and the float32 path. Default model, real weights."""
 from __future__ import annotations
 
 import pytest
@@ -27,9 +28,20 @@ def fillers(llm, n: int, seed: int) -> list[str]:
     return [llm.tokenizer.decode(p) for p in prompts_of(n, [5, 13, 29, 40], seed=seed)]
 
 
-@pytest.fixture(scope="module", params=["auto", "float32"])
+@pytest.fixture(scope="module", params=["auto", "float32", "avx2"])
 def dtype(request) -> str:
+    """The engine's path: dtype auto (the native kernel, the CPU's best ISA), float32, or avx2 (dtype auto with
+    cpu_kernel avx2)."""
+    if request.param == "avx2":
+        from hearthlm.kernels import cpu_quant
+
+        if not cpu_quant.cpu_flags().issuperset(cpu_quant.ISA_NEEDS["avx2"]) or cpu_quant.library("avx2") is None:
+            pytest.skip("no AVX2 build of the native kernel here")
     return request.param
+
+
+def engine_args(dtype: str) -> dict:
+    return dict(dtype="auto", cpu_kernel="avx2") if dtype == "avx2" else dict(dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +49,11 @@ def cold(dtype):
     """No prefix cache; each prompt alone is the reference."""
     from hearthlm import LLM
 
-    llm = LLM(dtype=dtype, device="cpu", max_model_len=256, max_num_seqs=64, enable_prefix_caching=False)
-    if dtype == "auto":
+    llm = LLM(**engine_args(dtype), device="cpu", max_model_len=256, max_num_seqs=64, enable_prefix_caching=False)
+    if dtype != "float32":
         assert llm.engine.runner.model.layers[0].native, "the default CPU path should be the native kernel"
+    if dtype == "avx2":
+        assert llm.engine.runner.model.layers[0].qkv.native.lib.hl_simd() in (2, 3)
     return llm, [generate(llm, [p])[0] for p in PROMPTS]
 
 
@@ -54,7 +68,7 @@ def test_same_tokens_alone_and_in_batches(cold, dtype):
         batch.insert(3 * i, p)
     got = generate(llm, batch)
     assert [got[3 * i] for i in range(len(PROMPTS))] == alone
-    if dtype == "float32":  # its matmuls are one library kernel for every row count already; keep the test short
+    if dtype != "auto":  # float32: one library kernel for every row count already; avx2: auto's bits (CI time)
         return
     batch = fillers(llm, 58, 3)
     for i, p in enumerate(PROMPTS):  # batch of 64, its first 8 tokens
@@ -68,7 +82,8 @@ def test_same_tokens_with_a_warm_prefix_cache_and_chunked_prefill(cold, dtype):
 
     _, alone = cold
     for chunk in (17, 31) if dtype == "auto" else (17,):
-        llm = LLM(dtype=dtype, device="cpu", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=chunk)
+        llm = LLM(**engine_args(dtype), device="cpu", max_model_len=256, max_num_seqs=16,
+                  max_num_batched_tokens=chunk)
         if chunk == 17:  # a prompt sharing a long prefix with PROMPTS[4] runs first: PROMPTS[4] finds it cached
             generate(llm, [SHARED + " the coast of Brazil"], 1)
             assert generate(llm, [PROMPTS[4]]) == [alone[4]]

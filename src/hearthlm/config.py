@@ -22,6 +22,21 @@ def normalize_cache_dtype(value: str) -> str:
     return v
 
 
+# --cpu-kernel: the native CPU kernel's ISA (kernels/cpu_quant.py): auto = the best this CPU has; torch = PyTorch's
+# int4 kernel (not batch-invariant)
+CPU_KERNELS = ("auto", "avx512vnni", "avx2", "torch")
+
+
+def normalize_cpu_kernel(value: str) -> str:
+    """'auto' | 'avx512vnni' | 'avx2' | 'torch' (case-insensitive, '-' and '_' ignored: 'AVX512-VNNI'); anything
+    else is an InvalidRequestError naming the field. (Whether this CPU has the ISA: cpu_quant.cpu_kernel_for.)"""
+    v = str(value).strip().lower().replace("-", "").replace("_", "")
+    if v not in CPU_KERNELS:
+        raise InvalidRequestError(f"unknown cpu_kernel {value!r}: choose one of {', '.join(CPU_KERNELS)} "
+                                  "(--cpu-kernel)", param="cpu_kernel")
+    return v
+
+
 def normalize_gpu_layers(value) -> int | str | None:
     """--gpu-layers (llama.cpp's -ngl): None, -1 or 'all' = every block on the main device; 'auto' = the most
     that fit (the planner picks at engine start); N >= 0 = the last N blocks on the device, the others on the CPU.
@@ -142,9 +157,12 @@ class EngineConfig:
     batch_invariant: bool = False
     # -t/--threads: CPU threads for torch and the native kernel; None = the physical cores this process may use
     threads: int | None = None
+    # --cpu-kernel: auto | avx512vnni | avx2 | torch (CPU_KERNELS); an ISA this CPU lacks fails at engine start
+    cpu_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         self.gpu_layers = normalize_gpu_layers(self.gpu_layers)
+        self.cpu_kernel = normalize_cpu_kernel(self.cpu_kernel)
         if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
             raise InvalidRequestError(f"threads must be a positive count, got {self.threads!r}", param="threads")
 

@@ -60,12 +60,12 @@ def test_every_engine_flag_reaches_llm_kwargs():
     args = parse("serve", "-c", "1024", "-np", "2", "--max-num-batched-tokens", "512", "--kv-cache-memory", "64M",
                  "--no-prefix-caching", "--kv-cache-dtype", "int8", "-q", "int4", "-ngl", "auto",
                  "--gpu-memory-utilization", "0.5", "--compile", "--device", "cpu", "--dtype", "bf16", "--seed", "7",
-                 "--batch-invariant", "-t", "2")
+                 "--batch-invariant", "-t", "2", "--cpu-kernel", "avx2")
     kw = flags.engine_kwargs(args)
     assert kw == dict(max_model_len=1024, max_num_seqs=2, max_num_batched_tokens=512, kv_cache_memory=64 << 20,
                       enable_prefix_caching=False, kv_cache_dtype="int8", quantization="int4", gpu_layers="auto",
                       gpu_memory_utilization=0.5, cpu_compile=True, device="cpu", dtype="bfloat16", seed=7,
-                      batch_invariant=True, threads=2)
+                      batch_invariant=True, threads=2, cpu_kernel="avx2")
     assert set(kw) <= set(inspect.signature(LLM.__init__).parameters)
     defaults = flags.engine_kwargs(parse("serve"))
     assert defaults["dtype"] == "auto" and defaults["threads"] is None and defaults["cpu_compile"] is None

@@ -1,4 +1,4 @@
-"""The native CPU kernel (kernels/csrc/cpu_quant.c), its AVX-512 VNNI build and its portable C build, against
+"""The native CPU kernel (kernels/csrc/cpu_quant.c), its AVX-512 VNNI, AVX2 and portable C builds, against
 float64 emulations: the quantized matmul (x quantized to int8 per group of 32, the same codes as the kernel's,
 so the sums agree to float rounding), its fused input functions (RMSNorm, SiLU * mul) and accumulation, the
 decode attention with RoPE and K/V writes, and the engine path built on them."""
@@ -17,16 +17,23 @@ from hearthlm.layers.quant_linear import GroupQuant, NativeWeight, quantize_int4
 from hearthlm.layers.rotary import Rotary, apply_rotary
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
-NOT_BUILT = "the native CPU kernel is not built here (it needs AVX-512 VNNI)"
+NOT_BUILT = "the native CPU kernel is not built here (it needs AVX2 or AVX-512 VNNI)"
 needs_native = pytest.mark.skipif(cq.library() is None, reason=NOT_BUILT)
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+@pytest.fixture(scope="module", params=["native", "avx2", "portable"])
 def lib(request, tmp_path_factory):
-    if request.param == "native":
-        if cq.library() is None:
+    """native: the best build for this CPU (cpu_kernel auto); avx2: the AVX2 build (also on AVX-512 CPUs)."""
+    if request.param == "avx2":
+        if not cq.cpu_flags().issuperset(cq.ISA_NEEDS["avx2"]):
+            pytest.skip("this CPU lacks AVX2")
+        if cq.library("avx2") is cq.library():
+            pytest.skip("the native build is the AVX2 one here")
+    if request.param != "portable":
+        lib = cq.library("auto" if request.param == "native" else "avx2")
+        if lib is None:
             pytest.skip(NOT_BUILT)
-        return cq.library()
+        return lib
     return cq.load(cq.build(cq.FLAGS + ["-DHEARTH_PORTABLE"], tmp_path_factory.mktemp("portable")))
 
 
@@ -36,6 +43,8 @@ def test_builds_differ_where_they_should(tmp_path):
     assert portable.hl_simd() == 0
     if torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_vnni" in open("/proc/cpuinfo").read():
         assert cq.library().hl_simd() == 1
+    if "avx2" in cq.cpu_flags():
+        assert cq.library("avx2").hl_simd() in (2, 3)
 
 
 def quantize_x(x: torch.Tensor, residual: bool = False):

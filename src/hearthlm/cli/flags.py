@@ -23,6 +23,8 @@ QUANTIZATIONS = ("none", "int8", "int4", "fp8")
 # --kv-cache-dtype (config.KV_CACHE_DTYPES)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "fp8_e4m3")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# --cpu-kernel (config.CPU_KERNELS)
+CPU_KERNELS = ("auto", "avx512vnni", "avx2", "torch")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -98,6 +100,7 @@ def _choice(choices: Iterable[str], aliases: dict[str, str] | None = None):
 quantization_arg = _choice(QUANTIZATIONS)
 kv_cache_dtype_arg = _choice(KV_CACHE_DTYPES, {"fp8e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"})
 dtype_arg = _choice(DTYPES, _DTYPE_ALIASES)
+cpu_kernel_arg = _choice(CPU_KERNELS, {"avx512_vnni": "avx512vnni", "avx512": "avx512vnni"})
 
 
 class _Store(argparse.Action):
@@ -170,6 +173,10 @@ ENGINE_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]
     "threads": (("-t", "--threads"), (), dict(
         type=positive_int, default=None, metavar="N",
         help="CPU threads for torch and the native kernel (llama.cpp's -t; default: the physical cores)")),
+    "cpu_kernel": (("--cpu-kernel",), (), dict(
+        type=cpu_kernel_arg, default="auto", metavar="|".join(CPU_KERNELS),
+        help="CPU quantized kernel: auto (default: the best this CPU has), avx512vnni or avx2 (the native kernel, "
+             "batch-invariant, the same bits on both), torch (PyTorch's int4 kernel, not batch-invariant)")),
 }
 
 # engine flag dest -> hearthlm.LLM keyword

@@ -116,12 +116,16 @@ class LLMEngine:
                                           f"{flag}, or drop --batch-invariant", param="batch_invariant")
             path = resolve_model_path(config.model)
             dtype = str(resolve_dtype(config.dtype, self.device)).replace("torch.", "")
-            plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
-                             config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
-                             kv_dtype=config.cache.cache_dtype, quantization=quantization, gpu_layers=gpu_layers,
-                             requested_dtype=str(config.dtype).replace("torch.", ""))
-            loaded = load_model(path, config.dtype, self.device, quantization=quantization,
-                                gpu_layers=offloaded_layers(plan), weights="dequantize" if invariant_gpu else None)
+            from ..kernels.cpu_quant import using
+
+            with using(config.cpu_kernel):  # the CPU kernel's ISA (raises if the CPU lacks it): plan and weights
+                plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
+                                 config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
+                                 kv_dtype=config.cache.cache_dtype, quantization=quantization,
+                                 gpu_layers=gpu_layers, requested_dtype=str(config.dtype).replace("torch.", ""))
+                loaded = load_model(path, config.dtype, self.device, quantization=quantization,
+                                    gpu_layers=offloaded_layers(plan),
+                                    weights="dequantize" if invariant_gpu else None)
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

@@ -1,14 +1,21 @@
 """Native CPU kernel for group-quantized matmuls and attention (csrc/cpu_quant.c): x quantized to int8 on the
 fly (a scale per 16 inputs, optionally a second pass over the rounding residuals), u8 x s8 dot products with
-AVX-512 VNNI, OpenMP threads from the runtime torch already loaded (the same libgomp, so the two never fight over
-cores). It serves CPUs with AVX-512 VNNI; elsewhere its portable C loop is only a test reference and PyTorch's
-int4 kernel runs.
+AVX-512 VNNI or AVX2, OpenMP threads from the runtime torch already loaded (the same libgomp, so the two never fight
+over cores). It serves every x86-64 CPU with AVX2 + FMA + F16C; elsewhere its portable C loop is only a test
+reference and PyTorch's int4 kernel runs.
 
-The C source ships with the package and is compiled once per machine with the system C compiler (`cc`, or $CC)
-for this CPU (-march=native) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU.
-Without a compiler the engine keeps PyTorch's own int4 kernel (layers/quant_linear.py) and logs why once.
-HEARTH_CPU_NATIVE=0 turns the kernel off. The first build shows a one-line status on stderr (a terminal; else an
-INFO log line). Its parallel regions use `set_threads`' count (runtime/threads.py sets it with torch's).
+ISA (EngineConfig.cpu_kernel, --cpu-kernel): `KERNELS` = auto | avx512vnni | avx2 | torch. auto is the best this
+CPU has (`cpu_kernel_for`); torch is PyTorch's int4 kernel (not batch-invariant). Each ISA is its own build of the
+same source (`ISA_FLAGS`: -march=native for avx512vnni, -march=x86-64-v3 for avx2, plus -mavxvnni where the CPU has
+AVX-VNNI), so an AVX-512 machine runs the AVX2 library when asked (the tests do). The AVX2 build gives the AVX-512
+build's bits (tests/test_cpu_kernel_isa.py). The engine picks one for its load (`using`); `library()` gives the
+picked one (auto outside `using`). HEARTH_CPU_NATIVE=0 is a deprecated alias of cpu_kernel torch for auto.
+
+The C source ships with the package and is compiled once per machine and ISA with the system C compiler (`cc`, or
+$CC) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU. Without a compiler the
+engine keeps PyTorch's own int4 kernel (layers/quant_linear.py) and logs why once. The first build shows a one-line
+status on stderr (a terminal; else an INFO log line). Its parallel regions use `set_threads`' count
+(runtime/threads.py sets it with torch's).
 
 Weights reach the kernel as layers/quant_linear.NativeWeight makes them: codes unsigned (signed ones + 128, the
 offset folded into the min), 4-bit codes two a byte, in tiles of 16 rows as the C file's comment describes
@@ -16,6 +23,8 @@ offset folded into the min), 4-bit codes two a byte, in tiles of 16 rows as the 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -30,13 +39,20 @@ from pathlib import Path
 
 import torch
 
+from ..config import CPU_KERNELS as KERNELS, normalize_cpu_kernel as normalize_kernel
+
 log = logging.getLogger("hearthlm")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_quant.c"
 GROUP = 32
 TILE = 16  # output rows per tile
 PRE_NONE, PRE_RMSNORM, PRE_SILU_MUL = 0, 1, 2  # csrc: the matmul input f(x)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]  # the avx512vnni build's
+# what each ISA's build needs of the CPU (/proc/cpuinfo names), and its flags in place of FLAGS' -march=native
+ISA_NEEDS = {"avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"),
+             "avx2": ("avx2", "fma", "f16c")}
+ISA_FLAGS = {"avx512vnni": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=generic"]}
+ISA_SIMD = {"avx512vnni": (1,), "avx2": (2, 3)}  # hl_simd() of a build that took the ISA's path
 
 
 def _cpu_id() -> str:
@@ -48,14 +64,14 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def build(flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
+def build(flags: list[str] | None = None, out_dir: Path | None = None, isa: str = "") -> Path:
     """Compile csrc/cpu_quant.c (cached) and return the shared library's path. Raises OSError/CalledProcessError."""
     flags = FLAGS if flags is None else flags
     cc = os.environ.get("CC", "cc")
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
     out_dir = out_dir or Path(os.environ.get("HEARTH_HOME", "~/.hearth")).expanduser() / "kernels"
-    out = out_dir / f"cpu_quant-{key}.so"
+    out = out_dir / f"cpu_quant-{isa + '-' if isa else ''}{key}.so"
     if out.exists():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,10 +138,8 @@ def set_threads(n: int) -> None:
     count per calling thread). Applies to the library now if it is loaded, else when it loads."""
     global _threads
     _threads = max(0, int(n))
-    if library.cache_info().currsize:
-        lib = library()
-        if lib is not None:
-            lib.hl_set_threads(_threads)
+    for lib in list(_loaded):
+        lib.hl_set_threads(_threads)
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -144,36 +158,122 @@ def load(path: Path) -> ctypes.CDLL:
     lib.hl_set_threads.restype = None
     lib.hl_team_size.restype = c_int
     lib.hl_set_threads(_threads)
+    _loaded.append(lib)
     return lib
 
 
-# Flag sets tried in turn: compilers without OpenMP (Apple clang) build a single-threaded kernel, ones that do not
-# know -march=native a generic one
-FALLBACK_FLAGS = [FLAGS, [f for f in FLAGS if f != "-fopenmp"], ["-O3", "-std=gnu11", "-shared", "-fPIC"]]
+_loaded: list[ctypes.CDLL] = []  # every library `load` gave: set_threads reaches them all
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (turned off, or no working compiler: logged once)."""
-    if os.environ.get("HEARTH_CPU_NATIVE", "1") == "0":
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them; elsewhere (no /proc) what torch's CPU capability
+    implies (AVX512: VNNI assumed, the build then checks)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        cap = ""
+    if cap.startswith("AVX512"):
+        return frozenset(ISA_NEEDS["avx512vnni"] + ISA_NEEDS["avx2"])
+    return frozenset(ISA_NEEDS["avx2"]) if cap == "AVX2" else frozenset()
+
+
+def cpu_kernel_for(value: str = "auto", flags: frozenset[str] | None = None) -> str:
+    """The ISA a cpu_kernel setting runs on this CPU: auto = the best it has (avx512vnni, avx2, else torch);
+    HEARTH_CPU_NATIVE=0 makes auto torch (deprecated). An ISA the CPU lacks is an InvalidRequestError naming the
+    missing features."""
+    from ..errors import InvalidRequestError
+
+    kernel = normalize_kernel(value)
+    flags = cpu_flags() if flags is None else flags
+    if kernel == "auto":
+        if os.environ.get("HEARTH_CPU_NATIVE", "1") == "0":
+            _warn_env()
+            return "torch"
+        return next((isa for isa, needs in ISA_NEEDS.items() if flags.issuperset(needs)), "torch")
+    missing = [f for f in ISA_NEEDS.get(kernel, ()) if f not in flags]
+    if missing:
+        others = [k for k in KERNELS if k != kernel and k not in ISA_NEEDS or flags.issuperset(ISA_NEEDS.get(k, ()))]
+        raise InvalidRequestError(f"cpu_kernel {kernel!r}: this CPU lacks {', '.join(missing)}; choose "
+                                  f"{', '.join(others[:-1])} or {others[-1]} (--cpu-kernel)", param="cpu_kernel")
+    return kernel
+
+
+@functools.cache
+def _warn_env() -> None:
+    log.warning("HEARTH_CPU_NATIVE=0 is deprecated: pass cpu_kernel='torch' (--cpu-kernel torch)")
+
+
+def isa_flags(isa: str, flags: frozenset[str] | None = None) -> list[str]:
+    """The compiler flags of an ISA's build: FLAGS with -march=native replaced (avx2: x86-64-v3, and AVX-VNNI's
+    256-bit vpdpbusd where the CPU has it)."""
+    extra = list(ISA_FLAGS[isa])
+    if isa == "avx2" and "avx_vnni" in (cpu_flags() if flags is None else flags):
+        extra.append("-mavxvnni")
+    return [f for f in FLAGS if f != "-march=native"][:1] + extra + FLAGS[2:]
+
+
+_selected: contextvars.ContextVar[str] = contextvars.ContextVar("hearthlm_cpu_kernel", default="auto")
+
+
+@contextlib.contextmanager
+def using(kernel: str):
+    """Within it, `library()` (so NativeWeight.supports, the weights it packs and their attention) gives the
+    kernel `kernel` picks (cpu_kernel_for: an ISA the CPU lacks raises InvalidRequestError here)."""
+    isa = cpu_kernel_for(kernel)
+    token = _selected.set(normalize_kernel(kernel))
+    try:
+        yield isa
+    finally:
+        _selected.reset(token)
+
+
+def library(kernel: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel for `kernel` (None: the one `using` picked, else auto), or None: torch, or no working
+    compiler (logged once). auto falls back to the next ISA when a build fails."""
+    value = normalize_kernel(kernel if kernel is not None else _selected.get())
+    isa = cpu_kernel_for(value)
+    if value != "auto" or isa == "torch":
+        return _library(isa)
+    flags, order = cpu_flags(), list(ISA_NEEDS)
+    for cand in order[order.index(isa):]:
+        lib = _library(cand) if flags.issuperset(ISA_NEEDS[cand]) else None
+        if lib is not None:
+            return lib
+    return None
+
+
+@functools.cache
+def _library(isa: str) -> ctypes.CDLL | None:
+    """One ISA's build, loaded (cached), or None (torch; the build failed or took another path: logged)."""
+    if isa not in ISA_FLAGS:
         return None
     detail = ""
-    for i, flags in enumerate(FALLBACK_FLAGS):
+    flags = isa_flags(isa)
+    tries = [flags, [f for f in flags if f != "-fopenmp"]]  # compilers without OpenMP: single-threaded
+    if isa == "avx2":  # compilers that do not know x86-64-v3
+        tries.append([f for f in flags if not f.startswith(("-march", "-mtune"))] + ["-mavx2", "-mfma", "-mf16c"])
+    for fl in tries:
         try:
-            lib = load(build(flags))
+            lib = load(build(fl, isa=isa))
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             continue
-        if not lib.hl_simd():  # the portable loop is a reference, slower than PyTorch's own int4 kernel
-            log.info("native CPU kernel: this CPU (or compiler) lacks AVX-512 VNNI; quantized CPU matmuls use "
-                     "PyTorch's int4 kernel")
+        if lib.hl_simd() not in ISA_SIMD[isa]:  # the portable loop is a reference, slower than PyTorch's int4
+            log.info("native CPU kernel (%s): this CPU (or compiler) lacks it; quantized CPU matmuls use PyTorch's "
+                     "int4 kernel", isa)
             return None
-        if i:
-            log.warning("native CPU kernel built without %s (%s)",
-                        " and ".join(f for f in FLAGS if f not in flags), detail.strip()[:200])
+        if "-fopenmp" not in fl:
+            log.warning("native CPU kernel (%s) built without -fopenmp (%s)", isa, detail.strip()[:200])
         return lib
-    log.warning("native CPU kernel unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
-                "Install a C compiler (gcc or clang) for the faster path.", detail.strip()[:300])
+    log.warning("native CPU kernel (%s) unavailable (%s); quantized CPU matmuls use PyTorch's int4 kernel. "
+                "Install a C compiler (gcc or clang) for the faster path.", isa, detail.strip()[:300])
     return None
 
 

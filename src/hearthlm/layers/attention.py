@@ -170,12 +170,13 @@ def native_rows(gm: GroupMeta, num_tokens: int) -> tuple[torch.Tensor, torch.Ten
 
 def native_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
                      meta: AttentionMetadata, layer: int, num_heads: int, scale: float,
-                     softcap: float | None) -> torch.Tensor | None:
+                     softcap: float | None, lib=None) -> torch.Tensor | None:
     """RoPE, K/V writes and attention in one call of the native CPU kernel (kernels/cpu_quant.py) for every row
     of the step, prefill and decode alike (the same per-row arithmetic, so a row's result does not depend on the
     batch, the chunking or the prefix cache), over float32 pools; else None (the caller takes the torch path).
     qkv: [T, (heads + 2 kv_heads) * head_dim] -> [T, heads * head_dim]. The call's arguments are prepared by the
-    group's first layer (cos/sin are the step's) and kept in its GroupMeta."""
+    group's first layer (cos/sin are the step's) and kept in its GroupMeta. lib: the kernel build the layer's
+    weights run (NativeWeight.lib: the engine's cpu_kernel); None: cpu_quant.library()."""
     from ..kernels.cpu_quant import RowAttention
 
     k_cache, v_cache = kv_cache
@@ -187,7 +188,7 @@ def native_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         rows = native_rows(gm, qkv.shape[0]) if k_cache.dtype == torch.float32 and not qkv.is_cuda else None
         if rows is not None:
             gm.native = RowAttention(cos, sin, gm.slot_mapping, *rows, num_heads, k_cache.shape[2],
-                                     k_cache.shape[3], scale, softcap)
+                                     k_cache.shape[3], scale, softcap, lib=lib)
     if gm.native is False or not gm.native.accepts(qkv, k_cache, v_cache):
         return None
     return gm.native(qkv, k_cache, v_cache)

@@ -277,7 +277,8 @@ class NativeWeight:
         self.out_features, self.in_features = g.shape
         self.codes, self.scale, self.mins, self.bits = cpu_quant.pack(g.codes, g.scale, g.min, g.bits)
         self.dense = None  # no bf16 copy: its GEMM's rounding would differ from the kernel's
-        self._call = cpu_quant.library().hl_qmatmul
+        self.lib = cpu_quant.library()  # the ISA's build the engine picked (cpu_kernel); attention takes it too
+        self._call = self.lib.hl_qmatmul
         self._args = (self.in_features, self.codes.data_ptr(), self.scale.data_ptr(), self.mins.data_ptr(),
                       self.out_features, self.bits)
 

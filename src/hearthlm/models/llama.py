@@ -128,7 +128,7 @@ class LlamaLayer:
             q.copy_(self.norm(q, self.q_norm))
             k.copy_(self.norm(k, self.k_norm))
         o = native_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
-                             cfg.attn_logit_softcapping)
+                             cfg.attn_logit_softcapping, lib=self.qkv.native.lib)
         if o is None:
             o = self.attend_qkv(qkv, cos, sin, meta, kv_cache)
         self.o.native.run(o, out=h, accumulate=True)

@@ -48,6 +48,7 @@ class ServeConfig:
     seed: int = 0
     batch_invariant: bool = False  # --batch-invariant (EngineConfig.batch_invariant)
     threads: int | None = None  # -t/--threads (EngineConfig.threads); None = the physical cores
+    cpu_kernel: str = "auto"  # --cpu-kernel (EngineConfig.cpu_kernel)
     keep_alive_s: float | None = 300.0  # None = forever
     stats_interval_s: float = 10.0
     preload: bool = True
@@ -261,7 +262,8 @@ class ModelManager:
                             cache_dtype=c.kv_cache_dtype, cpu_compile=c.cpu_compile)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
                               scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
-                              gpu_layers=c.gpu_layers, batch_invariant=c.batch_invariant, threads=c.threads)
+                              gpu_layers=c.gpu_layers, batch_invariant=c.batch_invariant, threads=c.threads,
+                              cpu_kernel=c.cpu_kernel)
         start = time.perf_counter()
         # built on the engine's own thread (AsyncEngine.build: one OpenMP team for loading and stepping)
         aengine = await asyncio.to_thread(AsyncEngine.build, lambda: LLMEngine(config), c.max_queue,
