@@ -34,8 +34,11 @@ def test_unknown_kv_cache_dtype_names_the_choices(tiny, capsys):
     assert e.value.param == "kv_cache_dtype"
     with pytest.raises(InvalidRequestError, match="unknown KV cache dtype 'e5m2'"):
         LLM(model=tiny.path("llama"), device="cpu", kv_cache_dtype="e5m2")
-    assert main(["serve", "--kv-cache-dtype", "fp4"]) == 1
-    assert "choose one of auto, fp8, int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an argparse error naming the flag, before anything loads
+        main(["serve", "--kv-cache-dtype", "fp4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-dtype" in err and "not one of auto, fp8, int8, fp8_e4m3" in err
     assert CacheConfig(cache_dtype="FP8").cache_dtype == "fp8" and KV_CACHE_DTYPES == ("auto", "fp8", "int8", "fp8_e4m3")
 
 
