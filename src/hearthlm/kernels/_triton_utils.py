@@ -1,21 +1,35 @@
-"""Shared helpers: is Triton usable, and small launch-geometry utilities.
+"""Shared helpers: is Triton usable (imported only where a CUDA device or TRITON_INTERPRET=1 can use it), and small
+launch-geometry utilities.
 
 Set HEARTHLM_KERNELS=torch to force the torch references even on CUDA (debugging aid).
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
 
-try:  # Triton is optional: CPU installs run the torch references.
-    import triton
-    import triton.language  # noqa: F401
 
-    HAS_TRITON = True
-except Exception:  # noqa: BLE001 - ImportError, or a broken install (e.g. no compatible driver/compiler)
-    HAS_TRITON = False
+def _triton_wanted() -> bool:
+    """Whether a Triton kernel can run in this process: triton installed, and a CUDA (or ROCm) device to run it on
+    or TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors, for tests). A CPU-only process never
+    imports triton (~0.3 s of start-up, plus the @triton.jit definitions of every kernel module)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+HAS_TRITON = False
+if _triton_wanted():  # the kernel modules define their @triton.jit functions under `if HAS_TRITON:`
+    try:  # Triton is optional: CPU installs run the torch references.
+        import triton
+        import triton.language  # noqa: F401
+
+        HAS_TRITON = True
+    except Exception:  # noqa: BLE001 - ImportError, or a broken install (e.g. no compatible driver/compiler)
+        HAS_TRITON = False
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import CPU_KERNELS as KERNELS, normalize_cpu_kernel as normalize_kernel
@@ -281,28 +282,40 @@ def interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] unsigned codes (0..15 for bits 4, 0..255 for 8; N % 16 == 0) -> [N * K * bits // 8] uint8 in the C
     kernel's layout: tiles of 16 rows, per group 8 vectors [16 rows][4 codes] (bits 4: vector i + 4 in the high
     nibbles of vector i)."""
+    return torch.from_numpy(interleave_np(codes.to(torch.uint8).numpy(), bits))
+
+
+def interleave_np(codes: np.ndarray, bits: int) -> np.ndarray:
+    """`interleave` on a numpy [N, K] array of uint8 codes (int8: the signed codes, stored + 128), in one
+    thread: a vector of 4 codes moves as one uint32 (and 4-bit codes join two a byte before the move)."""
     n, k = codes.shape
-    v = codes.to(torch.uint8).reshape(n // TILE, TILE, k // GROUP, GROUP // 4, 4).permute(0, 2, 3, 1, 4)
-    if bits == 4:
-        v = v[:, :, :4] | (v[:, :, 4:] << 4)
-    return v.reshape(-1).contiguous()
+    c = np.ascontiguousarray(codes)
+    if c.dtype == np.int8:
+        c = c.view(np.uint8) ^ np.uint8(0x80)  # code + 128, as pack's int16 arithmetic gives it
+    v = c.view(np.uint8).view(np.uint32).reshape(n // TILE, TILE, k // GROUP, GROUP // 4)
+    if bits == 4:  # nibbles <= 15: the shift never carries into the next byte
+        v = v[..., :4] | (v[..., 4:] << np.uint32(4))
+    return np.ascontiguousarray(v.transpose(0, 2, 3, 1)).view(np.uint8).reshape(-1)
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Group-quantized W (codes [N, K]: 4/5-bit unsigned or int8 signed; scale, mins [N, K / 32]) -> the kernel's
     (codes, scale, mins, bits): signed codes + 128 with the offset folded into the min, 4-bit codes two a byte."""
-    c = codes.to(torch.int16)
     if codes.dtype == torch.int8:  # w = (code + 128) * s + (min - 128 s)
-        c, mins = c + 128, mins - 128 * scale
+        mins = mins - 128 * scale
     bits = 4 if bits == 4 else 8
-    return interleave(c, bits), tile_scales(scale), tile_scales(mins), bits
+    c = codes if codes.dtype in (torch.int8, torch.uint8) else codes.to(torch.uint8)
+    return torch.from_numpy(interleave_np(c.numpy(), bits)), tile_scales(scale), tile_scales(mins), bits
 
 
-def tile_scales(t: torch.Tensor) -> torch.Tensor:
-    """[N, G] per-group scale or min -> fp16 [N / 16, G, 16], the kernel's order."""
-    n, g = t.shape
-    return t.to(torch.float16).reshape(n // TILE, TILE, g).transpose(1, 2).contiguous()
+def tile_scales(t: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[N, G] per-group scale or min (float32, or already fp16) -> fp16 [N / 16, G, 16], the kernel's order."""
+    a = t.numpy() if isinstance(t, torch.Tensor) else t
+    n, g = a.shape
+    with np.errstate(over="ignore"):
+        a = a.astype(np.float16, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(a.reshape(n // TILE, TILE, g).transpose(0, 2, 1)))
 
 
 def input_function(norm: tuple[torch.Tensor, float] | None, silu_mul: bool) -> tuple[int, int | None, float]:

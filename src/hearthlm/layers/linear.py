@@ -28,7 +28,7 @@ def _same_format(a: Weight, b: Weight) -> bool:
         return False
     if isinstance(a, (GroupQuant, QuantWeight)):
         return (a.bits, a.group) == (b.bits, b.group) and \
-            (not isinstance(a, GroupQuant) or a.codes.dtype == b.codes.dtype)
+            (not isinstance(a, GroupQuant) or a.code_dtype == b.code_dtype)
     return True
 
 
@@ -40,7 +40,7 @@ class Linear:
         QuantWeight, Fp8Weight and cuBLAS for dense weights switch kernels by row count too. Dense float32 weights
         on CPU (the HF-exact path) run one kernel for every row count."""
         self.packed: NativeWeight | Int4Weight | QuantWeight | Fp8Weight | None = None
-        if isinstance(weight, GroupQuant) and weight.codes.is_cuda:
+        if isinstance(weight, GroupQuant) and weight.device.type == "cuda":  # (GGUF codes stay undecoded on CPU)
             weight = QuantWeight.from_group(weight)
         if isinstance(weight, (QuantWeight, Fp8Weight)):
             self.packed, weight = weight, None

@@ -32,12 +32,37 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+# The last header parsed, kept for the next GGUFWeights of the same file: the engine's memory plan
+# (plan/sources.read_gguf) and then the loader read the same header, ~0.1 s each for a 49k-token vocabulary.
+# The loader takes it out (take=True), so that a loaded model does not keep a second copy alive.
+_last: tuple[tuple[str, int, int], GGUFFile] | None = None
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+def _parsed(path: Path, take: bool) -> GGUFFile:
+    global _last
+    try:
+        key = _file_key(path)
+    except OSError:
+        return GGUFFile(path)  # GGUFFile says what is wrong with it
+    f = _last[1] if _last is not None and _last[0] == key else GGUFFile(path)
+    _last = None if take else (key, f)
+    return f
+
+
 class GGUFWeights:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, take: bool = False):
+        """take: the loader's read (the header a plan just parsed is reused, then dropped); else it is kept for
+        the next GGUFWeights of this file."""
         import gguf
 
         self.path = path
-        self.file = GGUFFile(path)
+        self.file = _parsed(path, take)
+        self.packed_cache = None  # a PackCache (loader/pack_cache.py): get_quantized's weights use it when packed
         self.metadata = dict(self.file.metadata)
         self.tensors = self.file.tensors
         self.metadata["_has_output_weight"] = "output.weight" in self.tensors
@@ -115,8 +140,10 @@ class GGUFWeights:
         types = GPU_QUANT_TYPES if gpu else QUANT_TYPES
         if t is None or len(t.shape) != 2 or gguf.GGMLQuantizationType(t.ggml_type).name not in types:
             return None
-        g = unpack_gguf(self.file.raw(name), gguf.GGMLQuantizationType(t.ggml_type).name, tuple(t.shape))
-        g.dtype = dtype
+        raw = self.file.raw(name)
         if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
-            g = g[self._qk_rows(hf_name, g.shape[0], cfg)]
+            raw = raw[self._qk_rows(hf_name, raw.shape[0], cfg).numpy()]  # rows are whole blocks: permute bytes
+        g = unpack_gguf(raw, gguf.GGMLQuantizationType(t.ggml_type).name, tuple(t.shape))
+        g.dtype = dtype
+        g.name, g.packed_cache = hf_name, self.packed_cache
         return g

@@ -171,13 +171,15 @@ def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, 
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", weights: str | None = None,
                quantization: str | None = None, gpu_layers: int | None = None,
-               progress: bool | None = None) -> LoadedModel:
+               progress: bool | None = None, pack_cache: bool = True) -> LoadedModel:
     """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`.
     progress: a bar on stderr per tensor read, dequantized or packed (hearthlm.progress: None = on a terminal, once
     loading has taken a second).
     gpu_layers: the last N blocks on `device`, the others on the CPU (models/llama.py Placement); None = all.
     Offloaded blocks take the same dtype and quantized/dequantized form as the device's (GGUF: dense on CUDA
-    unless HEARTHLM_WEIGHTS=quantized), so they compute what the device would, up to rounding."""
+    unless HEARTHLM_WEIGHTS=quantized), so they compute what the device would, up to rounding.
+    pack_cache: GGUF weights packed for the native CPU kernel are saved once and mapped by later loads
+    (loader/pack_cache.py)."""
     start = time.perf_counter()
     path = resolve_model_path(model)
     device = torch.device(device)
@@ -194,7 +196,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
             raise InvalidRequestError(f"--quantization {quantization} applies to HF safetensors models; {path.name} "
                                       "is a GGUF file, already quantized: drop --quantization (its blocks stay "
                                       "quantized on CPU and CUDA)", param="quantization")
-        gw = GGUFWeights(path)
+        gw = GGUFWeights(path, take=True)
         cfg = gw.config()
         tokenizer = _in_background(tokenizer_from_gguf, gw.metadata, cfg.eos_token_ids)
         quant = gw.quantization
@@ -202,6 +204,10 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
         dense = sum(math.prod(t.shape) for t in gw.tensors.values()) * torch.empty((), dtype=dt).element_size()
         quantized = keep_quantized(weights, dtype, device, dense)
         place = _placement(cfg, device, gpu_layers, "lm_head.weight" in gw.name_map, quantization)
+        if quantized and pack_cache and (device.type == "cpu" or place.offloaded):
+            from .pack_cache import PackCache
+
+            gw.packed_cache = PackCache(path)  # the native CPU layout, saved by the first load of this file
 
         def get(n: str):
             dev = place.weight_device(n)
@@ -215,6 +221,8 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
 
         with _LoadBar(len(gw.tensors), path.name, progress) as ticks:
             net = model_class(cfg.architecture)(cfg, ticks(get), device, freq_factors=freq, placement=place)
+        if gw.packed_cache is not None:
+            gw.packed_cache.save()
     else:
         cfg = read_hf_config(path)
         st = SafetensorsWeights(path)

@@ -221,6 +221,11 @@ def remove(name: str) -> None:
     partial = partial_dir(name)
     if d is None and not partial.exists():
         raise _not_found(name)
+    if d is not None:  # the native CPU layout saved by its loads (loader/pack_cache.py)
+        from ..loader.pack_cache import remove_for
+
+        for f in d.glob("*.gguf"):
+            remove_for(f)
     for path in (d, partial):
         if path is not None and path.exists():
             rmtree_in_store(path)
