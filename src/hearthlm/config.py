@@ -147,7 +147,6 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    stats_interval_s: float = 10.0
     quantization: str = "none"  # none | int8 | int4 | fp8: weight-only, HF safetensors models (loader/load.py)
     # --gpu-layers: None = every block on `device`; N = the last N blocks there, the others on the CPU (CUDA only);
     # "auto" = the largest N the memory plan fits (normalize_gpu_layers)

@@ -27,9 +27,8 @@ NULL_BLOCK = 0
 class BlockPool:
     """Reference-counted blocks with LRU reuse of freed blocks that still hold a cached prefix."""
 
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.block_preimage: list[bytes | None] = [None] * num_blocks  # parent key || packed tokens
@@ -139,7 +138,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching and self.full_attention_only
         self.groups = [
             KVGroup(w, [i for i, lw in enumerate(layer_windows) if lw == w],
-                    BlockPool(n, self.enable_prefix_caching))
+                    BlockPool(n))
             for w, n in zip(windows, num_blocks_per_group)
         ]
         self.prefix_queries = 0  # prompt tokens looked up

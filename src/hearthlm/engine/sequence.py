@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from dataclasses import dataclass, field
 
 from ..sampling import SamplingParams
@@ -27,7 +26,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int  # per-sequence seed: same seed -> same text regardless of batch composition
-    arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
@@ -42,7 +40,6 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
-    first_token_time: float | None = None
     parent: "Sequence | None" = None  # n > 1: siblings start after the first one's prefill
 
     @property

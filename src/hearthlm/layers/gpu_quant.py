@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidRequestError
 from ..kernels.fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from ..kernels.gemv import MAX_M as _GEMV_ROWS
 from ..kernels.gemv import USE_GEMV, gemv_triton
@@ -171,8 +170,3 @@ class Fp8Weight:
     def tensors(self) -> list[torch.Tensor]:
         return [self.w8, self.scale]
 
-
-def check_fp8_shape(w: torch.Tensor, name: str) -> None:
-    if w.shape[0] % 16 or w.shape[1] % 16:
-        raise InvalidRequestError(f"quantization='fp8' needs weight dims that are multiples of 16, but {name} is "
-                                  f"{tuple(w.shape)}: use quantization='int8'", param="quantization")

@@ -381,9 +381,6 @@ class ModelRunner:
             event.record()
         return StepHandle(host=host, event=event)
 
-    def execute(self, batch: Batch) -> SampleResult:
-        return self.launch(batch).result()
-
     @torch.inference_mode()
     def logits_for(self, batch: Batch) -> torch.Tensor:
         """Logits of every token of the batch (used by perplexity and tests)."""

@@ -261,7 +261,7 @@ class ModelManager:
                             memory_fraction=c.gpu_memory_utilization,
                             cache_dtype=c.kv_cache_dtype, cpu_compile=c.cpu_compile)
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
-                              scheduler=sched, stats_interval_s=c.stats_interval_s, quantization=c.quantization,
+                              scheduler=sched, quantization=c.quantization,
                               gpu_layers=c.gpu_layers, batch_invariant=c.batch_invariant, threads=c.threads,
                               cpu_kernel=c.cpu_kernel)
         start = time.perf_counter()
