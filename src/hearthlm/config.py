@@ -1,7 +1,6 @@
 """Configuration dataclasses shared by loader, planner, engine and servers."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequestError
@@ -34,6 +33,26 @@ def normalize_cpu_kernel(value: str) -> str:
     if v not in CPU_KERNELS:
         raise InvalidRequestError(f"unknown cpu_kernel {value!r}: choose one of {', '.join(CPU_KERNELS)} "
                                   "(--cpu-kernel)", param="cpu_kernel")
+    return v
+
+
+# --weights: GGUF weights on CUDA. auto = dequantized to the compute dtype when that copy fits the memory share,
+# else kept quantized; quantized = always kept quantized; dequantize = always dequantized (loader/load.py)
+WEIGHTS = ("auto", "quantized", "dequantize")
+# --kernels: auto = Triton kernels on CUDA; torch = the torch reference ops everywhere (A/B and debugging)
+KERNELS = ("auto", "torch")
+# --gemv: decode-row matmuls of quantized CUDA weights. auto = the int8-activation GEMV where the GPU has dp4a,
+# else the 16-bit GEMV; a16 = the 16-bit GEMV; off = the tiled matmul for every row count
+GEMVS = ("auto", "a16", "off")
+
+
+def normalize_choice(value, choices: tuple[str, ...], field: str) -> str:
+    """value (case-insensitive, '-' read as '_') when it is one of `choices`, else an InvalidRequestError naming
+    the field and its flag."""
+    v = str(value).strip().lower().replace("-", "_")
+    if v not in choices:
+        raise InvalidRequestError(f"unknown {field} {value!r}: choose one of {', '.join(choices)} "
+                                  f"(--{field.replace('_', '-')})", param=field)
     return v
 
 
@@ -119,14 +138,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     cuda_graphs: bool = True  # decode steps replay captured graphs on CUDA
-    # --compile: CPU decode steps run a torch.compile'd layer stack (models/cpu_compile.py); None = the
-    # HEARTH_CPU_COMPILE environment variable (1 = on), off when unset
-    cpu_compile: bool | None = None
+    # --compile: CPU decode steps run a torch.compile'd layer stack (models/cpu_compile.py)
+    cpu_compile: bool = False
 
     def __post_init__(self) -> None:
         self.cache_dtype = normalize_cache_dtype(self.cache_dtype)
-        if self.cpu_compile is None:
-            self.cpu_compile = os.environ.get("HEARTH_CPU_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+        self.cpu_compile = bool(self.cpu_compile)
 
 
 @dataclass
@@ -158,10 +175,22 @@ class EngineConfig:
     threads: int | None = None
     # --cpu-kernel: auto | avx512vnni | avx2 | torch (CPU_KERNELS); an ISA this CPU lacks fails at engine start
     cpu_kernel: str = "auto"
+    weights: str = "auto"  # --weights: WEIGHTS
+    kernels: str = "auto"  # --kernels: KERNELS
+    gemv: str = "auto"  # --gemv: GEMVS
+    # --cpu-dense-memory: bytes of 16-bit weight copies kept for multi-row CPU matmuls of int4 weights (0 = none)
+    cpu_dense_memory: int = 1 << 30
 
     def __post_init__(self) -> None:
         self.gpu_layers = normalize_gpu_layers(self.gpu_layers)
         self.cpu_kernel = normalize_cpu_kernel(self.cpu_kernel)
+        self.weights = normalize_choice(self.weights, WEIGHTS, "weights")
+        self.kernels = normalize_choice(self.kernels, KERNELS, "kernels")
+        self.gemv = normalize_choice(self.gemv, GEMVS, "gemv")
+        if isinstance(self.cpu_dense_memory, bool) or int(self.cpu_dense_memory) < 0:
+            raise InvalidRequestError(f"cpu_dense_memory must be a byte count >= 0, got {self.cpu_dense_memory!r}",
+                                      param="cpu_dense_memory")
+        self.cpu_dense_memory = int(self.cpu_dense_memory)
         if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) < 1):
             raise InvalidRequestError(f"threads must be a positive count, got {self.threads!r}", param="threads")
 

@@ -42,7 +42,7 @@ class ServeConfig:
     quantization: str = "none"  # none | int8 | int4 | fp8 (weights)
     gpu_memory_utilization: float = 0.9  # CacheConfig.memory_fraction
     gpu_layers: int | str | None = None  # --gpu-layers N | auto (EngineConfig.gpu_layers); None = all on the GPU
-    cpu_compile: bool | None = None  # --compile (CacheConfig.cpu_compile); None = HEARTH_CPU_COMPILE
+    cpu_compile: bool = False  # --compile (CacheConfig.cpu_compile)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
