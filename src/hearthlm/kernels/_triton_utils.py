@@ -12,13 +12,18 @@ import os
 import torch
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors (tests). The one read of this tool's variable."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_wanted() -> bool:
     """Whether a Triton kernel can run in this process: triton installed, and a CUDA (or ROCm) device to run it on
     or TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors, for tests). A CPU-only process never
     imports triton (~0.3 s of start-up, plus the @triton.jit definitions of every kernel module)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    return interpreting() or torch.cuda.is_available()
 
 
 HAS_TRITON = False
