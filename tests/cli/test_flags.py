@@ -60,15 +60,17 @@ def test_every_engine_flag_reaches_llm_kwargs():
     args = parse("serve", "-c", "1024", "-np", "2", "--max-num-batched-tokens", "512", "--kv-cache-memory", "64M",
                  "--no-prefix-caching", "--kv-cache-dtype", "int8", "-q", "int4", "-ngl", "auto",
                  "--gpu-memory-utilization", "0.5", "--compile", "--device", "cpu", "--dtype", "bf16", "--seed", "7",
-                 "--batch-invariant", "-t", "2", "--cpu-kernel", "avx2")
+                 "--batch-invariant", "-t", "2", "--cpu-kernel", "avx2", "--weights", "dequantize", "--kernels",
+                 "torch", "--gemv", "off", "--cpu-dense-memory", "0")
     kw = flags.engine_kwargs(args)
     assert kw == dict(max_model_len=1024, max_num_seqs=2, max_num_batched_tokens=512, kv_cache_memory=64 << 20,
                       enable_prefix_caching=False, kv_cache_dtype="int8", quantization="int4", gpu_layers="auto",
                       gpu_memory_utilization=0.5, cpu_compile=True, device="cpu", dtype="bfloat16", seed=7,
-                      batch_invariant=True, threads=2, cpu_kernel="avx2")
+                      batch_invariant=True, threads=2, cpu_kernel="avx2", weights="dequantize", kernels="torch",
+                      gemv="off", cpu_dense_memory=0)
     assert set(kw) <= set(inspect.signature(LLM.__init__).parameters)
     defaults = flags.engine_kwargs(parse("serve"))
-    assert defaults["dtype"] == "auto" and defaults["threads"] is None and defaults["cpu_compile"] is None
+    assert defaults["dtype"] == "auto" and defaults["threads"] is None and defaults["cpu_compile"] is False
     assert defaults["enable_prefix_caching"] is True and defaults["batch_invariant"] is False
 
 
@@ -152,13 +154,14 @@ def test_bad_values_are_argparse_errors_naming_the_flag(capsys, argv, names):
 
 def test_constants_match_the_engine_and_planner_tables():
     from hearthlm.cli import plan_cmd
-    from hearthlm.config import KV_CACHE_DTYPES
+    from hearthlm.config import CPU_KERNELS, GEMVS, KERNELS, KV_CACHE_DTYPES, WEIGHTS
     from hearthlm.loader.load import QUANTIZATIONS
     from hearthlm.plan.memory import DEVICE_PRESETS, KV_DTYPE_BYTES, QUANTS
     from hearthlm.plan.presets import PRESETS
 
     assert tuple(flags.QUANTIZATIONS) == tuple(QUANTIZATIONS)
     assert tuple(flags.KV_CACHE_DTYPES) == tuple(KV_CACHE_DTYPES)
+    assert (flags.CPU_KERNELS, flags.WEIGHTS, flags.KERNELS, flags.GEMVS) == (CPU_KERNELS, WEIGHTS, KERNELS, GEMVS)
     assert plan_cmd.HELP_PRESETS == tuple(PRESETS) and plan_cmd.HELP_QUANTS == tuple(QUANTS)
     assert plan_cmd.HELP_KV_DTYPES == tuple(KV_DTYPE_BYTES) and plan_cmd.HELP_DEVICES == tuple(DEVICE_PRESETS)
 
@@ -226,3 +229,23 @@ def test_ps_until_in_words():
     assert until(iso(-3), now) == "Stopping..."
     assert until("2030-01-01T00:00:00Z", datetime(2029, 12, 31, 23, 0, tzinfo=timezone.utc).timestamp()) == \
         "1 hour from now"
+
+
+def test_kernel_and_memory_switches_reach_the_engine_config():
+    """--weights/--kernels/--gemv/--cpu-dense-memory are EngineConfig fields (no environment variables), reached
+    from the CLI through engine_kwargs and from the server through ServeConfig; bad values name the field."""
+    from hearthlm.cli.main import build_parser
+    from hearthlm.config import EngineConfig
+    from hearthlm.errors import InvalidRequestError
+
+    a = build_parser().parse_args(["serve", "m", "--weights", "quantized", "--kernels", "torch", "--gemv", "a16",
+                                   "--cpu-dense-memory", "256M"])
+    kw = flags.engine_kwargs(a)
+    assert (kw["weights"], kw["kernels"], kw["gemv"], kw["cpu_dense_memory"]) == ("quantized", "torch", "a16",
+                                                                                   256 << 20)
+    cfg = EngineConfig(weights="Quantized", kernels="torch", gemv="OFF", cpu_dense_memory=0)
+    assert (cfg.weights, cfg.kernels, cfg.gemv, cfg.cpu_dense_memory) == ("quantized", "torch", "off", 0)
+    for field, bad in (("weights", "int4"), ("kernels", "cuda"), ("gemv", "a8"), ("cpu_dense_memory", -1)):
+        with pytest.raises(InvalidRequestError) as e:
+            EngineConfig(**{field: bad})
+        assert e.value.param == field and field.replace("_", "-") in str(e.value) or field in str(e.value)

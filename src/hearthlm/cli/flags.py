@@ -23,8 +23,12 @@ QUANTIZATIONS = ("none", "int8", "int4", "fp8")
 # --kv-cache-dtype (config.KV_CACHE_DTYPES)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "fp8_e4m3")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# --cpu-kernel (config.CPU_KERNELS)
+# --cpu-kernel, --weights, --kernels, --gemv (config.CPU_KERNELS, WEIGHTS, KERNELS, GEMVS; tests/cli/test_flags.py
+# keeps them equal)
 CPU_KERNELS = ("auto", "avx512vnni", "avx2", "torch")
+WEIGHTS = ("auto", "quantized", "dequantize")
+KERNELS = ("auto", "torch")
+GEMVS = ("auto", "a16", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -101,6 +105,9 @@ quantization_arg = _choice(QUANTIZATIONS)
 kv_cache_dtype_arg = _choice(KV_CACHE_DTYPES, {"fp8e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"})
 dtype_arg = _choice(DTYPES, _DTYPE_ALIASES)
 cpu_kernel_arg = _choice(CPU_KERNELS, {"avx512_vnni": "avx512vnni", "avx512": "avx512vnni"})
+weights_arg = _choice(WEIGHTS)
+kernels_arg = _choice(KERNELS)
+gemv_arg = _choice(GEMVS)
 
 
 class _Store(argparse.Action):
@@ -157,9 +164,9 @@ ENGINE_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]
              "(default %(default)s); the KV pool is this share minus the peak of a profiled largest step")),
     "compile": (("--compile",), (), dict(
         action="store_true",
-        help="CPU: run decode steps through torch.compile (inductor C++ kernels; needs g++): the same tokens, "
-             "~1.4x the batch-1 decode speed, but each batch-size range (1, 2-4, 5+ rows) compiles on first use: "
-             "~30 s on 2 cores, ~5 s once inductor's disk cache has it")),
+        help="CPU, float32 weights: run decode steps through torch.compile (inductor C++ kernels; needs g++): the "
+             "same tokens, faster batch-1 decode (BENCHMARKS.md), but each batch-size range (1, 2-4, 5+ rows) "
+             "compiles on first use (tens of seconds; inductor's disk cache serves later starts)")),
     "device": (("--device",), (), dict(default="auto", help="auto (default), cpu, cuda, cuda:1")),
     "dtype": (("--dtype",), (), dict(
         type=dtype_arg, default="auto", metavar="|".join(DTYPES),
@@ -177,6 +184,21 @@ ENGINE_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]
         type=cpu_kernel_arg, default="auto", metavar="|".join(CPU_KERNELS),
         help="CPU quantized kernel: auto (default: the best this CPU has), avx512vnni or avx2 (the native kernel, "
              "batch-invariant, the same bits on both), torch (PyTorch's int4 kernel, not batch-invariant)")),
+    "weights": (("--weights",), (), dict(
+        type=weights_arg, default="auto", metavar="|".join(WEIGHTS),
+        help="GGUF weights on CUDA: auto (default: dequantized to bf16 when that copy fits the memory share, else "
+             "kept quantized), quantized (always keep the file's quantized blocks), dequantize (always bf16)")),
+    "kernels": (("--kernels",), (), dict(
+        type=kernels_arg, default="auto", metavar="|".join(KERNELS),
+        help="auto (default): Triton kernels on CUDA; torch: the torch reference ops everywhere (for A/B checks)")),
+    "gemv": (("--gemv",), (), dict(
+        type=gemv_arg, default="auto", metavar="|".join(GEMVS),
+        help="decode-row matmuls of quantized CUDA weights: auto (default: int8 activations where the GPU has "
+             "dp4a), a16 (16-bit activations), off (the tiled matmul for every row count)")),
+    "cpu_dense_memory": (("--cpu-dense-memory",), (), dict(
+        type=parse_size, default=1 << 30, metavar="SIZE",
+        help="CPU: memory for 16-bit copies of int4 weights that multi-row steps (prefill, many streams) run "
+             "through the dense GEMM, e.g. 512M; 0 = none (default 1G)")),
 }
 
 # engine flag dest -> hearthlm.LLM keyword
@@ -217,8 +239,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for dest in ENGINE_FLAGS:
         if hasattr(args, dest):
             out[_LLM_KWARG.get(dest, dest)] = getattr(args, dest)
-    if "cpu_compile" in out:
-        out["cpu_compile"] = out["cpu_compile"] or None  # off = the config default, not "forced off"
     return out
 
 

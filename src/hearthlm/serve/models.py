@@ -49,6 +49,10 @@ class ServeConfig:
     batch_invariant: bool = False  # --batch-invariant (EngineConfig.batch_invariant)
     threads: int | None = None  # -t/--threads (EngineConfig.threads); None = the physical cores
     cpu_kernel: str = "auto"  # --cpu-kernel (EngineConfig.cpu_kernel)
+    weights: str = "auto"  # --weights, --kernels, --gemv, --cpu-dense-memory: EngineConfig's fields
+    kernels: str = "auto"
+    gemv: str = "auto"
+    cpu_dense_memory: int = 1 << 30
     keep_alive_s: float | None = 300.0  # None = forever
     stats_interval_s: float = 10.0
     preload: bool = True
@@ -263,7 +267,8 @@ class ModelManager:
         config = EngineConfig(model=str(path), dtype=c.dtype, device=c.device, seed=c.seed, cache=cache,
                               scheduler=sched, quantization=c.quantization,
                               gpu_layers=c.gpu_layers, batch_invariant=c.batch_invariant, threads=c.threads,
-                              cpu_kernel=c.cpu_kernel)
+                              cpu_kernel=c.cpu_kernel, weights=c.weights, kernels=c.kernels, gemv=c.gemv,
+                              cpu_dense_memory=c.cpu_dense_memory)
         start = time.perf_counter()
         # built on the engine's own thread (AsyncEngine.build: one OpenMP team for loading and stepping)
         aengine = await asyncio.to_thread(AsyncEngine.build, lambda: LLMEngine(config), c.max_queue,
