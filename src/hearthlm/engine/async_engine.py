@@ -108,8 +108,7 @@ class AsyncEngine:
               stats_interval_s: float | None = None) -> AsyncEngine:
         """Build the engine on the thread that will step it (blocking; raises what building raised). Then one
         thread runs all of the engine's CPU parallel regions: OpenMP keeps a thread team per calling thread, and
-        a loader's team next to the stepping thread's throttles both teams' spin-waits on a small machine (2 cores,
-        16 streams of the default model: ~545 against ~780 tok/s)."""
+        a loader's team next to the stepping thread's throttles both teams' spin-waits on a small machine."""
         self = cls(make, max_queue, stats_interval_s)
         self._built.wait()
         if self._build_error is not None:

@@ -6,16 +6,16 @@ core's vector units, so a second thread per core only adds barrier waits).
 
 Neighbours: a decode step is ~150 OpenMP parallel regions, each ending in a barrier that needs every thread of
 the team on a core. Beside a busy process (another engine, a build) one thread of the team is often queued behind
-it, and the others spin at the barrier: each region then waits out a scheduler slice, 2.5x to 7x slower on 2 cores
-(llama.cpp alike), up to 100x beside another spinning engine. Passive waiting alone (OMP_WAIT_POLICY=PASSIVE)
-fixes that but halves the speed alone (a futex wake per region on a VM). So CpuShare sizes the native kernel's
+it, and the others spin at the barrier: each region then waits out a scheduler slice (several times slower, far
+more beside another spinning engine: BENCHMARKS.md, shared CPU). Passive waiting alone (OMP_WAIT_POLICY=PASSIVE)
+fixes that but costs a futex wake per region when running alone. So CpuShare sizes the native kernel's
 team from the CPU time other processes take on our CPUs, measured as the engine steps: a busy neighbour on one of
 2 cores leaves hearthlm one thread, which never waits for another.
 
-Spinning: libgomp's workers spin 300,000 `pause` rounds before they sleep (~25 ms on an AMD EPYC, where a pause
-is ~85 ns): after every step, idle or not, they burn that much CPU that a neighbour could use. libgomp reads its
-policy once, when it loads (when torch is imported), so `import hearthlm` sets GOMP_SPINCOUNT=SPIN_COUNT (~1-2 ms,
-still longer than the gaps between one step's regions) before torch loads: only when torch is not imported yet and
+Spinning: libgomp's workers spin 300,000 `pause` rounds before they sleep (tens of milliseconds): after every
+step, idle or not, they burn CPU that a neighbour could use. libgomp reads its policy once, when it loads (when
+torch is imported), so `import hearthlm` sets GOMP_SPINCOUNT=SPIN_COUNT (a spin still longer than the gaps between
+one step's regions, far shorter than libgomp's) before torch loads: only when torch is not imported yet and
 the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT (theirs win). An engine started after an earlier
 `import torch` logs how to get it.
 """
