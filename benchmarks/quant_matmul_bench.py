@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -30,6 +31,11 @@ import triton.testing
 from hearthlm.kernels import quant_gemv_a8 as a8
 from hearthlm.kernels import quant_matmul as qm
 from hearthlm.layers.gpu_quant import Fp8Weight
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_matmul_variants import register  # noqa: E402
+
+register()  # the benchmark-only tl.dot variants (1-8, 10-12) beside the product's
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 MS = [1, 2, 4, 16, 128, 512]

@@ -167,21 +167,25 @@ def test_gpu_configs_odd_shape(block_n, block_k, num_warps, num_stages, m):
 
 @pytest.mark.gpu
 def test_gpu_linear_hook(monkeypatch):
-    from hearthlm.layers import linear as lin
+    from hearthlm.kernels.row_dispatch import DENSE_GEMV_MAX_ROWS
+    from hearthlm.layers import weight_kernel as wk
+    from hearthlm.layers.linear import Linear
 
-    m = lin.GEMV_MAX_M
+    m = DENSE_GEMV_MAX_ROWS
     x, w, b = _case(m, 3072, 1024, torch.bfloat16, True, device="cuda")
-    layer = lin.Linear(w, b)
+    layer = Linear(w, b)
     calls = []
-    real = lin.gemv
-    monkeypatch.setattr(lin, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = wk.gemv
+    monkeypatch.setattr(wk, "gemv", lambda *a: calls.append(1) or real(*a))
     y = layer(x.view(m, 1, 1024))  # 3-D input: viewed as [m, K]
     assert calls and y.shape == (m, 1, 3072)
     assert _rel_err(y.view(m, -1), gv.gemv_ref(x, w, b)) < 1e-2
     calls.clear()
-    layer(torch.randn(lin.GEMV_MAX_M + 1, 1024, device="cuda", dtype=torch.bfloat16))  # prefill: cuBLAS
-    monkeypatch.setattr(lin, "USE_GEMV", False)  # HEARTH_GEMV=0
-    layer(x)
+    layer(torch.randn(DENSE_GEMV_MAX_ROWS + 1, 1024, device="cuda", dtype=torch.bfloat16))  # prefill: cuBLAS
+    for options in (wk.WeightOptions(gemv="off"), wk.WeightOptions(kernels="torch")):  # bound at construction
+        with wk.bound(options):
+            off = Linear(w, b)
+        off(x)
     assert not calls
 
 
@@ -229,7 +233,7 @@ def test_gpu_fp8_row_quantization_exact():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 16, 128])
 def test_gpu_fp8_linear_by_row_count(m):
-    """Fp8Weight: GEMV up to FP8_GEMV_MAX_M rows, per-token scaled _scaled_mm above; both near x @ dequant(W)^T."""
+    """Fp8Weight: GEMV up to FP8_GEMV_MAX_ROWS rows, per-token scaled _scaled_mm above; both near x @ dequant(W)^T."""
     from hearthlm.layers.gpu_quant import Fp8Weight
 
     x, w, _ = _case(m, 3072, 1024, torch.bfloat16, False, device="cuda", seed=m)

@@ -20,6 +20,19 @@ HERE = Path(__file__).resolve().parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _all_variants() -> list[int]:
+    """The product's tl.dot variants and the benchmark-only ones (benchmarks/quant_matmul_variants.py registers
+    them in qm.MM_VARIANTS): the switches they use live in the product's _mmv_kernel, so all are tested."""
+    path = HERE.parents[1] / "benchmarks" / "quant_matmul_variants.py"
+    spec = importlib.util.spec_from_file_location("quant_matmul_variants", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return sorted(mod.register())
+
+
+VARIANTS = _all_variants()
+
+
 def _interpreted() -> bool:
     if not HAS_TRITON or torch.cuda.is_available():
         return False
@@ -102,7 +115,7 @@ def test_interp_mm(bits, group, has_min):
 @pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False),
                                                 (4, 128, True)])
 @pytest.mark.parametrize("m", [5, 16])
-@pytest.mark.parametrize("variant", sorted(qm.MM_VARIANTS))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_interp_mm_variants(bits, group, has_min, m, variant):
     # K: a partial last K step, also per split (and, group 128, steps shorter than a group). fp32 x runs the
     # fp32 dequantization of every variant; fp16 x the half-precision one of variants with MATH > 0 (their
@@ -164,7 +177,7 @@ def test_gpu_quant_matmul(n, k, bits, group, has_min, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False)])
 @pytest.mark.parametrize("m", [5, 16, 128])
-@pytest.mark.parametrize("variant", sorted(qm.MM_VARIANTS))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_mm_variants(bits, group, has_min, m, variant):
     """Each variant with its default tiles on bf16 x (bf16 dequantization where MATH > 0) and, at 16 rows,
     fp16 x; N not a multiple of any block and K with a partial last step in the second shape."""
@@ -205,3 +218,10 @@ def replayed(fn, x: torch.Tensor) -> torch.Tensor:
     graph.replay()
     torch.cuda.synchronize()
     return out
+
+
+def test_product_variants_are_the_dispatched_ones():
+    """The product keeps only the tl.dot variants mm_config picks (0, and 9 on Hopper)."""
+    picked = {qm.mm_config(m, n, k, bits, hopper).variant for m in (5, 16, 64, 128) for n, k in SHAPES
+              for bits in (4, 8) for hopper in (False, True)}
+    assert picked - {0} <= set(qm.MM_VARIANTS) and 9 in picked

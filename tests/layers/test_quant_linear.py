@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from hearthlm.layers.linear import Linear
-from hearthlm.layers.quant_linear import GroupQuant, Int4Weight, NativeWeight, unpack_gguf
+from hearthlm.layers.quant_linear import Int4Weight, NativeWeight
+from hearthlm.layers.weight_kernel import DenseWeight
+from hearthlm.loader.gguf_unpack import unpack_gguf
+from hearthlm.quant.group_quant import GroupQuant
 
 from ..conftest import assert_diverges_only_at_near_ties, needs_default_model
 
@@ -90,11 +93,11 @@ def test_fused_permuted_bias_and_fallbacks(torch_int4):
     # mixed formats (a Q8_0 part, a dense part) run one matmul per part
     q8 = unpack_gguf(random_blocks("Q8_0", 16, k), "Q8_0", (16, k))
     mixed = Linear.fused([parts[1], q8, dense[2]], bias[1:] + bias[2:])
-    assert [type(p.packed) for p in mixed.parts] == [Int4Weight, Int4Weight, type(None)]
+    assert [type(p) for p in mixed.parts] == [Int4Weight, Int4Weight, DenseWeight]
     close(mixed(x), x @ torch.cat([dense[1], q8.dequantize(), dense[2]]).T + torch.cat(bias[1:] + bias[2:]))
     # adjacent same-format weights (Q4_K q/k before a Q6_K v) still fuse: one matmul per run
     runs = Linear.fused([parts[1], parts[2], q8])
-    assert [p.packed.out_features for p in runs.parts] == [32, 16]
+    assert [p.out_features for p in runs.parts] == [32, 16]
     close(runs(x), x @ torch.cat([dense[1], dense[2], q8.dequantize()]).T)
     # batch invariance within the int4 kernel: each row's result is the same alone or inside a batch of any size
     # (with a dense copy, calls from dense_min_rows rows on run the bf16 GEMM instead: tests/layers/test_cpu_decode.py)
@@ -108,7 +111,7 @@ def test_fused_permuted_bias_and_fallbacks(torch_int4):
     assert torch.equal(q8.embedding(ids), torch.nn.functional.embedding(ids, q8.dequantize()))
 
 
-def test_weights_option(monkeypatch):
+def test_weights_option():
     from hearthlm.loader.load import keep_quantized
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -117,8 +120,6 @@ def test_weights_option(monkeypatch):
     assert not keep_quantized(None, "float32", cpu)  # explicit fp32: the exact (HF-equal) path
     assert not keep_quantized(None, "auto", cuda)  # GPU: bf16 until the Triton quant kernels beat cuBLAS
     assert keep_quantized("quantized", "auto", cuda) and not keep_quantized("dequantize", "auto", cuda)
-    monkeypatch.setenv("HEARTHLM_WEIGHTS", "dequantize")
-    assert not keep_quantized(None, "auto", cpu)
     with pytest.raises(ValueError):
         keep_quantized("int3", "auto", cpu)
 
@@ -162,7 +163,7 @@ def test_default_model_greedy_matches_dequantized_or_diverges_at_a_near_tie(kern
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2"])
-def test_tiny_families_quantized_logits_close_to_dequantized(tiny, tmp_path, monkeypatch, family):
+def test_tiny_families_quantized_logits_close_to_dequantized(tiny, tmp_path, family):
     """Bias (qwen2), q/k norms (qwen3), scaled tied embeddings and soft-capping (gemma2), Q8_0 kept quantized. The
     tiny random models amplify bf16 rounding, so the bar is the same model dequantized and run in bf16."""
     from hearthlm.quant import perplexity_llm, quantize_model, window_logits
@@ -171,15 +172,14 @@ def test_tiny_families_quantized_logits_close_to_dequantized(tiny, tmp_path, mon
     quantize_model(Path(tiny.path(family)), "q8_0", path)
     ids = list(range(100, 130))
 
-    def logits(dtype: str) -> torch.Tensor:
-        llm = perplexity_llm(str(path), len(ids), dtype=dtype)
+    def logits(dtype: str, weights: str | None = None) -> torch.Tensor:
+        llm = perplexity_llm(str(path), len(ids), dtype=dtype, weights=weights)
         if dtype == "auto":
             assert any(isinstance(lin.packed, (NativeWeight, Int4Weight))
                        for lin in vars(llm.engine.runner.model.layers[0]).values() if isinstance(lin, Linear))
         return window_logits(llm, [ids])[0].float()
 
     ref, quant = logits("float32"), logits("auto")
-    monkeypatch.setenv("HEARTHLM_WEIGHTS", "dequantize")
-    bf16 = logits("bfloat16")
+    bf16 = logits("bfloat16", "dequantize")
     err, bf16_err = (quant - ref).abs().max(), (bf16 - ref).abs().max()
     assert err <= max(1.5 * bf16_err, 1e-2 * ref.abs().max()), f"{err:.3g} vs bf16 dequantized {bf16_err:.3g}"

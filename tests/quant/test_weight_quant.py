@@ -250,15 +250,13 @@ def test_gpu_decode_int8_activations_follow_the_float_gemv(tiny, monkeypatch):
     """Steps of <= 4 rows run the dp4a GEMV with x quantized by RMSNorm / SiLU*mul in their own launches: logits
     stay within int8 rounding of x of the float GEMV's, and decoding (CUDA graphs) starts the same."""
     from hearthlm import LLM, SamplingParams
-    from hearthlm.layers import gpu_quant
 
     prompt = prompts_of(1, [3], seed=31)[0]  # 3 rows: the decode GEMVs, eagerly
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     logits, tokens = {}, {}
     for a8 in (True, False):
-        monkeypatch.setattr(gpu_quant, "USE_GEMV_A8", a8)
         llm = LLM(model=tiny.path("llama"), dtype="bfloat16", device="cuda", max_model_len=256, max_num_seqs=4,
-                  quantization="int4")
+                  quantization="int4", gemv="auto" if a8 else "a16")
         layer = llm.engine.runner.model.layers[0]
         assert (layer.qkv.a8_bits(3, torch.device("cuda")) == 4) == a8
         logits[a8] = _logits(llm, prompt)

@@ -9,7 +9,7 @@ CPU has (`cpu_kernel_for`); torch is PyTorch's int4 kernel (not batch-invariant)
 same source (`ISA_FLAGS`: -march=native for avx512vnni, -march=x86-64-v3 for avx2, plus -mavxvnni where the CPU has
 AVX-VNNI), so an AVX-512 machine runs the AVX2 library when asked (the tests do). The AVX2 build gives the AVX-512
 build's bits (tests/test_cpu_kernel_isa.py). The engine picks one for its load (`using`); `library()` gives the
-picked one (auto outside `using`). HEARTH_CPU_NATIVE=0 is a deprecated alias of cpu_kernel torch for auto.
+picked one (auto outside `using`).
 
 The C source ships with the package and is compiled once per machine and ISA with the system C compiler (`cc`, or
 $CC) into $HEARTH_HOME/kernels (default ~/.hearth/kernels), keyed by source, flags and CPU. Without a compiler the
@@ -186,17 +186,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_kernel_for(value: str = "auto", flags: frozenset[str] | None = None) -> str:
-    """The ISA a cpu_kernel setting runs on this CPU: auto = the best it has (avx512vnni, avx2, else torch);
-    HEARTH_CPU_NATIVE=0 makes auto torch (deprecated). An ISA the CPU lacks is an InvalidRequestError naming the
-    missing features."""
+    """The ISA a cpu_kernel setting runs on this CPU: auto = the best it has (avx512vnni, avx2, else torch). An ISA
+    the CPU lacks is an InvalidRequestError naming the missing features."""
     from ..errors import InvalidRequestError
 
     kernel = normalize_kernel(value)
     flags = cpu_flags() if flags is None else flags
     if kernel == "auto":
-        if os.environ.get("HEARTH_CPU_NATIVE", "1") == "0":
-            _warn_env()
-            return "torch"
         return next((isa for isa, needs in ISA_NEEDS.items() if flags.issuperset(needs)), "torch")
     missing = [f for f in ISA_NEEDS.get(kernel, ()) if f not in flags]
     if missing:
@@ -204,11 +200,6 @@ def cpu_kernel_for(value: str = "auto", flags: frozenset[str] | None = None) -> 
         raise InvalidRequestError(f"cpu_kernel {kernel!r}: this CPU lacks {', '.join(missing)}; choose "
                                   f"{', '.join(others[:-1])} or {others[-1]} (--cpu-kernel)", param="cpu_kernel")
     return kernel
-
-
-@functools.cache
-def _warn_env() -> None:
-    log.warning("HEARTH_CPU_NATIVE=0 is deprecated: pass cpu_kernel='torch' (--cpu-kernel torch)")
 
 
 def isa_flags(isa: str, flags: frozenset[str] | None = None) -> list[str]:

@@ -26,17 +26,13 @@ under TRITON_INTERPRET=1 on CPU tensors); `gemv_config(M, N, K)` is the default 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ._triton_utils import HAS_TRITON, next_pow2, use_triton
 
-MAX_M = 8  # rows of x one program handles (accumulators are unrolled per row)
-# HEARTH_GEMV=0 (or HEARTH_DISABLE_KERNELS=1): callers (layers/linear.py, layers/gpu_quant.py) keep cuBLAS for every
-# row count, e.g. for A/B benchmarks
-USE_GEMV = os.environ.get("HEARTH_GEMV", "1") != "0" and os.environ.get("HEARTH_DISABLE_KERNELS") != "1"
+MAX_M = 8  # rows of x one program handles (accumulators are unrolled per row); callers' thresholds: row_dispatch
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -269,4 +265,4 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     return gemv_triton(x, w, bias)
 
 
-__all__ = ["MAX_M", "USE_GEMV", "GemvConfig", "gemv", "gemv_config", "gemv_ref", "gemv_supported", "gemv_triton"]
+__all__ = ["MAX_M", "GemvConfig", "gemv", "gemv_config", "gemv_ref", "gemv_supported", "gemv_triton"]

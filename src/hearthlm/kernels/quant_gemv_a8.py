@@ -15,29 +15,28 @@ i.e. K offset 8 t + 2p + (b >> 1) within the chunk. x codes are stored per chunk
   y[m, n] = sum over chunks c of  scale[n, g(c)] * dx[m, c] * sum(code * xq)  +  min[n, g(c)] * xs[m, c]
 
 Rounding of x to int8 (about 0.4% of a chunk's largest |x|) is the cost; llama.cpp's and vLLM's GGUF decode
-kernels make the same trade. HEARTH_GEMV_A8=0 keeps the float GEMV.
+kernels make the same trade. EngineConfig.gemv a16 keeps the float GEMV (layers/gpu_quant.QuantWeight).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._triton_utils import HAS_TRITON, next_pow2
+from ._triton_utils import HAS_TRITON, interpreting, next_pow2
 from .gemv import _SMS_GUESS
 from .quant_matmul import unpack_codes
+from .row_dispatch import A8_GEMV_MAX_ROWS
 
-USE_GEMV_A8 = os.environ.get("HEARTH_GEMV_A8", "1") != "0" and torch.version.hip is None  # dp4a: NVIDIA PTX
-MAX_M = 4  # rows one program takes
-# more rows: groups of MAX_M, one program per group and N block (W read once, from L2 after). H100, 8B shapes:
-# 8 rows 1.0x bf16 cuBLAS and 1.2-1.3x the tl.dot kernel; 16 rows 0.6x bf16, below the tl.dot kernel's 0.78x
-MAX_ROWS = 8
+MAX_M = 4  # rows one program takes (the kernel's 4 accumulators)
+# more rows: groups of MAX_M, one program per group and N block (W read once, from L2 after), up to
+# row_dispatch.A8_GEMV_MAX_ROWS
+MAX_ROWS = A8_GEMV_MAX_ROWS  # old name
 
 
 def rows_supported(m: int) -> bool:
     """Whether the dp4a GEMV takes m rows: up to MAX_M, or whole groups of MAX_M up to MAX_ROWS."""
-    return 1 <= m <= MAX_M or (m <= MAX_ROWS and m % MAX_M == 0)
+    return 1 <= m <= MAX_M or (m <= A8_GEMV_MAX_ROWS and m % MAX_M == 0)
 
 
 def x_perm(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -301,11 +300,11 @@ def quant_gemv_a8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tens
         xq.view(torch.int32), dx, xs, codes.view(torch.int32), scale, mins if mins is not None else scale, out,
         n, w32, xq.stride(0) // 4, dx.stride(0), w32, scale.stride(0), out.stride(0), T=16 // bits, GROUP=group,
         HAS_MIN=mins is not None, BLOCK_M=rows, P=next_pow2(rows), BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-        NUM_STAGES=cfg.num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", ROW_GROUPS=groups,
+        NUM_STAGES=cfg.num_stages, ASM=not interpreting(), ROW_GROUPS=groups,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-__all__ = ["A8Config", "MAX_M", "MAX_ROWS", "QuantizedX", "USE_GEMV_A8", "a8_config", "empty_quantized_x",
+__all__ = ["A8Config", "MAX_M", "MAX_ROWS", "QuantizedX", "a8_config", "empty_quantized_x",
            "quant_gemv_a8_ref", "quant_gemv_a8_triton", "quantize_x_ref", "quantize_x_triton", "rows_supported",
            "x_perm"]

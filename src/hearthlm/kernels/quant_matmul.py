@@ -12,27 +12,29 @@ conversion. Group: a multiple of 8 T (32 for 4-bit, 16 for 8-bit), so a chunk ha
 scale, min: [N, K // group] float16 or float32 (min None = symmetric codes, e.g. Q8_0, Q6_K, int8).
 
 Kernels (fp32 accumulation both):
-  _gemv_kernel  decode (M <= 4): kernels/gemv.py's design -- one program per BLOCK_N rows over all of K; per
+  _gemv_kernel  decode (M <= QUANT_GEMV_MAX_ROWS): kernels/gemv.py's design -- one program per BLOCK_N rows over all of K; per
                 chunk a thread sums code * x in registers and applies the chunk's scale once (and min * sum(x));
                 no shared memory or barriers inside the K loop, no split-K
-  _mm_kernel    M <= MM_MAX_M: tl.dot per sub-code plane on tiles dequantized in registers, optional split-K
-  _mmv_kernel   variants of _mm_kernel (KernelConfig.variant, MM_VARIANTS); variant 9 is the default on Hopper
+  _mm_kernel    M <= QUANT_MM_MAX_ROWS: tl.dot per sub-code plane on tiles dequantized in registers, optional
+                split-K
+  _mmv_kernel   _mm_kernel with switches (KernelConfig.variant -> MM_VARIANTS); variant 9, the default on Hopper, is
+                the one the product runs (benchmarks/quant_matmul_variants.py adds the others for A/B runs)
   _dequant_kernel  larger M (prefill): W to bf16/fp16 in one pass, then torch.matmul
-`quant_matmul` dispatches (Triton for CUDA tensors, else the torch reference `quant_matmul_ref`).
+`quant_matmul` dispatches by row count (kernels/row_dispatch.py; Triton for CUDA tensors, else the torch
+reference `quant_matmul_ref`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ._triton_utils import HAS_TRITON, next_pow2, num_sms, use_triton
+from ._triton_utils import HAS_TRITON, interpreting, next_pow2, num_sms, use_triton
 from .gemv import _SMS_GUESS
+from .row_dispatch import QUANT_GEMV_MAX_ROWS, QUANT_MM_MAX_ROWS
 
-GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV kernel runs; above, the tl.dot kernel
-MM_MAX_M = 128  # rows up to which the tl.dot kernel runs (1.6-2.2x dequantize + cuBLAS at 64-128, H100); above,
-# dequantize + dense matmul (prefill chunks, where that one pass is amortized)
+GEMV_ROWS = 4  # rows the GEMV kernel's accumulators hold (a0..a3)
+assert QUANT_GEMV_MAX_ROWS <= GEMV_ROWS
 
 
 # ----------------------------------------------------------------------------------------- layouts + reference
@@ -481,22 +483,11 @@ class KernelConfig:
     variant: int = 0  # kernel variant, see MM_VARIANTS (0: _mm_kernel)
 
 
-# Variants of the tl.dot kernel, for benchmarks/quant_matmul_bench.py --mm-variants: variant -> _mmv_kernel's
-# switches (see the comment above it) over MM_VARIANT_BASE. 0 is _mm_kernel, the default.
+# _mmv_kernel's switches (see the comment above it) over MM_VARIANT_BASE, by KernelConfig.variant; 0 is _mm_kernel.
+# Only the variants mm_config picks live here; benchmarks/quant_matmul_variants.py registers the others for A/B runs.
 MM_VARIANT_BASE = dict(SWAP=False, MATH=0, KCAT=False, PREFETCH=True, RED=False)
 MM_VARIANTS = {
-    1: dict(),  # row-major W tiles, per-group scale tiles (prefetched), fp32 dequantization, a dot per plane
-    2: dict(MATH=1),  # ... dequantization in x.dtype (bf16x2 math)
-    3: dict(MATH=2),  # ... dequantization in x.dtype as inline PTX (the interpreter runs 2)
-    4: dict(SWAP=True),  # W as the left dot operand (acc^T = W x^T), fp32 dequantization
-    5: dict(SWAP=True, MATH=1),  # ... dequantization in x.dtype
-    6: dict(SWAP=True, MATH=2),  # ... dequantization in x.dtype as inline PTX
-    7: dict(KCAT=True),  # as 1, planes interleaved back into K order: one contiguous x tile, one dot a step
-    8: dict(MATH=2, KCAT=True),  # as 3, one dot a step
-    9: dict(SWAP=True, MATH=2, KCAT=True),  # as 6, one dot a step
-    10: dict(MATH=2, RED=True),  # as 3, split-K partials summed by the kernel (no out.sum launches)
-    11: dict(MATH=2, KCAT=True, RED=True),  # as 8, split-K summed by the kernel
-    12: dict(SWAP=True, MATH=2, KCAT=True, RED=True),  # as 9, split-K summed by the kernel
+    9: dict(SWAP=True, MATH=2, KCAT=True),  # W the left dot operand, dequantized by inline PTX into K order
 }
 
 
@@ -585,7 +576,7 @@ def _launch_mm(grid_mn: tuple[int, int], cfg: KernelConfig, x, codes, scale, min
     if cfg.variant:
         kernel = _mmv_kernel
         kw.update(MM_VARIANT_BASE, **MM_VARIANTS[cfg.variant])
-        if kw["MATH"] == 2 and (not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if kw["MATH"] == 2 and (not x.is_cuda or interpreting()):
             kw["MATH"] = 1  # inline PTX: the interpreter runs the same math written in Triton
         kw["RED"] = kw["RED"] and split > 1
         if kw["RED"]:
@@ -613,12 +604,12 @@ def _check(x, codes, scale, mins, bits, group):
 
 def quant_gemv_triton(x, codes, scale, mins, bits: int, group: int, cfg: GemvConfig | None = None,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode kernel. x: [M, K] (M <= GEMV_MAX_M) -> [M, N]."""
+    """Decode kernel. x: [M, K] (M <= GEMV_ROWS) -> [M, N]."""
     x = x.contiguous()
     _check(x, codes, scale, mins, bits, group)
     m = x.shape[0]
     n, w = codes.shape
-    assert 1 <= m <= GEMV_MAX_M, m
+    assert 1 <= m <= GEMV_ROWS, m
     cfg = cfg or gemv_config(m, n, w, bits)
     out = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -632,7 +623,7 @@ def quant_gemv_triton(x, codes, scale, mins, bits: int, group: int, cfg: GemvCon
 def _hopper(x: torch.Tensor) -> bool:
     """Variant 9's inline PTX (sub.rn.bf16x2) needs SM 9.0; bf16/fp16 x (its dequantization dtype)."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and \
-        torch.cuda.get_device_capability(x.device)[0] >= 9 and os.environ.get("TRITON_INTERPRET") != "1"
+        torch.cuda.get_device_capability(x.device)[0] >= 9 and not interpreting()
 
 
 def quant_mm_triton(x, codes, scale, mins, bits: int, group: int, cfg: KernelConfig | None = None,
@@ -659,18 +650,18 @@ def dequantize_triton(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tens
 
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
                  bits: int, group: int) -> torch.Tensor:
-    """x: [M, K] -> [M, N] in x.dtype. Triton on CUDA, else the reference: the GEMV for M <= GEMV_MAX_M, the
-    tl.dot kernel up to MM_MAX_M; above, W is dequantized to x.dtype for one dense matmul (prefill: the matmul's
-    own cost dwarfs the extra pass over W)."""
+    """x: [M, K] -> [M, N] in x.dtype. Triton on CUDA, else the reference: the GEMV for M <= QUANT_GEMV_MAX_ROWS,
+    the tl.dot kernel up to QUANT_MM_MAX_ROWS; above, W is dequantized to x.dtype for one dense matmul (prefill:
+    the matmul's own cost dwarfs the extra pass over W)."""
     if not use_triton(x):
         return quant_matmul_ref(x, codes, scale, mins, bits, group)
-    if x.shape[0] <= GEMV_MAX_M:
+    if x.shape[0] <= QUANT_GEMV_MAX_ROWS:
         return quant_gemv_triton(x, codes, scale, mins, bits, group)
-    if x.shape[0] <= MM_MAX_M:
+    if x.shape[0] <= QUANT_MM_MAX_ROWS:
         return quant_mm_triton(x, codes, scale, mins, bits, group)
     return torch.matmul(x, dequantize_triton(codes, scale, mins, bits, group, x.dtype).t())
 
 
-__all__ = ["GEMV_MAX_M", "MM_MAX_M", "MM_VARIANTS", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref",
+__all__ = ["GEMV_ROWS", "MM_VARIANTS", "GemvConfig", "KernelConfig", "code_width", "dequantize_ref",
            "dequantize_triton", "gemv_config", "mm_config", "pack_codes", "quant_gemv_triton", "quant_matmul",
            "quant_matmul_ref", "quant_mm_triton", "unpack_codes"]

@@ -5,10 +5,11 @@
                per word; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in
                float16 (float32 when a value would lose range in float16). Serves as a Linear weight and as a
                (row-gathered) embedding.
-  Fp8Weight    e4m3 weights with one float32 scale per output channel. Up to FP8_GEMV_MAX_M rows: the decode
+  Fp8Weight    e4m3 weights with one float32 scale per output channel. Up to FP8_GEMV_MAX_ROWS rows: the decode
                GEMV (kernels/gemv.py) reads the codes directly (W8A16, activations untouched); more rows:
                activations scaled per token at run time (dynamic, one kernel: kernels/fp8_quant.py), product on
                torch._scaled_mm (CUDA, compute capability >= 8.9).
+Both implement layers/weight_kernel.WeightKernel; EngineConfig.gemv / kernels are bound when one is built.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import torch
 
 from ..kernels.fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from ..kernels.gemv import MAX_M as _GEMV_ROWS
-from ..kernels.gemv import USE_GEMV, gemv_triton
+from ..kernels.gemv import gemv_triton
 from ..kernels._triton_utils import use_triton
-from ..kernels.quant_gemv_a8 import USE_GEMV_A8, QuantizedX, quant_gemv_a8_triton, rows_supported
-from ..kernels.quant_matmul import code_width, dequantize_ref, pack_codes, quant_matmul, unpack_codes
-from .quant_linear import GroupQuant
+from ..kernels.quant_gemv_a8 import QuantizedX, quant_gemv_a8_triton, rows_supported
+from ..kernels.quant_matmul import (code_width, dequantize_ref, pack_codes, quant_matmul, quant_matmul_ref,
+                                    unpack_codes)
+from ..kernels.row_dispatch import FP8_GEMV_MAX_ROWS
+from ..quant.group_quant import GroupQuant
+from .weight_kernel import WeightKernel, current_options
 
 _F16_MAX, _F16_MIN_NORMAL = 65504.0, 6.2e-5
 
@@ -37,13 +41,16 @@ def _scale_dtype(*ts: torch.Tensor | None) -> torch.dtype:
     return torch.float16
 
 
-class QuantWeight:
+class QuantWeight(WeightKernel):
     """w[n, k] = code * scale[n, k // group] + min[n, k // group] with the codes packed for the GPU kernels."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int,
                  dtype: torch.dtype):
         self.codes, self.scale, self.mins = codes, scale, mins  # codes: [N, K * bits // 16] int16 words
         self.bits, self.group, self.dtype = bits, group, dtype
+        options = current_options()
+        self.gemv_a8 = options.gemv_a8  # EngineConfig.gemv auto
+        self._matmul = quant_matmul if options.triton else quant_matmul_ref  # EngineConfig.kernels
 
     @classmethod
     def from_group(cls, g: GroupQuant, device: torch.device | str | None = None) -> QuantWeight:
@@ -79,16 +86,18 @@ class QuantWeight:
     def a8_bits(self, rows: int, device: torch.device) -> int | None:
         """Code bits of the int8-activation decode GEMV if it serves `rows` rows on `device`, else None: x's
         producer may then quantize it for this weight (QuantizedX)."""
-        if rows_supported(rows) and USE_GEMV_A8 and device.type == "cuda" and use_triton(self.codes):
+        if self.gemv_a8 and rows_supported(rows) and device.type == "cuda" and use_triton(self.codes):
             return self.bits
         return None
 
-    def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
+    def mm(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
         # x: [M, K] -> [M, N] in x.dtype; decode rows: int8 activations and dp4a (kernels/quant_gemv_a8.py), x
         # quantized by its producer when xa matches these codes
         if self.a8_bits(x.shape[0], x.device) is not None:
             return quant_gemv_a8_triton(x, self.codes, self.scale, self.mins, self.bits, self.group, xa=xa)
-        return quant_matmul(x, self.codes, self.scale, self.mins, self.bits, self.group)
+        return self._matmul(x, self.codes, self.scale, self.mins, self.bits, self.group)
+
+    __call__ = mm
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_ref(self.codes, self.scale, self.mins, self.bits, self.group).to(dtype or self.dtype)
@@ -107,26 +116,27 @@ class QuantWeight:
 
 
 # ------------------------------------------------------------------------------------------------------ FP8
-FP8_GEMV_MAX_M = 4  # rows up to which the W8A16 GEMV runs instead of quantizing x for _scaled_mm
+FP8_GEMV_MAX_M = FP8_GEMV_MAX_ROWS  # old name
 
 
 def fp8_supported(device: torch.device) -> str | None:
     """None if FP8 weights can run on `device`, else the reason (for a typed error)."""
     if device.type != "cuda":
         return (f"quantization='fp8' needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), but the "
-                f"device is {device.type}: use quantization='int8' or 'int4' on CPU, or run on such a GPU")
+                f"device is {device.type}: use quantization='int8' or 'int4' (int4-g32) on CPU, or run on such a GPU")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return (f"quantization='fp8' needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}: "
-                f"use quantization='int8' or 'int4'")
+                f"use quantization='int8' or 'int4' (int4-g32)")
     return None
 
 
-class Fp8Weight:
+class Fp8Weight(WeightKernel):
     """W [N, K] as e4m3 with per-output-channel scales; y = (x8 @ w8^T) * sx[m] * sw[n]."""
 
     def __init__(self, w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.w8, self.scale, self.dtype = w8, scale, dtype  # [N, K] float8_e4m3fn, [N] float32
+        self.gemv = current_options().gemv16  # EngineConfig.gemv not off, kernels auto
         self._rowwise: bool | None = None  # whether _scaled_mm takes row-wise scales here (decided on first use)
 
     @classmethod
@@ -146,10 +156,10 @@ class Fp8Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.w8.float() * self.scale[:, None]).to(dtype or self.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def mm(self, x: torch.Tensor, xa: object = None) -> torch.Tensor:
         # x: [M, K] -> [M, N] in x.dtype; few rows: W8A16 GEMV, else activations scaled per token (dynamic)
-        if (0 < x.shape[0] <= min(FP8_GEMV_MAX_M, _GEMV_ROWS) and x.dtype in (torch.bfloat16, torch.float16)
-                and x.stride(-1) == 1 and USE_GEMV and use_triton(x)):
+        if (0 < x.shape[0] <= min(FP8_GEMV_MAX_ROWS, _GEMV_ROWS) and x.dtype in (torch.bfloat16, torch.float16)
+                and x.stride(-1) == 1 and self.gemv and use_triton(x)):
             return gemv_triton(x, self.w8, w_scale=self.scale)
         x8, sx = quantize_rows_fp8(x)  # [M, K] e4m3, [M, 1]
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -170,3 +180,4 @@ class Fp8Weight:
     def tensors(self) -> list[torch.Tensor]:
         return [self.w8, self.scale]
 
+    __call__ = mm

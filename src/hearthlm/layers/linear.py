@@ -1,25 +1,34 @@
-"""Linear layer holding (possibly fused) weights; the single place quantized matmuls plug in.
+"""Linear layer: (possibly fused) weights behind one weight kernel chosen at load time (layers/weight_kernel.py).
 
-A weight is a dense tensor or a GroupQuant (GGUF blocks or --quantization int8/int4 codes kept quantized).
-On CPU a GroupQuant is packed for the native kernel or PyTorch's CPU int4 kernel (layers/quant_linear.py;
-many-row calls use a dense bf16 copy when the process budget allows) or, lacking a layout, dequantized to its
-dtype; on CUDA it becomes a QuantWeight for the Triton kernels (layers/gpu_quant.py).
-An Fp8Weight (--quantization fp8) or a QuantWeight may also be passed as is.
+A weight handed in is a dense tensor, a GroupQuant (GGUF blocks or --quantization int8 / int4-g32 codes kept
+quantized), or a kernel already (QuantWeight, Fp8Weight: the loader builds those on the device). `make_kernel`:
+  tensor                      -> DenseWeight
+  GroupQuant on CUDA          -> QuantWeight (layers/gpu_quant.py)
+  GroupQuant on CPU           -> NativeWeight or Int4Weight (layers/quant_linear.py), else dequantized: DenseWeight
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..kernels.gemv import USE_GEMV, gemv, gemv_supported
-from ..kernels.invariant_matmul import invariant_linear
 from ..kernels.quant_gemv_a8 import QuantizedX
+from ..quant.group_quant import GroupQuant
 from .gpu_quant import Fp8Weight, QuantWeight
-from .quant_linear import GroupQuant, Int4Weight, NativeWeight, pack
+from .quant_linear import NativeWeight, pack
+from .weight_kernel import DenseWeight, PartsKernel, WeightKernel
 
-Weight = torch.Tensor | GroupQuant | QuantWeight | Fp8Weight
+Weight = torch.Tensor | GroupQuant | WeightKernel
 
-GEMV_MAX_M = 2  # dense CUDA weights: up to this many rows kernels.gemv runs instead of cuBLAS (faster on H100 to M=2)
+
+def make_kernel(weight: Weight) -> WeightKernel:
+    """The kernel of one weight [out_features, in_features] (see the module docstring)."""
+    if isinstance(weight, WeightKernel):
+        return weight
+    if isinstance(weight, GroupQuant):
+        if weight.device.type == "cuda":  # (GGUF codes stay undecoded on CPU)
+            return QuantWeight.from_group(weight)
+        packed = pack(weight)
+        return packed if packed is not None else DenseWeight(weight.dequantize())
+    return DenseWeight(weight)
 
 
 def _same_format(a: Weight, b: Weight) -> bool:
@@ -35,33 +44,17 @@ def _same_format(a: Weight, b: Weight) -> bool:
 class Linear:
     def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
         """weight: [out_features, in_features]. The kernel may depend on the row count, so a sequence's output can
-        depend on what it is batched with (within the kernels' rounding): a CPU packed weight runs the int4 kernel
-        for a few rows and, when it keeps a dense bf16 copy, oneDNN's bf16 GEMM for more (Int4Weight); on CUDA
-        QuantWeight, Fp8Weight and cuBLAS for dense weights switch kernels by row count too. Dense float32 weights
-        on CPU (the HF-exact path) run one kernel for every row count."""
-        self.packed: NativeWeight | Int4Weight | QuantWeight | Fp8Weight | None = None
-        if isinstance(weight, GroupQuant) and weight.device.type == "cuda":  # (GGUF codes stay undecoded on CPU)
-            weight = QuantWeight.from_group(weight)
-        if isinstance(weight, (QuantWeight, Fp8Weight)):
-            self.packed, weight = weight, None
-        elif isinstance(weight, GroupQuant):
-            self.packed = pack(weight)
-            weight = weight.dequantize() if self.packed is None else None
-        self.weight: torch.Tensor | None = weight
+        depend on what it is batched with (within the kernels' rounding): Int4Weight, QuantWeight, Fp8Weight and
+        DenseWeight on CUDA switch kernels by row count (kernels/row_dispatch.py); NativeWeight and dense float32
+        weights on CPU (the HF-exact path) run one kernel for every row count."""
+        self.kernel: WeightKernel = make_kernel(weight)
         self.bias = bias
-        self.parts: list[Linear] | None = None
-        self.invariant = False  # --batch-invariant: dense CUDA weights take kernels.invariant_matmul for every M
-        # CPU quantized weight without bias: __call__ goes straight to it (a few us a call at batch 1)
-        self._cpu = self.packed if isinstance(self.packed, (NativeWeight, Int4Weight)) and bias is None else None
-
-    @property
-    def native(self) -> NativeWeight | None:
-        """The native CPU kernel's weight when this layer is one (its fused entry points; self.bias is the
-        caller's to add)."""
-        return self.packed if isinstance(self.packed, NativeWeight) and self.parts is None else None
+        # the native CPU kernel's weight when this layer is one (its fused entry points; self.bias is the caller's
+        # to add), else None
+        self.native: NativeWeight | None = self.kernel if isinstance(self.kernel, NativeWeight) else None
 
     @classmethod
-    def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> "Linear":
+    def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> Linear:
         bias = None
         if biases and all(b is not None for b in biases):
             bias = torch.cat(biases, dim=0)
@@ -82,60 +75,46 @@ class Linear:
                 runs[-1].append(w)
             else:
                 runs.append([w])
-        fused = cls(torch.empty(0), bias)
-        fused.parts = [cls.fused(r) for r in runs]
-        return fused
+        return cls(PartsKernel([cls.fused(r).kernel for r in runs]), bias)
+
+    def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]; xa: x pre-quantized for a QuantWeight's decode GEMV
+        return self.kernel.forward(x, xa, self.bias)
+
+    def native_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """__call__, except that a CPU quantized weight's result stays in its kernel's dtype (bf16 or float32): for
+        callers that only add it to (or multiply it by) a float32 tensor, whose type promotion upcasts exactly, one
+        op fewer per call."""
+        return self.kernel.forward_native(x, self.bias)
 
     def a8_bits(self, rows: int, device: torch.device) -> int | None:
         """Code bits of the int8-activation decode GEMV this layer (its first part) runs for `rows` rows, else
         None: the producer of x may quantize it in its own launch and pass it as xa."""
-        first = self.parts[0] if self.parts is not None else self
-        return first.packed.a8_bits(rows, device) if isinstance(first.packed, QuantWeight) else None
-
-    def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
-        # x: [..., in_features] -> [..., out_features]; xa: x pre-quantized for a QuantWeight's decode GEMV
-        if self._cpu is not None and x.dim() == 2:
-            return self._cpu(x)
-        if self.parts is not None:
-            y = torch.cat([p(x, xa) for p in self.parts], dim=-1)
-            return y if self.bias is None else y + self.bias
-        if self.packed is None:
-            if self.invariant:
-                return invariant_linear(x, self.weight, self.bias)
-            if USE_GEMV and self.weight.is_cuda and gemv_supported(x, self.weight, self.bias, GEMV_MAX_M):
-                return gemv(x.view(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
-            return F.linear(x, self.weight, self.bias)
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = self.packed(x2, xa) if xa is not None and isinstance(self.packed, QuantWeight) else self.packed(x2)
-        y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return self.kernel.a8_bits(rows, device)
 
     def set_invariant(self, on: bool) -> None:
-        """--batch-invariant: route dense weights through the fixed-order matmul; a weight kept quantized (or FP8)
-        has no such kernel on CUDA and is an InvalidRequestError."""
-        for p in self.parts or [self]:
-            if on and p.packed is not None and not isinstance(p.packed, (NativeWeight, Int4Weight)):
-                from ..errors import InvalidRequestError
-
-                raise InvalidRequestError(f"--batch-invariant needs dense weights on CUDA, but a layer holds "
-                                          f"{type(p.packed).__name__} weights: drop --quantization (a GGUF file is "
-                                          "dequantized to the model dtype under --batch-invariant)",
-                                          param="batch_invariant")
-            p.invariant = on
-
-    def native_dtype(self, x: torch.Tensor) -> torch.Tensor:
-        """__call__, except that a CPU int4 weight's result stays in its kernels' bf16: for callers that only add it
-        to (or multiply it by) a float32 tensor, whose type promotion upcasts exactly, one op fewer per call."""
-        if self._cpu is not None and x.dim() == 2:
-            return self._cpu(x, cast=False)
-        return self(x)
+        """--batch-invariant: dense weights take the fixed-order matmul; a weight kept quantized (or FP8) on CUDA
+        has no such kernel and is an InvalidRequestError."""
+        self.kernel.set_invariant(on)
 
     def tensors(self) -> list[torch.Tensor]:
-        if self.parts is not None:
-            return [t for p in self.parts for t in p.tensors()] + ([self.bias] if self.bias is not None else [])
-        ts = [self.weight] if self.packed is None else self.packed.tensors()
-        return ts + ([self.bias] if self.bias is not None else [])
+        return self.kernel.tensors() + ([self.bias] if self.bias is not None else [])
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # ---- read-only views for tests and tools (the kernel is the one attribute that decides)
+    @property
+    def packed(self) -> WeightKernel | None:
+        """The kernel when the weight is kept quantized (or is fused from parts), None for a dense weight."""
+        return None if isinstance(self.kernel, DenseWeight) else self.kernel
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The dense weight tensor, None when kept quantized."""
+        return self.kernel.weight if isinstance(self.kernel, DenseWeight) else None
+
+    @property
+    def parts(self) -> list[WeightKernel] | None:
+        return self.kernel.parts if isinstance(self.kernel, PartsKernel) else None

@@ -15,7 +15,7 @@ from .gguf_header import GGUFFile
 from .hf_config import config_from_gguf_metadata
 
 if TYPE_CHECKING:
-    from ..layers.quant_linear import GroupQuant
+    from ..quant.group_quant import GroupQuant
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K"}
@@ -126,14 +126,15 @@ class GGUFWeights:
         heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
         return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
-    # ---- weights kept quantized (CPU kernels: layers/quant_linear.py; GPU: layers/gpu_quant.py) ----
+    # ---- weights kept quantized (unpacking: loader/gguf_unpack.py; kernels: layers/quant_linear.py on CPU,
+    # layers/gpu_quant.py on CUDA) ----
     def get_quantized(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype,
                       gpu: bool = False) -> "GroupQuant | None":
         """A 2-D weight in a type with a fast CPU path (gpu=True: a GPU kernel path, which adds Q6_K) as
         GroupQuant (else None: use get())."""
         import gguf
 
-        from ..layers.quant_linear import GPU_QUANT_TYPES, QUANT_TYPES, unpack_gguf
+        from .gguf_unpack import GPU_QUANT_TYPES, QUANT_TYPES, unpack_gguf
 
         name = self.name_map.get(hf_name)
         t = self.tensors.get(name) if name else None

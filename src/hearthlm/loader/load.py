@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import WEIGHTS, EngineConfig, ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from ..models.llama import LlamaModel, Placement
 from ..models.registry import model_class
@@ -100,15 +100,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def keep_quantized(weights: str | None, dtype: str | torch.dtype, device: torch.device,
                    dense_bytes: int | None = None) -> bool:
-    """Whether GGUF weights stay quantized. auto: on CPU (int4 kernel, layers/quant_linear.py) unless dtype is an
-    explicit float32 (the exact HF path); on CUDA they are dequantized to bf16 when that copy (`dense_bytes`)
-    takes at most DENSE_SHARE of the free device memory -- cuBLAS on bf16 is the faster choice once several
-    sequences decode together -- else they stay quantized (layers/gpu_quant.py: faster than bf16 at batch 1,
-    BENCHMARKS.md). quantized: keep them quantized on CUDA too. dequantize: always dequantize.
-    Env: HEARTHLM_WEIGHTS."""
-    weights = weights or os.environ.get("HEARTHLM_WEIGHTS", "auto")
-    if weights not in ("auto", "dequantize", "quantized"):
-        raise ValueError(f"weights {weights!r} is not one of auto, dequantize, quantized")
+    """Whether GGUF weights stay quantized (weights: EngineConfig.weights, None = auto). auto: on CPU (the native
+    or int4 kernel, layers/quant_linear.py) unless dtype is an explicit float32 (the exact HF path); on CUDA they
+    are dequantized to bf16 when that copy (`dense_bytes`) takes at most DENSE_SHARE of the free device memory --
+    cuBLAS on bf16 is the faster choice once several sequences decode together -- else they stay quantized
+    (layers/gpu_quant.py; BENCHMARKS.md). quantized: keep them quantized on CUDA too. dequantize: always
+    dequantize."""
+    weights = weights or "auto"
+    if weights not in WEIGHTS:
+        raise InvalidRequestError(f"weights {weights!r} is not one of {', '.join(WEIGHTS)}", param="weights")
     if weights == "dequantize" or device.type not in ("cpu", "cuda"):
         return False
     if weights == "quantized":
@@ -138,20 +138,21 @@ def normalize_quantization(quantization: str | None) -> str:
     q = {"": "none", "fp8_e4m3": "fp8", "float8": "fp8"}.get(q, q)
     if q not in QUANTIZATIONS:
         raise InvalidRequestError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)} "
-                                  "(--quantization: weight-only int8/int4 groups of 32, or fp8 e4m3)",
+                                  "(--quantization: weight-only int8-g32 / int4-g32, or fp8 e4m3)",
                                   param="quantization")
     return q
 
 
 def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, torch.Tensor], object] | None:
     """(name, loaded weight) -> the weight in its --quantization form, for the block matrices of an HF model.
-    int8: symmetric, groups of 32; int4: asymmetric (scale + min), groups of 32; both run on the Triton kernels
-    on CUDA and on the CPU int4 kernel on CPU. fp8: e4m3 per output channel, torch._scaled_mm (CUDA, SM 8.9+)."""
+    int8: int8-g32 (symmetric, groups of 32); int4: int4-g32 (asymmetric: scale + min, groups of 32)
+    (quant/weight_quant.py); both run on the Triton kernels on CUDA and on the CPU kernels on CPU. fp8: e4m3 per
+    output channel, torch._scaled_mm (CUDA, SM 8.9+)."""
     q = normalize_quantization(quantization)
     if q == "none":
         return None
     from ..layers.gpu_quant import Fp8Weight, fp8_supported
-    from ..layers.quant_linear import quantize_int4, quantize_int8
+    from ..quant.weight_quant import quantize_int4, quantize_int8
 
     if q == "fp8" and (reason := fp8_supported(device)) is not None:
         raise InvalidRequestError(reason, param="quantization")
@@ -171,16 +172,36 @@ def weight_quantizer(quantization: str, device: torch.device) -> Callable[[str, 
 def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", weights: str | None = None,
                quantization: str | None = None, gpu_layers: int | None = None,
-               progress: bool | None = None, pack_cache: bool = True) -> LoadedModel:
+               progress: bool | None = None, pack_cache: bool = True, kernels: str = "auto", gemv: str = "auto",
+               cpu_dense_memory: int | None = None) -> LoadedModel:
     """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`.
+    weights, kernels, gemv, cpu_dense_memory: EngineConfig's fields of those names (None: their defaults), bound
+    to this model's weight kernels (layers/weight_kernel.WeightOptions).
     progress: a bar on stderr per tensor read, dequantized or packed (hearthlm.progress: None = on a terminal, once
     loading has taken a second).
     gpu_layers: the last N blocks on `device`, the others on the CPU (models/llama.py Placement); None = all.
     Offloaded blocks take the same dtype and quantized/dequantized form as the device's (GGUF: dense on CUDA
-    unless HEARTHLM_WEIGHTS=quantized), so they compute what the device would, up to rounding.
+    unless weights='quantized'), so they compute what the device would, up to rounding.
     pack_cache: GGUF weights packed for the native CPU kernel are saved once and mapped by later loads
     (loader/pack_cache.py)."""
+    from ..layers.weight_kernel import DenseBudget, WeightOptions, bound
+
     start = time.perf_counter()
+    dense_memory = EngineConfig.cpu_dense_memory if cpu_dense_memory is None else cpu_dense_memory
+    with bound(WeightOptions(gemv, kernels, DenseBudget(dense_memory))):
+        net, cfg, tokenizer, path, quant = _load(model, dtype, device, weights, quantization, gpu_layers, progress,
+                                                 pack_cache)
+    weights_s = time.perf_counter() - start
+    tokenizer = tokenizer.result()
+    cfg.eos_token_ids = tokenizer.eos_token_ids
+    log.debug("load %s: weights %.2fs, tokenizer ready after %.2fs", path.name, weights_s, time.perf_counter() - start)
+    return LoadedModel(cfg, net, tokenizer, path, quant, time.perf_counter() - start)
+
+
+def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str | torch.device,
+          weights: str | None, quantization: str | None, gpu_layers: int | None, progress: bool | None,
+          pack_cache: bool) -> tuple[LlamaModel, ModelConfig, Future, Path, str]:
+    """load_model's work within its weight options: (model, config, tokenizer future, path, quantization name)."""
     path = resolve_model_path(model)
     device = torch.device(device)
     dt = resolve_dtype(dtype, device)
@@ -237,11 +258,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
 
         with _LoadBar(len(st.where), path.name, progress) as ticks:
             net = model_class(cfg.architecture)(cfg, ticks(get_st), device, placement=place)
-    weights_s = time.perf_counter() - start
-    tokenizer = tokenizer.result()
-    cfg.eos_token_ids = tokenizer.eos_token_ids
-    log.debug("load %s: weights %.2fs, tokenizer ready after %.2fs", path.name, weights_s, time.perf_counter() - start)
-    return LoadedModel(cfg, net, tokenizer, path, quant, time.perf_counter() - start)
+    return net, cfg, tokenizer, path, quant
 
 
 class _LoadBar:

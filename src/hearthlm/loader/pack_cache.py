@@ -48,10 +48,11 @@ def code_version() -> str:
     """Hash of the modules whose code decides the packed bytes: a change to any of them invalidates every entry."""
     from ..kernels import cpu_quant
     from ..layers import quant_linear
-    from . import gguf
+    from ..quant import group_quant
+    from . import gguf, gguf_unpack
 
     h = hashlib.sha256(str(FORMAT).encode())
-    for mod in (cpu_quant, quant_linear, gguf):
+    for mod in (cpu_quant, quant_linear, group_quant, gguf, gguf_unpack):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

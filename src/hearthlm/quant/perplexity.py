@@ -122,13 +122,13 @@ def perplexity(llm, ids: list[int], ctx: int, stride: int | None = None, batch: 
 
 
 def perplexity_llm(model: str, ctx: int, batch: int = 1, dtype: str = "float32", device: str = "cpu",
-                   progress: bool | None = None):
+                   progress: bool | None = None, weights: str | None = None):
     """An LLM for `perplexity`: KV pool of exactly `batch` windows of `ctx` tokens, no prefix caching.
-    progress: the load's bar (load_model)."""
+    progress: the load's bar (load_model); weights: EngineConfig.weights (None: auto)."""
     from ..llm import LLM
     from ..loader import load_model
 
-    loaded = load_model(model, dtype, device, progress=progress)
+    loaded = load_model(model, dtype, device, weights=weights, progress=progress)
     max_len = loaded.config.max_position_embeddings
     if ctx > max_len:
         raise InvalidRequestError(f"--ctx {ctx} is larger than the model's context ({max_len} tokens): "
