@@ -125,7 +125,8 @@ class LLMEngine:
                                  gpu_layers=gpu_layers, requested_dtype=str(config.dtype).replace("torch.", ""))
                 loaded = load_model(path, config.dtype, self.device, quantization=quantization,
                                     gpu_layers=offloaded_layers(plan),
-                                    weights="dequantize" if invariant_gpu else None)
+                                    weights="dequantize" if invariant_gpu else config.weights, kernels=config.kernels,
+                                    gemv=config.gemv, cpu_dense_memory=config.cpu_dense_memory)
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
