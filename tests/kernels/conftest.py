@@ -14,19 +14,42 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 
+INTERPRETER_ONLY = "TRITON_INTERPRET=1"  # in the skip reason of every case that needs the interpreter
+RUNNER = "under_interpreter"  # in the name of every test that runs a file's interpreter-only cases in a child
+
+
+def interpreting() -> bool:
+    """This process runs Triton kernels on the interpreter: TRITON_INTERPRET=1 was set before triton's import,
+    triton is installed, and there is no CUDA device. Never imports triton itself (the parent stays free of it)."""
+    import importlib.util
+    import os
+
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return False
+    if "triton" in sys.modules:  # the mode was fixed at import
+        return bool(sys.modules["triton"].knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def children_interpret() -> bool:
+    """run_interpreted starts a TRITON_INTERPRET=1 child here (and does not skip)."""
+    import importlib.util
+
+    return not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None and not interpreting()
+
+
 def run_interpreted(test_file: Path, keyword: str | None = None) -> None:
     """Run test_file (only tests matching keyword) in a fresh process with TRITON_INTERPRET=1: triton picks
     interpreter vs compiler at import. Skips when the interpreter is unavailable."""
-    import importlib.util
     import os
     import subprocess
 
-    if importlib.util.find_spec("triton") is None:
+    if not children_interpret():
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present: the gpu-marked tests cover the kernels")
+        if interpreting():
+            pytest.skip("already interpreted in this process")
         pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the gpu-marked tests cover the kernels")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("already interpreted in this process")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
@@ -37,6 +60,30 @@ def run_interpreted(test_file: Path, keyword: str | None = None) -> None:
     if proc.returncode == 5 or (" skipped" in tail and " passed" not in tail):
         pytest.skip(f"triton interpreter unavailable here:\n{tail}")
     assert proc.returncode == 0, tail
+
+
+def _interpreter_only(item: pytest.Item) -> bool:
+    return any(INTERPRETER_ONLY in str(m.kwargs.get("reason", "")) and m.args and all(bool(a) for a in m.args)
+               for m in item.iter_markers("skipif"))
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m: a case is moved only if its runner was selected too
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Interpreter-only cases whose file's runner is selected too run in the runner's child process: deselect
+    them here instead of reporting each as skipped (the runner fails if any of them fails)."""
+    if not children_interpret():
+        return
+    here = Path(__file__).resolve().parent
+    covered = set()
+    for item in items:
+        if RUNNER in item.name and Path(item.path).resolve().parent == here:
+            target = getattr(item.module, "INTERPRETED_FILE", None)
+            covered.add(Path(target).resolve() if target else Path(item.path).resolve())
+    moved = [i for i in items if Path(i.path).resolve() in covered and RUNNER not in i.name and _interpreter_only(i)]
+    if moved:
+        config.hook.pytest_deselected(items=moved)
+        gone = set(moved)
+        items[:] = [i for i in items if i not in gone]
 
 
 @pytest.fixture(autouse=True)

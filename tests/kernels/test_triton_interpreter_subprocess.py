@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .conftest import run_interpreted
 
+INTERPRETED_FILE = Path(__file__).resolve().parent / "test_triton_interpreted.py"  # conftest: cases run here
+
 
 def test_triton_kernels_under_interpreter() -> None:
-    run_interpreted(Path(__file__).resolve().parent / "test_triton_interpreted.py")
+    run_interpreted(INTERPRETED_FILE)
