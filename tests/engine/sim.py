@@ -204,6 +204,9 @@ class Sim:
         assert old == [s for s in before_running if s in old]
         new = batch.seqs[len(old):]
         assert self.sched.running == [s for s in before_running if s not in batch.preempted] + new
+        if new and cfg.enable_chunked_prefill:  # waiting requests get only what running ones left over
+            for q in before_running:
+                assert q in batch.seqs or q.ends_with_pending(cfg.max_model_len), "a running sequence was passed over"
         # preemption: the newest running first, requeued at the head, nothing admitted in that step
         if batch.preempted:
             assert not new
