@@ -1,5 +1,5 @@
-"""The CPU reference attention (layers/attention.py) against a plain per-sequence float64 attention over each
-sequence's keys in order: ragged contexts, shuffled block tables, GQA, sliding windows, softcap, quantized pools,
+"""The CPU reference attention (layers/attention.py, on the torch backend's metadata) against a plain
+per-sequence float64 attention over each sequence's keys in order: ragged contexts, shuffled block tables, GQA, sliding windows, softcap, quantized pools,
 decode / prefill / mixed steps; and the decode path's two value reads (in place, gathered) against each other."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 
 from hearthlm.kernels.kv_quant import dequantize_kv, e4m3_to_float, quantize_pool
 from hearthlm.layers import attention
-from hearthlm.layers.attention import paged_attention_ref
-from hearthlm.runtime.runner import Batch
+from hearthlm.layers.attention import paged_attention_ref, uses_bags
+from hearthlm.runtime.backends import TorchBackend
+from hearthlm.runtime.step_inputs import step_inputs
 
 CASES = {  # (context before the step, new tokens) per sequence
     "decode": ([40, 7, 70, 0, 23, 16], [1] * 6),
@@ -46,8 +47,9 @@ def _plain(q, k_pool, v_pool, tables, starts, q_lens, block_size, window, scale,
     return out
 
 
-def _step(runner, case, seed, heads, kv_heads, head_dim, kv):
-    """Metadata of one step with scattered blocks (never the null block 0), random pools and queries."""
+def _step(runner, case, seed, heads, kv_heads, head_dim, kv, bags=None):
+    """Metadata of one step with scattered blocks (never the null block 0), random pools and queries; its plans
+    are built for these heads and pools (bags: read values in place, default: when the pools allow it)."""
     bs = runner.block_size
     g = torch.Generator().manual_seed(seed)
     starts, q_lens = CASES[case]
@@ -57,13 +59,15 @@ def _step(runner, case, seed, heads, kv_heads, head_dim, kv):
         need = -(-(s + n) // bs)
         tables.append(blocks[used:used + need])
         used += need
-    batch = Batch([[5] * n for n in q_lens], starts, [[t] * len(runner.windows) for t in tables],
-                  [None] * len(starts))
-    _, _, meta, _ = runner.prepare(batch)
     shape = (64, bs, kv_heads, head_dim)
     k_pool, v_pool = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     if kv != "auto":
         k_pool, v_pool = quantize_pool(k_pool, kv), quantize_pool(v_pool, kv)
+    backend = TorchBackend(torch.device("cpu"), runner.windows, runner.layer_group, heads, kv_heads, torch.float32,
+                           runner.model.rotary, uses_bags(torch.float32, v_pool) if bags is None else bags)
+    step = step_inputs(runner.tables, [[5] * n for n in q_lens], starts,
+                       [[t] * len(runner.windows) for t in tables])
+    meta = backend.build(step)
     q = torch.randn(sum(q_lens), heads, head_dim, generator=g) * 2
     return meta, tables, k_pool, v_pool, q
 
@@ -79,24 +83,24 @@ def test_reference_attention_matches_plain_attention(engine_for, family, case, k
     for gm in meta.groups:
         for softcap in (None, 5.0):
             want = _plain(q, k_pool, v_pool, tables, starts, q_lens, runner.block_size, gm.window, 0.125, softcap)
-            got = paged_attention_ref(q, k_pool, v_pool, gm, 0.125, softcap)
-            torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
-            # the per-step plan is computed by the first layer and reused by the next ones
+            # the per-step plans are built with the metadata, and every layer reads them as they are
             assert all(sb.plan is not None for sb in gm.sub_batches)
-            assert torch.equal(paged_attention_ref(q, k_pool, v_pool, gm, 0.125, softcap), got)
+            got = paged_attention_ref(q, k_pool, v_pool, gm.sub_batches, 0.125, softcap)
+            torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+            assert torch.equal(paged_attention_ref(q, k_pool, v_pool, gm.sub_batches, 0.125, softcap), got)
 
 
-def test_decode_reads_values_in_place_or_gathered_alike(engine_for, monkeypatch):
+def test_decode_reads_values_in_place_or_gathered_alike(engine_for):
     """Float32 pools: embedding_bag over the pool's value rows; the gathered batched matmul gives the same."""
     runner = engine_for("llama", max_model_len=256, max_num_seqs=8).engine.runner
     meta, _, k_pool, v_pool, q = _step(runner, "decode", 5, 9, 3, 64, "auto")
     gm = meta.groups[0]
-    bags = paged_attention_ref(q, k_pool, v_pool, gm, 0.125, None)
     assert gm.sub_batches[0].plan.bag_rows is not None
-    gm.sub_batches[0].plan = None
-    monkeypatch.setattr(attention, "uses_bags", lambda dtype, v: False)
-    gathered = paged_attention_ref(q, k_pool, v_pool, gm, 0.125, None)
+    bags = paged_attention_ref(q, k_pool, v_pool, gm.sub_batches, 0.125, None)
+    meta, _, k_pool, v_pool, q = _step(runner, "decode", 5, 9, 3, 64, "auto", bags=False)
+    gm = meta.groups[0]
     assert gm.sub_batches[0].plan.bag_rows is None
+    gathered = paged_attention_ref(q, k_pool, v_pool, gm.sub_batches, 0.125, None)
     torch.testing.assert_close(bags, gathered, atol=1e-6, rtol=1e-6)
 
 
@@ -106,7 +110,7 @@ def test_decode_attention_op_is_the_eager_function(engine_for):
     for kv in ("auto", "int8"):
         meta, _, k_pool, v_pool, q = _step(runner, "decode", 7, 9, 3, 64, kv)
         gm = meta.groups[0]
-        eager = paged_attention_ref(q, k_pool, v_pool, gm, 0.125, None)
+        eager = paged_attention_ref(q, k_pool, v_pool, gm.sub_batches, 0.125, None)
         p = gm.sub_batches[0].plan
         op = attention._decode_attention_op(q, k_pool, v_pool, p.key_rows, p.mask, p.bag_rows, p.bag_offsets,
                                             0.125, None)

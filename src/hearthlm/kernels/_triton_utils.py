@@ -1,7 +1,7 @@
 """Shared helpers: is Triton usable (imported only where a CUDA device or TRITON_INTERPRET=1 can use it), and small
 launch-geometry utilities.
 
-Set HEARTHLM_KERNELS=torch to force the torch references even on CUDA (debugging aid).
+EngineConfig.kernels="torch" (--kernels torch) makes the runner pick the torch attention backend and layer path.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ if _triton_wanted():  # the kernel modules define their @triton.jit functions un
 
 def use_triton(t: torch.Tensor) -> bool:
     """Dispatch rule: Triton for CUDA tensors when it imports, else the torch reference."""
-    return HAS_TRITON and t.is_cuda and os.environ.get("HEARTHLM_KERNELS", "") != "torch"
+    return HAS_TRITON and t.is_cuda
 
 
 def next_pow2(n: int) -> int:

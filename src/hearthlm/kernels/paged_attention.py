@@ -16,8 +16,6 @@ without the scales (KV_QUANT without KV_SCALED).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -27,7 +25,6 @@ from .kv_quant import KVPool, as_bytes, attention_pools, gather_dequant
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
 ORDERED_UNSPLIT_PER_SM = 3  # see _num_splits (32 sequences x 8 kv heads, 2 a SM, still gain from splits)
-USE_DECODE_ORDER = os.environ.get("HEARTH_DECODE_ORDER", "1") != "0"  # runner + graphs pass seq_order (A/B aid)
 
 if HAS_TRITON:
     import triton
@@ -349,5 +346,5 @@ def decode_order_of(seq_lens: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
 
 
-__all__ = ["USE_DECODE_ORDER", "attend_ref", "decode_order_of", "gather_kv", "paged_decode_attention",
+__all__ = ["attend_ref", "decode_order_of", "gather_kv", "paged_decode_attention",
            "paged_decode_attention_ref", "paged_decode_attention_triton"]

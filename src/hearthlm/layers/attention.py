@@ -1,17 +1,18 @@
-"""Paged attention: write new K/V through the slot mapping, attend through block tables.
+"""Paged attention: write new K/V through the slot mapping, attend over each sequence's cached context.
 
-Two paths share one metadata object: the Triton kernels (CUDA) and this torch reference, which runs one attention
-per sub-batch (decodes together, prefills together) so that no compute is spent on padding between them. Prefill
-sub-batches gather each sequence's keys into a padded batch for one masked SDPA. Decode sub-batches (one query per
-sequence) skip SDPA, whose CPU kernel is slow for single queries: the keys are gathered per kv head for one batched
-matmul with the query heads that share them, and the values are never copied: a float32 pool is read in place by
-embedding_bag, each head's output being its probability-weighted sum of value rows (`_decode_attention`).
-A layer's KV pool is a tensor, or a QuantizedKVCache (--kv-cache-dtype fp8|int8): quantized on write,
-dequantized on read (the reference right after the gather, the kernels in registers).
+`paged_attention` is the layers' one entry point: it runs the step's backend (runtime/backends/: Triton kernels,
+this torch reference, the native CPU kernel), whose metadata the runner built for the step. The torch reference
+below runs one attention per sub-batch (decodes together, prefills together) so that no compute is spent on
+padding between them. Prefill sub-batches gather each sequence's keys into a padded batch for one masked SDPA.
+Decode sub-batches (one query per sequence) skip SDPA, whose CPU kernel is slow for single queries: the keys are
+gathered per kv head for one batched matmul with the query heads that share them, and the values are never copied:
+a float32 pool is read in place by embedding_bag, each head's output being its probability-weighted sum of value
+rows (`_decode_attention`). A layer's KV pool is a tensor, or a QuantizedKVCache (--kv-cache-dtype fp8|int8):
+quantized on write, dequantized on read (the reference right after the gather, the kernels in registers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +21,9 @@ from ..kernels.kv_quant import KVPool, QuantizedKVCache, gather_rows, write_pool
 
 
 @dataclass
-class SubBatch:
-    token_index: torch.Tensor  # [B, Qmax] index into the step's tokens (padding repeats a valid index)
-    valid_q: torch.Tensor  # [B, Qmax] bool
-    key_slots: torch.Tensor  # [B, Lmax] cache slot of each key position
-    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = attend
-    plan: CpuPlan | None = None  # filled by the reference path on first use (_cpu_plan), then shared by all layers
-
-
-@dataclass
 class CpuPlan:
-    """A sub-batch's per-step index work, done by the first layer of its group and reused by the others."""
+    """A sub-batch's per-step index work, built with the step's metadata (runtime/backends/torch_ref.py) and
+    read by every layer of its group."""
 
     slots: torch.Tensor  # [B * L] flat key slots (padded-batch path)
     mask: torch.Tensor | None  # [B, 1, Qmax, L] additive 0 / -inf (SDPA's form), None when nothing is masked
@@ -42,34 +35,12 @@ class CpuPlan:
 
 
 @dataclass
-class GroupMeta:
-    """Per KV group (layers sharing a window and a block table)."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    window: int | None
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (kernel path)
-    sub_batches: list[SubBatch] = field(default_factory=list)  # reference path
-    native: object = None  # native_attention's prepared call (kernels/cpu_quant.RowAttention), or False
-
-
-@dataclass
-class AttentionMetadata:
-    groups: list[GroupMeta]
-    layer_group: list[int]  # layer index -> group index
-    seq_lens: torch.Tensor | None = None  # [B] int32, context incl. new tokens (kernel path)
-    cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32 (kernel path)
-    max_query_len: int = 0
-    use_kernels: bool = False
-    # kernel path, mixed steps: the first num_decodes sequences decode one token each (the scheduler puts running
-    # sequences first) and take the decode kernel
-    num_decodes: int = 0
-    # kernel path: [num decode rows] int32, those rows longest context first (the decode kernel's program order)
-    decode_order: torch.Tensor | None = None
-    # --gpu-layers: the same step's metadata on the offloaded blocks' device (reference path), built once per step
-    host: AttentionMetadata | None = None
-    # kernel path, --batch-invariant: every row (decode, prefill chunk, cached prefix) takes the prefill kernel
-    # with one fixed tiling, so a row's arithmetic depends only on its own position and context
-    batch_invariant: bool = False
+class SubBatch:
+    token_index: torch.Tensor  # [B, Qmax] index into the step's tokens (padding repeats a valid index)
+    valid_q: torch.Tensor  # [B, Qmax] bool
+    key_slots: torch.Tensor  # [B, Lmax] cache slot of each key position
+    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = attend
+    plan: CpuPlan | None = None  # cpu_plan(...): None only where no layer reads it (native attention)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -89,28 +60,27 @@ def uses_bags(dtype: torch.dtype, v_cache: KVPool) -> bool:
     return dtype == torch.float32 and isinstance(v_cache, torch.Tensor) and v_cache.dtype == torch.float32
 
 
-def _cpu_plan(sb: SubBatch, num_tokens: int, dtype: torch.dtype, num_heads: int, kv_heads: int,
-              bags: bool) -> CpuPlan:
+def cpu_plan(sb: SubBatch, num_tokens: int, dtype: torch.dtype, num_heads: int, kv_heads: int,
+             bags: bool) -> CpuPlan:
     """Per step, shared by every layer of the group: the flat key slots; the mask as an additive 0 / -inf tensor,
     which SDPA would otherwise build from the bool mask in every layer, or None when nothing is masked; and for
     decode sub-batches the pool rows of each (sequence, kv head) and, with `bags` (float32 pools), the value rows
     behind each (sequence, query head)'s probabilities."""
-    if sb.plan is None:
-        b, qmax = sb.token_index.shape
-        mask = None
-        if not bool(sb.mask.all()):
-            mask = torch.zeros(sb.mask.shape, dtype=dtype, device=sb.mask.device).masked_fill_(~sb.mask, -float("inf"))
-        sb.plan = CpuPlan(sb.key_slots.reshape(-1), mask, qmax == 1 and b == num_tokens)
-        if qmax == 1:
-            length = sb.key_slots.shape[1]
-            heads = torch.arange(kv_heads, device=sb.key_slots.device)
-            rows = sb.key_slots[:, None, :] * kv_heads + heads[:, None]  # [B, kv_heads, L]
-            sb.plan.key_rows = rows.reshape(-1)
-            if bags:
-                groups = num_heads // kv_heads
-                sb.plan.bag_rows = rows[:, :, None, :].expand(b, kv_heads, groups, length).reshape(-1)
-                sb.plan.bag_offsets = torch.arange(0, b * num_heads * length, length, device=rows.device)
-    return sb.plan
+    b, qmax = sb.token_index.shape
+    mask = None
+    if not bool(sb.mask.all()):
+        mask = torch.zeros(sb.mask.shape, dtype=dtype, device=sb.mask.device).masked_fill_(~sb.mask, -float("inf"))
+    plan = CpuPlan(sb.key_slots.reshape(-1), mask, qmax == 1 and b == num_tokens)
+    if qmax == 1:
+        length = sb.key_slots.shape[1]
+        heads = torch.arange(kv_heads, device=sb.key_slots.device)
+        rows = sb.key_slots[:, None, :] * kv_heads + heads[:, None]  # [B, kv_heads, L]
+        plan.key_rows = rows.reshape(-1)
+        if bags:
+            groups = num_heads // kv_heads
+            plan.bag_rows = rows[:, :, None, :].expand(b, kv_heads, groups, length).reshape(-1)
+            plan.bag_offsets = torch.arange(0, b * num_heads * length, length, device=rows.device)
+    return plan
 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_rows: torch.Tensor,
@@ -141,7 +111,8 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_row
     return torch.bmm(probs, v).view(b, h, d)
 
 
-def native_rows(gm: GroupMeta, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def native_rows(sub_batches: list[SubBatch], num_tokens: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The step's rows as the native kernel takes them: (key_slots flat, key_start [T], key_count [T]), each token
     attending its valid keys (one run in position order) of its sub-batch row; None when the rows' keys are not
     runs or the sub-batches do not cover the step's tokens."""
@@ -150,7 +121,7 @@ def native_rows(gm: GroupMeta, num_tokens: int) -> tuple[torch.Tensor, torch.Ten
     start = torch.full((num_tokens,), -1, dtype=torch.long)
     count = torch.zeros(num_tokens, dtype=torch.long)
     slots, base = [], 0
-    for sb in gm.sub_batches:
+    for sb in sub_batches:
         b, qmax = sb.token_index.shape
         length = sb.key_slots.shape[1]
         tok = sb.token_index[sb.valid_q]
@@ -168,41 +139,15 @@ def native_rows(gm: GroupMeta, num_tokens: int) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(slots), start, count
 
 
-def native_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-                     meta: AttentionMetadata, layer: int, num_heads: int, scale: float,
-                     softcap: float | None, lib=None) -> torch.Tensor | None:
-    """RoPE, K/V writes and attention in one call of the native CPU kernel (kernels/cpu_quant.py) for every row
-    of the step, prefill and decode alike (the same per-row arithmetic, so a row's result does not depend on the
-    batch, the chunking or the prefix cache), over float32 pools; else None (the caller takes the torch path).
-    qkv: [T, (heads + 2 kv_heads) * head_dim] -> [T, heads * head_dim]. The call's arguments are prepared by the
-    group's first layer (cos/sin are the step's) and kept in its GroupMeta. lib: the kernel build the layer's
-    weights run (NativeWeight.lib: the engine's cpu_kernel); None: cpu_quant.library()."""
-    from ..kernels.cpu_quant import RowAttention
-
-    k_cache, v_cache = kv_cache
-    if meta.use_kernels or not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
-        return None
-    gm = meta.groups[meta.layer_group[layer]]
-    if gm.native is None:
-        gm.native = False
-        rows = native_rows(gm, qkv.shape[0]) if k_cache.dtype == torch.float32 and not qkv.is_cuda else None
-        if rows is not None:
-            gm.native = RowAttention(cos, sin, gm.slot_mapping, *rows, num_heads, k_cache.shape[2],
-                                     k_cache.shape[3], scale, softcap, lib=lib)
-    if gm.native is False or not gm.native.accepts(qkv, k_cache, v_cache):
-        return None
-    return gm.native(qkv, k_cache, v_cache)
-
-
-def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, gm: GroupMeta,
+def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_batches: list[SubBatch],
                         scale: float, softcap: float | None) -> torch.Tensor:
-    # q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]
+    """Attention of the step's queries over the pools, one SDPA (or decode attention) per sub-batch, each through
+    its plan (cpu_plan). q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]"""
     num_heads = q.shape[1]
     kv_heads = k_cache.shape[2]
-    bags = uses_bags(q.dtype, v_cache)
     out = None
-    for sb in gm.sub_batches:
-        plan = _cpu_plan(sb, q.shape[0], q.dtype, num_heads, kv_heads, bags)
+    for sb in sub_batches:
+        plan = sb.plan
         if plan.key_rows is not None:  # decode sub-batch
             rows = None if plan.whole else sb.token_index[:, 0]
             args = (plan.key_rows, plan.mask, plan.bag_rows, plan.bag_offsets, scale, softcap)
@@ -272,33 +217,9 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.matmul(probs, v)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-                    meta: AttentionMetadata, layer: int, scale: float, softcap: float | None,
-                    kv_written: bool = False) -> torch.Tensor:
-    """Store this step's K/V (unless the caller already did: kv_written) and attend over each sequence's
-    cached context."""
-    gm = meta.groups[meta.layer_group[layer]]
-    k_cache, v_cache = kv_cache
-    if meta.use_kernels:
-        from ..kernels import paged_decode_attention, paged_prefill_attention, reshape_and_cache
-
-        if not kv_written:
-            reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
-        if meta.batch_invariant:
-            return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                           scale, softcap=softcap, window=gm.window,
-                                           max_seqlen_q=meta.max_query_len, invariant=True)
-        if meta.max_query_len == 1:
-            return paged_decode_attention(q, k_cache, v_cache, gm.block_tables, meta.seq_lens, scale,
-                                          softcap=softcap, window=gm.window, seq_order=meta.decode_order)
-        d, out = meta.num_decodes, None
-        if d:  # the prefill kernel would pad each decode row to a whole query tile and never split its context
-            out = torch.empty_like(q)
-            paged_decode_attention(q[:d], k_cache, v_cache, gm.block_tables[:d], meta.seq_lens[:d], scale,
-                                   softcap=softcap, window=gm.window, out=out[:d], seq_order=meta.decode_order)
-        return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                       scale, softcap=softcap, window=gm.window, max_seqlen_q=meta.max_query_len,
-                                       first_seq=d, out=out)
-    if not kv_written:
-        write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
-    return paged_attention_ref(q, k_cache, v_cache, gm, scale, softcap)
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool], meta,
+                    layer: int, scale: float, softcap: float | None, kv_written: bool = False) -> torch.Tensor:
+    """Store this step's K/V (unless the caller already did: kv_written) and attend over each sequence's cached
+    context, through the step's backend (meta: its metadata, runtime/backends/).
+    q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]"""
+    return meta.attend(q, k, v, kv_cache, layer, scale, softcap, kv_written)

@@ -1,4 +1,5 @@
-"""Opt-in torch.compile of the CPU decode step: `--compile`, LLM(cpu_compile=True) or HEARTH_CPU_COMPILE=1.
+"""Opt-in torch.compile of the CPU decode step: `--compile` or LLM(cpu_compile=True)
+(CacheConfig.cpu_compile).
 
 Decode-only steps on the CPU run the layer stack and the final norm as one inductor graph (C++ backend): the small
 ops between the opaque calls fuse into a few loops a layer (norm formula + bf16 cast, RoPE + KV write, SiLU * up,
@@ -19,8 +20,6 @@ import types
 import torch
 
 from ..errors import InvalidRequestError
-from ..layers.attention import AttentionMetadata, _cpu_plan, uses_bags
-from ..layers.norm import rms_norm
 
 log = logging.getLogger("hearthlm")
 
@@ -34,17 +33,16 @@ def check_available() -> None:
 
         get_cpp_compiler()
     except Exception as e:  # ImportError, inductor's InvalidCxxCompiler
-        raise InvalidRequestError(f"--compile (HEARTH_CPU_COMPILE=1) needs torch inductor and a C++ compiler, which "
+        raise InvalidRequestError(f"--compile (cpu_compile=True) needs torch inductor and a C++ compiler, which "
                                   f"failed here ({type(e).__name__}: {e}): install g++ (or set CXX), or drop "
-                                  "--compile / set HEARTH_CPU_COMPILE=0", param="cpu_compile") from None
+                                  "--compile", param="cpu_compile") from None
 
 
-def _decode_layers(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                   kv_caches: list) -> torch.Tensor:
-    # h: [num_tokens, hidden] -> final-normed hidden [num_tokens, hidden]
+def _decode_layers(model, h: torch.Tensor, meta, kv_caches: list) -> torch.Tensor:
+    # h: [num_tokens, hidden] -> final-normed hidden [num_tokens, hidden]; meta: the torch backend's metadata
     for layer, kv in zip(model.layers, kv_caches):
-        h = layer(h, cos, sin, meta, kv)
-    return rms_norm(h, model.final_norm, model.cfg.rms_norm_eps, gemma=model.layer_cls.gemma)
+        h, _ = layer.forward(h, None, meta, kv)
+    return model.layers[-1].norm(h, model.final_norm)
 
 
 def _skip_model_guards(entries) -> list[bool]:
@@ -73,27 +71,23 @@ class CpuDecodeGraph:
         self.steps = 0  # compiled steps run
         self.error: str | None = None  # set when compiling failed: eager steps from then on
 
-    def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+    def can_run(self, meta, num_tokens: int) -> bool:
         """A decode-only reference-path step: every group's one sub-batch has one query per sequence."""
         return self.error is None and not meta.use_kernels and all(
             len(gm.sub_batches) == 1 and tuple(gm.sub_batches[0].token_index.shape) == (num_tokens, 1)
             for gm in meta.groups)
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list) -> torch.Tensor | None:
+    def __call__(self, h: torch.Tensor, meta, kv_caches: list) -> torch.Tensor | None:
         """Final-normed hidden states [num_tokens, hidden], or None if compiling failed (run eagerly)."""
         n = h.shape[0]
         # rows and context length vary from step to step: symbolic sizes, so that one graph serves them all
         # (dynamo still specializes 1 row, and the matmuls' row-count regimes guard on it)
         dyn = torch._dynamo.maybe_mark_dynamic
-        for t in (h, cos, sin):
+        for t in (h, meta.cos, meta.sin):
             dyn(t, 0)
-        cfg = self.model.cfg
-        for g, gm in enumerate(meta.groups):
+        for gm in meta.groups:
             sb = gm.sub_batches[0]
-            kv = kv_caches[meta.layer_group.index(g)]
-            # reads tensor data: here, outside the graph
-            plan = _cpu_plan(sb, n, h.dtype, cfg.num_heads, cfg.num_kv_heads, uses_bags(h.dtype, kv[1]))
+            plan = sb.plan  # (built with the step's metadata: it reads tensor data, outside the graph)
             if plan.mask is None and n > 1:  # one graph for masked and unmasked steps (adding +0.0: same bits)
                 plan.mask = torch.zeros(n, 1, 1, sb.key_slots.shape[1], dtype=h.dtype)
             dyn(gm.slot_mapping, 0)
@@ -105,11 +99,11 @@ class CpuDecodeGraph:
                     dyn(t, 0)
                     dyn(t, t.dim() - 1)
         try:
-            out = self._fn(self.model, h, cos, sin, meta, kv_caches)
+            out = self._fn(self.model, h, meta, kv_caches)
         except Exception as e:  # inductor/compiler failures: the eager path computes the same step
             self.error = f"{type(e).__name__}: {e}"
-            log.warning("compiled CPU decode failed, running eagerly from now on (drop --compile / "
-                        "HEARTH_CPU_COMPILE to silence): %s", self.error.splitlines()[0][:500])
+            log.warning("compiled CPU decode failed, running eagerly from now on (drop --compile to silence): %s",
+                        self.error.splitlines()[0][:500])
             return None
         self.steps += 1
         return out

@@ -18,7 +18,8 @@ from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelLoadError
 from ..layers.activation import gated_act
 from ..kernels.quant_gemv_a8 import QuantizedX
-from ..layers.attention import AttentionMetadata, native_attention, paged_attention
+from ..kernels.kv_quant import KVPool
+from ..layers.attention import paged_attention
 from ..layers.linear import Linear
 from ..layers.norm import rms_norm
 from ..layers.rotary import Rotary, apply_rotary
@@ -36,7 +37,16 @@ def require(get: WeightGetter, name: str) -> torch.Tensor:
 
 
 class LlamaLayer:
-    gemma = False
+    """A decoder block's weights and its reference forward (torch ops, any device, any attention backend).
+
+    The runner binds each block to the forward of its side (LlamaModel.bind): this class, NativeLlamaLayer (the
+    native CPU kernel's fused entry points) or FusedLlamaLayer (the fused GPU kernels). Every forward has one
+    signature: (h, residual, meta, kv_cache) -> (h, residual); residual is the fused paths' separate residual
+    stream (their h is then the block's delta), None for the others."""
+
+    native_cls: type[LlamaLayer] | None = None  # set below
+    fused_cls: type[LlamaLayer] | None = None
+    compiles = True  # --compile may trace the reference forward (models/cpu_compile.py)
 
     def __init__(self, cfg: ModelConfig, idx: int, get: WeightGetter):
         p = f"model.layers.{idx}."
@@ -54,8 +64,21 @@ class LlamaLayer:
         self.input_norm = require(get, p + "input_layernorm.weight")
         self.post_attn_norm = require(get, p + "post_attention_layernorm.weight")
 
+    @classmethod
+    def fusable(cls, cfg: ModelConfig) -> bool:
+        """Whether fused_cls can run this config (its activation has a fused kernel)."""
+        return cls.fused_cls is not None and cfg.hidden_act == "silu"
+
+    def rebind(self, cls: type[LlamaLayer]) -> LlamaLayer:
+        """This block's weights under another forward (a class of the same family)."""
+        if type(self) is cls:
+            return self
+        layer = cls.__new__(cls)
+        layer.__dict__.update(self.__dict__)
+        return layer
+
     def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, w, self.cfg.rms_norm_eps, gemma=self.gemma)
+        return rms_norm(x, w, self.cfg.rms_norm_eps)
 
     def project_qkv(self, x: torch.Tensor, xa: QuantizedX | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,59 +88,86 @@ class LlamaLayer:
         return (q.view(n, cfg.num_heads, cfg.head_dim), k.view(n, cfg.num_kv_heads, cfg.head_dim),
                 v.view(n, cfg.num_kv_heads, cfg.head_dim))
 
-    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                  kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, meta, kv_cache: tuple[KVPool, KVPool]) -> torch.Tensor:
         # h: [num_tokens, hidden]
-        return self.o(self.attend(h, cos, sin, meta, kv_cache))
+        return self.o(self.attend(h, meta, kv_cache))
 
-    def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attend(self, h: torch.Tensor, meta, kv_cache: tuple[KVPool, KVPool]) -> torch.Tensor:
         """Attention before the output projection. h: [num_tokens, hidden] -> [num_tokens, heads * head_dim]."""
         if self.q_norm is not None:
             q, k, v = self.project_qkv(h)
+            cos, sin = meta.cos, meta.sin
             q, k = apply_rotary(self.norm(q, self.q_norm), cos, sin), apply_rotary(self.norm(k, self.k_norm), cos, sin)
             return self._attend(q, k, v, meta, kv_cache)
         # a CPU int4 projection stays in bf16: RoPE's products with float32 cos/sin upcast it exactly and write_kv
         # casts v to the pool's dtype
-        return self.attend_qkv(self.qkv.native_dtype(h), cos, sin, meta, kv_cache)
+        return self.attend_qkv(self.qkv.native_dtype(h), meta, kv_cache)
 
-    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                   kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attend_qkv(self, qkv: torch.Tensor, meta, kv_cache: tuple[KVPool, KVPool]) -> torch.Tensor:
         """attend from the fused q/k/v projection (q/k norms, if any, applied): q and k are adjacent, so one RoPE
         covers both."""
         cfg, n = self.cfg, qkv.shape[0]
-        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), cos, sin)
+        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(n, -1, cfg.head_dim), meta.cos, meta.sin)
         q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, cfg.num_kv_heads, cfg.head_dim)
         return self._attend(q, k, v, meta, kv_cache)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta,
+                kv_cache: tuple[KVPool, KVPool]) -> torch.Tensor:
         cfg = self.cfg
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
         return o.reshape(q.shape[0], self.q_size)
+
+    def fused_attention(self, x: torch.Tensor, xa: QuantizedX | None, meta, kv_cache: tuple[KVPool, KVPool]
+                        ) -> torch.Tensor:
+        """Fused GPU blocks: q/k/v projection, RoPE (+ q/k norms) and the K/V write in one kernel, attention:
+        x: [num_tokens, hidden] -> [num_tokens, heads * head_dim]."""
+        cfg = self.cfg
+        q, k, v = self.project_qkv(x, xa)
+        kc, vc = kv_cache  # unscaled pools: RoPE's kernel stores k and v too (one launch less)
+        write = (v, kc, vc, meta.groups[meta.layer_group[self.idx]].slot_mapping) \
+            if K.can_fuse_kv_write(kc, vc) else None
+        K.apply_rope_(q, k, meta.positions, meta.cos_sin,
+                      None if self.q_norm is None else (self.q_norm, self.k_norm, cfg.rms_norm_eps), write)
+        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
+                            kv_written=write is not None)
+        return o.reshape(x.shape[0], self.q_size)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(gated_act(self.gate_up(h), self.cfg.hidden_act))
 
     @functools.cached_property
     def native(self) -> bool:
-        """Whether every projection runs the native CPU kernel (kernels/cpu_quant.py), so that the layer can fuse
+        """Whether every projection runs the native CPU kernel (kernels/cpu_quant.py), so that the block can fuse
         the norms into the q/k/v and gate/up matmuls, SiLU * mul into down's, and the residual adds into o's and
-        down's outputs (native_call; biases and Qwen3's q/k norms apply between the calls)."""
-        return not self.gemma and self.cfg.hidden_act == "silu" and \
+        down's outputs (NativeLlamaLayer; biases and Qwen3's q/k norms apply between the calls)."""
+        return self.native_cls is not None and self.cfg.hidden_act == "silu" and \
             all(lin.native is not None for lin in (self.qkv, self.o, self.gate_up, self.down)) and \
             self.input_norm.dtype == self.post_attn_norm.dtype == torch.float32 and \
             all(b is None or b.dtype == torch.float32 for b in (self.qkv.bias, self.o.bias, self.gate_up.bias,
                                                                  self.down.bias))
 
-    def native_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                    kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """__call__ through the native kernel's fused entry points; h (float32, contiguous) is updated in place.
-        Every row, prefill or decode, takes the same per-row arithmetic (the matmuls' residual pass, the native
-        attention), so a row's result does not depend on the rows it is batched with."""
+    def forward(self, h: torch.Tensor, residual: None, meta, kv_cache: tuple[KVPool, KVPool]
+                ) -> tuple[torch.Tensor, None]:
+        """h: [num_tokens, hidden] -> the block's output. The residual adds take o/down's bf16 result as is when
+        their weights are CPU int4 (Linear.native): adding it to the float32 stream upcasts it exactly, the same sums
+        without a cast op."""
+        h = torch.add(h, self.o.native_dtype(self.attend(self.norm(h, self.input_norm), meta, kv_cache)))
+        return torch.add(h, self.down.native_dtype(gated_act(self.gate_up(self.norm(h, self.post_attn_norm)),
+                                                           self.cfg.hidden_act))), None
+
+
+class NativeLlamaLayer(LlamaLayer):
+    """The native CPU kernel's fused entry points (LlamaLayer.native); h (float32) is updated in place. Every row,
+    prefill or decode, takes the same per-row arithmetic (the matmuls' residual pass, the native attention), so a
+    row's result does not depend on the rows it is batched with."""
+
+    def forward(self, h: torch.Tensor, residual: None, meta, kv_cache: tuple[KVPool, KVPool]
+                ) -> tuple[torch.Tensor, None]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        if not h.is_contiguous():
+            h = h.contiguous()
         qkv = self.qkv.native.run(h, norm=(self.input_norm, eps))
         if self.qkv.bias is not None:
             qkv += self.qkv.bias
@@ -127,10 +177,9 @@ class LlamaLayer:
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, -1, d)
             q.copy_(self.norm(q, self.q_norm))
             k.copy_(self.norm(k, self.k_norm))
-        o = native_attention(qkv, cos, sin, kv_cache, meta, self.idx, cfg.num_heads, cfg.attn_scale,
-                             cfg.attn_logit_softcapping, lib=self.qkv.native.lib)
-        if o is None:
-            o = self.attend_qkv(qkv, cos, sin, meta, kv_cache)
+        # RoPE, K/V writes and attention in one native call (runtime/backends/native.py), else the torch reference
+        native = meta.groups[meta.layer_group[self.idx]].row_attention
+        o = native(qkv, *kv_cache) if native is not None else self.attend_qkv(qkv, meta, kv_cache)
         self.o.native.run(o, out=h, accumulate=True)
         if self.o.bias is not None:
             h += self.o.bias
@@ -138,38 +187,31 @@ class LlamaLayer:
         if self.gate_up.bias is not None:
             gate_up += self.gate_up.bias
         h = self.down.native.run(gate_up, out=h, accumulate=True, silu_mul=True)
-        return h if self.down.bias is None else h.add_(self.down.bias)
+        return (h if self.down.bias is None else h.add_(self.down.bias)), None
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # reference path (CPU). The residual adds take o/down's bf16 result as is when their weights are CPU int4
-        # (Linear.native): adding it to the float32 stream upcasts it exactly, the same sums without a cast op.
-        h = torch.add(h, self.o.native_dtype(self.attend(self.norm(h, self.input_norm), cos, sin, meta, kv_cache)))
-        return torch.add(h, self.down.native_dtype(gated_act(self.gate_up(self.norm(h, self.post_attn_norm)),
-                                                       self.cfg.hidden_act)))
 
-    def fused(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-              cos_sin: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPU path with fused kernels: residual add inside RMSNorm, in-place RoPE, fused SiLU*mul.
-        h: [num_tokens, hidden] (this layer's input delta) -> (delta, residual stream)."""
-        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+class FusedLlamaLayer(LlamaLayer):
+    """GPU path with fused kernels: residual add inside RMSNorm, in-place RoPE (writing K/V too where it can),
+    fused SiLU*mul; decode rows feed int8-activation GEMVs, each producer quantizing its output in its own launch.
+    h: this block's input delta; residual: the stream so far (None before the first fused block)."""
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta, kv_cache: tuple[KVPool, KVPool]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.cfg.rms_norm_eps
         n, dev = h.shape[0], h.device
-        # decode rows into int8-activation GEMVs: each producer quantizes its output in its own launch
         x, new_res, xa = K.rms_norm_a8(h, self.input_norm, eps, residual, self.qkv.a8_bits(n, dev))
         residual = h if residual is None else new_res
-        q, k, v = self.project_qkv(x, xa)
-        kc, vc = kv_cache  # unscaled pools: RoPE's kernel stores k and v too (one launch less)
-        write = (v, kc, vc, meta.groups[meta.layer_group[self.idx]].slot_mapping) \
-            if K.can_fuse_kv_write(kc, vc) else None
-        K.apply_rope_(q, k, positions, cos_sin, None if self.q_norm is None else (self.q_norm, self.k_norm, eps),
-                      write)
-        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
-                            kv_written=write is not None)
-        x, residual, xa = K.rms_norm_a8(self.o(o.reshape(n, self.q_size)), self.post_attn_norm, eps, residual,
-                                        self.gate_up.a8_bits(n, dev))
+        o = self.fused_attention(x, xa, meta, kv_cache)
+        x, residual, xa = K.rms_norm_a8(self.o(o), self.post_attn_norm, eps, residual, self.gate_up.a8_bits(n, dev))
         a, xa = K.silu_and_mul_a8(self.gate_up(x, xa), self.down.a8_bits(n, dev))
         return self.down(a, xa), residual
+
+    def add_norm(self, h: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """norm(h + residual): the final norm after a fused run."""
+        return K.rms_norm(h, w, self.cfg.rms_norm_eps, residual=residual)[0]
+
+
+LlamaLayer.native_cls, LlamaLayer.fused_cls = NativeLlamaLayer, FusedLlamaLayer
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
@@ -258,10 +300,24 @@ class LlamaModel:
         self.dtype = self.embed.dtype
         self.cpu_graph = None  # compiled CPU decode step (enable_cpu_compile)
         self.batch_invariant = False  # set_batch_invariant
-        self.cos_sin = None
-        if device.type == "cuda" and not self.layer_cls.gemma and cfg.hidden_act == "silu":
+        self.cos_sin = None  # the fused RoPE kernel's table: set where the fused GPU blocks can run
+        if device.type == "cuda" and self.layer_cls.fusable(cfg):
             self.cos_sin = K.build_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                                  cfg.rope_scaling, freq_factors, device=device)
+
+    def bind(self, triton: tuple[bool, bool]) -> None:
+        """Give each block the forward of its side (device, host): triton[side] says whether that side's attention
+        backend is Triton (runtime/backends/). Triton sides run the fused GPU blocks where the family has them
+        (cos_sin set), the others the native CPU blocks where every projection is native (LlamaLayer.native) and
+        the model is float32; everything else runs the reference forward."""
+        base = self.layer_cls
+        for i, layer in enumerate(self.layers):
+            host = self.placement.on_host(i)
+            if triton[host]:
+                cls = base.fused_cls if self.cos_sin is not None else base
+            else:
+                cls = base.native_cls if layer.native and self.dtype == torch.float32 else base
+            self.layers[i] = layer.rebind(cls or base)
 
     def set_batch_invariant(self, on: bool) -> None:
         """--batch-invariant: every Linear takes the fixed-order matmul (kernels/invariant_matmul.py) and the
@@ -276,13 +332,13 @@ class LlamaModel:
         if self.device.type != "cpu" or self.placement.offloaded:
             raise InvalidRequestError("--compile applies to models that run on the CPU without --gpu-layers; drop "
                                       "--compile or run with --device cpu", param="cpu_compile")
-        if self.layer_cls.gemma:  # its attention's compiled rounding differs from eager's in the last bits
-            log.info("--compile: Gemma 2 decode steps run eagerly")
+        if not self.layer_cls.compiles:  # Gemma 2: its attention's compiled rounding differs from eager's
+            log.info("--compile: %s decode steps run eagerly", self.cfg.architecture)
             return
         if any(lin.native is not None for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                                             layer.down)):
             # opaque to dynamo, and with the norms, activation, residual adds and attention fused into them
-            # (LlamaLayer.native_call) nothing is left between the calls for inductor to fuse
+            # (NativeLlamaLayer) nothing is left between the calls for inductor to fuse
             log.info("--compile: the native CPU kernels run the decode steps (eagerly); nothing to compile")
             return
         from .cpu_compile import CpuDecodeGraph
@@ -300,35 +356,28 @@ class LlamaModel:
     def embed_device(self) -> torch.device:
         return self.placement.embed_device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden] on self.device.
-        # Blocks run in segments (Placement.segments): one when nothing is offloaded; with --gpu-layers the host
-        # blocks read meta.host (reference path, host KV pools) and the hidden state moves at each boundary.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta,
+                kv_caches: list[tuple[KVPool, KVPool]]) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> final-normed hidden: [num_tokens, hidden] on self.device.
+        meta: the step's attention metadata (runtime/backends/), which carries RoPE's inputs (the positions are its
+        too). Blocks run in segments (Placement.segments): one when nothing is offloaded; with --gpu-layers the
+        host blocks read meta.host (their backend's metadata, host KV pools) and the hidden state moves at each
+        boundary."""
         h, residual = self.embed_tokens(input_ids.to(self.embed_device)), None
         for start, end, on_host in self.segments:
             m, dev = (meta.host, self.placement.host) if on_host else (meta, self.device)
             if residual is not None:  # leaving a fused run: its stream is delta + residual
                 h, residual = h + residual, None
-            h, pos = h.to(dev), positions.to(dev)
-            if m.use_kernels and self.cos_sin is not None:
-                for i in range(start, end):
-                    h, residual = self.layers[i].fused(h, residual, pos, self.cos_sin, m, kv_caches[i])
-                continue
-            cos, sin = (self.host_rotary if on_host else self.rotary).cos_sin(pos, h.dtype)
+            h = h.to(dev)
             if self.cpu_graph is not None and self.cpu_graph.can_run(m, h.shape[0]):  # whole stack + final norm
-                out = self.cpu_graph(h, cos, sin, m, kv_caches)
+                out = self.cpu_graph(h, m, kv_caches)
                 if out is not None:
                     return out
             for i in range(start, end):
-                layer = self.layers[i]
-                if layer.native and h.dtype == torch.float32:
-                    h = layer.native_call(h if h.is_contiguous() else h.contiguous(), cos, sin, m, kv_caches[i])
-                else:
-                    h = layer(h, cos, sin, m, kv_caches[i])
+                h, residual = self.layers[i].forward(h, residual, m, kv_caches[i])
         if residual is not None:
-            return K.rms_norm(h, self.final_norm, self.cfg.rms_norm_eps, residual=residual)[0]
-        return rms_norm(h.to(self.device), self.final_norm, self.cfg.rms_norm_eps, gemma=self.layer_cls.gemma)
+            return self.layers[-1].add_norm(h, self.final_norm, residual)
+        return self.layers[-1].norm(h.to(self.device), self.final_norm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] fp32 (a native head: the residual pass, as every row)

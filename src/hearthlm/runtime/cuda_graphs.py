@@ -17,8 +17,9 @@ import time
 import numpy as np
 import torch
 
-from ..kernels.paged_attention import USE_DECODE_ORDER, decode_order_of
-from ..layers.attention import AttentionMetadata, GroupMeta
+from ..kernels.paged_attention import decode_order_of
+from .backends import KernelGroup, TritonBackend, TritonMetadata
+from .step_inputs import BlockTables
 
 log = logging.getLogger("hearthlm")
 
@@ -29,25 +30,26 @@ def batch_ladder(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches, windows: list[int | None], layer_group: list[int], max_bs: int,
-                 max_blocks: int, block_size: int, device: torch.device, prev_tokens: torch.Tensor):
-        self.model, self.kv_caches = model, kv_caches
+    def __init__(self, model, kv_caches, backend: TritonBackend, max_bs: int, tables: BlockTables,
+                 device: torch.device, prev_tokens: torch.Tensor):
+        """backend: the runner's (the graphs fill its metadata type from their buffers); tables: the runner's
+        block tables (built there and here alike, cached per sequence)."""
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.sizes = batch_ladder(max_bs)
-        self.max_blocks, self.block_size = max_blocks, block_size
-        self.windows, self.layer_group = windows, layer_group
-        n, g = self.sizes[-1], len(windows)
+        self.tables = tables
+        self.max_blocks, self.block_size = tables.max_blocks, tables.block_size
+        self.windows, self.layer_group = backend.windows, backend.layer_group
+        n, g = self.sizes[-1], len(self.windows)
         self.n = n
         self.prev_tokens = prev_tokens
         self.dev_i64 = torch.zeros((3 + g) * n, dtype=torch.long, device=device)
-        self.dev_i32 = torch.zeros(2 * n + g * n * max_blocks, dtype=torch.int32, device=device)
+        self.dev_i32 = torch.zeros(2 * n + g * n * self.max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per sequence
         self.host = [(torch.zeros_like(self.dev_i64, device="cpu").pin_memory(),
                       torch.zeros_like(self.dev_i32, device="cpu").pin_memory()) for _ in range(2)]
         self.flip = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
-        # host copy of each sequence's block-table rows, appended incrementally (key: sequence + generation)
-        self.rows: dict[object, tuple[list[np.ndarray], list[int]]] = {}
 
     def _views(self, buf64: torch.Tensor, buf32: torch.Tensor):
         n, mb = self.n, self.max_blocks
@@ -59,12 +61,12 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, src, pos, slots, seq_lens, order, tables = self._views(self.dev_i64, self.dev_i32)
-        groups = [GroupMeta(slot_mapping=s[:bs], window=w, block_tables=t[:bs])
-                  for s, t, w in zip(slots, tables, self.windows)]
-        meta = AttentionMetadata(groups=groups, layer_group=self.layer_group, seq_lens=seq_lens[:bs],
-                                 max_query_len=1, use_kernels=True, cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
-                                 decode_order=order[:bs] if USE_DECODE_ORDER else None,
-                                 batch_invariant=self.model.batch_invariant)
+        groups = [KernelGroup(s[:bs], w, t[:bs]) for s, t, w in zip(slots, tables, self.windows)]
+        b = self.backend
+        meta = TritonMetadata(groups, self.layer_group, pos[:bs], seq_lens[:bs], self.cu_seqlens_q[:bs + 1], 1,
+                              decode_order=order[:bs], batch_invariant=b.batch_invariant, cos_sin=b.cos_sin)
+        if b.cos_sin is None:  # reference blocks: RoPE's cos/sin from the positions, inside the graph
+            meta.cos, meta.sin = b.rotary.cos_sin(pos[:bs], b.dtype)
         rows = src[:bs]
         inputs = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], ids[:bs])
         hidden = self.model.forward(inputs, pos[:bs], meta, self.kv_caches)
@@ -99,35 +101,13 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, max_blocks_needed: int) -> bool:
         return num_seqs <= self.sizes[-1] and max_blocks_needed <= self.max_blocks
 
-    def _table_rows(self, keys: list, block_tables: list[list[list[int]]]) -> list[np.ndarray]:
-        """[group] -> [B, max_blocks] int32, reusing rows cached per sequence (only new blocks are copied).
-        Entries a sliding window released stay stale: they are valid block ids and masked by the window."""
-        groups = len(self.windows)
-        if len(self.rows) > 4 * self.n:
-            live = set(keys)
-            self.rows = {k: v for k, v in self.rows.items() if k in live}
-        per_group: list[list[np.ndarray]] = [[] for _ in range(groups)]
-        for key, bt in zip(keys, block_tables):
-            entry = self.rows.get(key)
-            if entry is None:
-                entry = self.rows[key] = ([np.zeros(self.max_blocks, dtype=np.int32) for _ in range(groups)],
-                                          [0] * groups)
-            arrs, filled = entry
-            for g in range(groups):
-                table = bt[g]
-                if len(table) > filled[g]:
-                    arrs[g][filled[g]:len(table)] = table[filled[g]:]
-                    filled[g] = len(table)
-                per_group[g].append(arrs[g])
-        return [np.stack(rows) for rows in per_group]
-
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[list[int]]],
             keys: list, prev_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for len(token_ids) sequences -> (logits [B, vocab], greedy tokens [B]) on device."""
         b = len(token_ids)
         bs = next(s for s in self.sizes if s >= b)
-        n, mb, blk = self.n, self.max_blocks, self.block_size
+        n, mb = self.n, self.max_blocks
         host_i64, host_i32 = self.host[self.flip]
         self.flip ^= 1
         ids, src, pos, slots, seq_lens, order, tables = self._views(host_i64, host_i32)
@@ -142,9 +122,9 @@ class DecodeGraphs:
         order[:b] = torch.from_numpy(decode_order_of(p))  # padding rows (length 0) keep their places after b
         order[b:bs] = torch.arange(b, bs, dtype=torch.int32)
         rows = np.arange(b)
-        for g, table in enumerate(self._table_rows(keys, block_tables)):
+        for g, table in enumerate(self.tables.tables(block_tables, keys, width=mb)):
             tables[g][:b] = torch.from_numpy(table)
-            slots[g][:b] = torch.from_numpy(table[rows, p // blk].astype(np.int64) * blk + p % blk)
+            slots[g][:b] = torch.from_numpy(self.tables.slots(table, rows, p))
             slots[g][b:bs] = -1
         self.dev_i64.copy_(host_i64, non_blocking=True)
         self.dev_i32[:bs].copy_(host_i32[:bs], non_blocking=True)
