@@ -143,7 +143,7 @@ class LLMEngine:
                 raise InvalidRequestError("--batch-invariant runs every block on the GPU: drop --gpu-layers",
                                           param="batch_invariant")
             self.loaded.model.set_batch_invariant(config.batch_invariant)
-        self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device)
+        self.runner = ModelRunner(self.loaded.model, config.cache, sched, windows, self.device, config.kernels)
         salt = f"{self.loaded.path.resolve()}|{self.runner.dtype}|{config.cache.cache_dtype}".encode()  # KV identity
         self.kv = KVCacheManager(cfg.layer_windows, config.cache.block_size, self.runner.num_blocks,
                                  config.cache.enable_prefix_caching, salt=salt)
