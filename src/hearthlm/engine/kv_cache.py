@@ -32,6 +32,9 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.block_preimage: list[bytes | None] = [None] * num_blocks  # parent key || packed tokens
+        # a published block's parent: (block, its generation) when it was published; None for a first block
+        self.block_parent: list[tuple[int, int] | None] = [None] * num_blocks
+        self.generation = [0] * num_blocks  # bumped each time a block is handed out again
         self.hash_to_block: dict[bytes, int] = {}
         self.rejected_hits = 0  # lookups whose key matched a block holding other tokens (a key collision)
         # blocks with ref 0, oldest first; block 0 is the null block and never handed out
@@ -53,6 +56,8 @@ class BlockPool:
                 del self.hash_to_block[h]
             self.block_hash[block] = None
             self.block_preimage[block] = None
+            self.block_parent[block] = None
+        self.generation[block] += 1
         self.ref_counts[block] = 1
         return block
 
@@ -69,20 +74,28 @@ class BlockPool:
         if self.ref_counts[block] == 0:
             self.free_queue[block] = None
 
-    def lookup(self, h: bytes, preimage: bytes) -> int | None:
-        """The cached block for key h, only if it holds exactly these tokens after exactly this parent."""
+    def lookup(self, h: bytes, preimage: bytes, parent: int | None = None) -> int | None:
+        """The cached block for key h, only if it holds exactly these tokens after exactly this parent key, and
+        was computed after `parent` (the block the caller matched before it; None for a first block) as it is
+        now: a key collision anywhere up the chain cannot lead to KV computed after other tokens."""
         block = self.hash_to_block.get(h)
-        if block is not None and self.block_preimage[block] != preimage:
+        if block is None:
+            return None
+        if self.block_preimage[block] != preimage or self.block_parent[block] != (
+                None if parent is None else (parent, self.generation[parent])):
             self.rejected_hits += 1
             return None
         return block
 
-    def register(self, block: int, h: bytes, preimage: bytes) -> None:
-        """Publish a block whose KV is fully written; the first block published under a key keeps it."""
+    def register(self, block: int, h: bytes, preimage: bytes, parent: tuple[int, int] | None = None) -> None:
+        """Publish a block whose KV is fully written, computed after `parent` ((block, generation) of the
+        published block holding the same tokens as its own parent; None for a first block); the first block
+        published under a key keeps it."""
         assert block != NULL_BLOCK, "the null block holds no KV"
         if self.block_hash[block] is None and h not in self.hash_to_block:
             self.block_hash[block] = h
             self.block_preimage[block] = preimage
+            self.block_parent[block] = parent
             self.hash_to_block[h] = block
 
 
@@ -188,17 +201,22 @@ class KVCacheManager:
         ids = self._update_hashes(seq, seq.num_tokens - 1)
         pool, table = self.groups[0].pool, seq.block_tables[0]
         for i, h in enumerate(seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]):
-            block = pool.lookup(h, self._preimage(seq, ids, i))
+            block = pool.lookup(h, self._preimage(seq, ids, i), table[-1] if table else None)
             if block is None:
                 break
             pool.touch(block)
             table.append(block)
         seq.num_registered = len(table)  # published already
         seq.num_computed_tokens = len(table) * self.block_size
-        self.prefix_queries += len(seq.prompt_ids)
-        self.prefix_hits += min(seq.num_computed_tokens, len(seq.prompt_ids))
         seq.num_cached_tokens = seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def count_admission(self, seq: Sequence) -> None:
+        """Prefix-cache statistics for a sequence admitted after match_prefix: counted once per admission, not
+        per attempt (a request waiting for blocks is matched again at every step)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(seq.prompt_ids)
+            self.prefix_hits += min(seq.num_cached_tokens, len(seq.prompt_ids))
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Ensure blocks for the next num_new_tokens; False (nothing changed) if the pool is short."""
@@ -244,7 +262,13 @@ class KVCacheManager:
         ids = self._update_hashes(seq, upto * self.block_size)
         pool = self.groups[0].pool
         for i in range(seq.num_registered, upto):
-            pool.register(table[i], seq.block_hashes[i], self._preimage(seq, ids, i))
+            parent = None
+            if i:  # the chain goes on only under a published parent with this sequence's own tokens
+                holder = pool.hash_to_block.get(seq.block_hashes[i - 1])
+                if holder is None or pool.block_preimage[holder] != self._preimage(seq, ids, i - 1):
+                    break  # a key collision (or an evicted parent): the rest of this sequence stays private
+                parent = (holder, pool.generation[holder])
+            pool.register(table[i], seq.block_hashes[i], self._preimage(seq, ids, i), parent)
         seq.num_registered = upto
 
     def free(self, seq: Sequence) -> None:

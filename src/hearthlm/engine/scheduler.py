@@ -75,13 +75,16 @@ class Scheduler:
                 # n > 1: wait for the first sibling's prompt blocks, then reuse them from the prefix cache
                 skipped.append(self.waiting.popleft())
                 continue
-            if seq.num_computed_tokens == 0:
+            matched = seq.num_computed_tokens == 0
+            if matched:
                 self.kv.match_prefix(seq)
             num_new = self._num_new(seq, budget)
             if num_new == 0 or not self.kv.allocate(seq, num_new):
                 self.kv.free(seq)
                 seq.num_computed_tokens = 0
                 break
+            if matched:
+                self.kv.count_admission(seq)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
