@@ -95,6 +95,23 @@ def test_import_hearthlm_bounds_libgomp_spin_before_torch_loads():
     assert "GOMP_SPINCOUNT = '123'" in _libgomp_env(load, GOMP_SPINCOUNT="123")
 
 
+def test_spin_bound_is_not_inherited_by_child_processes():
+    """Once torch has loaded libgomp, the engine takes back the GOMP_SPINCOUNT that `import hearthlm` set: a
+    process it starts gets the user's environment; a user's own value stays."""
+    code = ("import os, subprocess, sys, hearthlm, torch\n"
+            "from hearthlm.runtime.threads import apply_threads\n"
+            "before = os.environ.get('GOMP_SPINCOUNT'); apply_threads(1)\n"
+            "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"GOMP_SPINCOUNT\"))'],"
+            " capture_output=True, text=True).stdout.strip()\n"
+            "print(before, os.environ.get('GOMP_SPINCOUNT'), child)")
+    base = {k: v for k, v in os.environ.items() if k not in threads.WAIT_ENV}
+    for env, want in (({}, f"{threads.SPIN_COUNT} None None"), ({"GOMP_SPINCOUNT": "77"}, "77 77 77")):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[-2] == want
+
+
 def test_engine_threads_applied(tiny):
     from hearthlm.config import EngineConfig
     from hearthlm.engine.engine import LLMEngine

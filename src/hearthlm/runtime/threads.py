@@ -36,6 +36,10 @@ log = logging.getLogger("hearthlm")
 SPIN_COUNT = 20000
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# the GOMP_SPINCOUNT value `import hearthlm` put in os.environ, until libgomp has read it (then it is removed, so
+# that child processes start with the user's environment); bounded[0]: libgomp runs with our bound
+_ours: list[str] = []
+_bounded = [False]
 
 
 def set_wait_policy(environ=os.environ, modules=sys.modules) -> str | None:
@@ -45,7 +49,19 @@ def set_wait_policy(environ=os.environ, modules=sys.modules) -> str | None:
     if "torch" in modules or any(k in environ for k in WAIT_ENV):
         return None
     environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    if environ is os.environ:
+        _ours.append(environ["GOMP_SPINCOUNT"])
     return environ["GOMP_SPINCOUNT"]
+
+
+def forget_wait_policy() -> None:
+    """Once torch (and so libgomp) is loaded, take back the GOMP_SPINCOUNT that `import hearthlm` set: libgomp
+    read it when it loaded, and processes this one starts should not inherit it."""
+    if _ours and "torch" in sys.modules:
+        if os.environ.get("GOMP_SPINCOUNT") == _ours[0]:
+            del os.environ["GOMP_SPINCOUNT"]
+            _bounded[0] = True
+        _ours.clear()
 
 
 def _cpu_list(text: str) -> set[int]:
@@ -99,10 +115,11 @@ def apply_threads(threads: int | None = None) -> int:
     or fewer where torch was set to fewer already (torch.set_num_threads, OMP_NUM_THREADS). Returns the count."""
     import torch
 
+    forget_wait_policy()
     n = int(threads) if threads else min(default_threads(), torch.get_num_threads())
     _set_counts(n)
     log.debug("CPU threads: %d (torch and the native kernel)", n)
-    if n > 1 and not any(k in os.environ for k in WAIT_ENV):
+    if n > 1 and not _bounded[0] and not any(k in os.environ for k in WAIT_ENV):
         _note_spinning()
     return n
 
@@ -208,4 +225,4 @@ def _note_spinning() -> None:
 
 
 __all__ = ["SPIN_COUNT", "CpuShare", "allowed_cpus", "apply_threads", "default_threads", "physical_cores",
-           "set_wait_policy", "start_threads"]
+           "forget_wait_policy", "set_wait_policy", "start_threads"]
