@@ -75,13 +75,14 @@ def _interpreter_only(item: pytest.Item) -> bool:
 @pytest.hookimpl(trylast=True)  # after -k / -m: a case is moved only if its runner was selected too
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Interpreter-only cases whose file's runner is selected too run in the runner's child process: deselect
-    them here instead of reporting each as skipped (the runner fails if any of them fails)."""
+    them here instead of reporting each as skipped (the runner fails if any of them fails). Applies to the
+    whole session once this conftest is loaded (tests/kernels collected)."""
     if not children_interpret():
         return
-    here = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]  # runners elsewhere in tests/ use run_interpreted too
     covered = set()
     for item in items:
-        if RUNNER in item.name and Path(item.path).resolve().parent == here:
+        if RUNNER in item.name and Path(item.path).resolve().is_relative_to(tests):
             target = getattr(item.module, "INTERPRETED_FILE", None)
             covered.add(Path(target).resolve() if target else Path(item.path).resolve())
     moved = [i for i in items if Path(i.path).resolve() in covered and RUNNER not in i.name and _interpreter_only(i)]
