@@ -65,6 +65,20 @@ def arrival_order_kept(sim: Sim) -> bool:
 
 @pytest.mark.parametrize("seed", range(300))
 def test_random_workload_keeps_the_invariants_and_finishes_clean(seed):
+    run_workload(seed)
+
+
+@pytest.mark.parametrize("seed", range(300))  # the old one-key check failed on seed 167
+def test_colliding_prefix_keys_never_serve_foreign_kv(seed, monkeypatch):
+    """Prefix keys cut to one byte (collisions everywhere): hits must still be served only for equal prefixes."""
+    import hearthlm.engine.kv_cache as kc
+
+    real = kc._digest
+    monkeypatch.setattr(kc, "_digest", lambda data: real(data)[:1])
+    run_workload(seed)
+
+
+def run_workload(seed: int) -> None:
     sim, rng, knobs = scenario(seed)
     pending = knobs["num_requests"]
     all_seqs = []
