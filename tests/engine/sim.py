@@ -94,7 +94,8 @@ class Sim:
             unchecked: bool = False) -> Sequence:
         stream = stream if stream is not None else [1000 + seq.seq_id * 7 + k for k in range(seq.params.max_tokens)]
         # LLMEngine.add_request refuses what the pool could never hold (it would preempt itself forever)
-        assert unchecked or self.kv.fits_ever(seq.num_tokens + seq.params.max_tokens, self.config.max_num_batched_tokens)
+        total = seq.num_tokens + seq.params.max_tokens
+        assert unchecked or self.kv.fits_ever(total, self.config.max_num_batched_tokens)
         self.seqs[seq.seq_id] = SimSeq(seq, stream, stop_at)
         self.sched.add(seq)
         return seq
