@@ -31,6 +31,9 @@ def _all_variants() -> list[int]:
 
 
 VARIANTS = _all_variants()
+# interpreted (slow on CPU): the product's variant, and the benchmark ones that cover the other switches (1: fp32
+# dequantization, no swap; 12: split-K summed in the kernel); all of them on the GPU
+INTERP_VARIANTS = sorted(set(qm.MM_VARIANTS) & {9} | {1, 12})
 
 
 def _interpreted() -> bool:
@@ -84,7 +87,11 @@ def test_reference_is_dequantize_then_matmul():
 
 # ------------------------------------------------------------------------------------- interpreted (CPU)
 def test_quant_kernels_under_interpreter() -> None:
-    run_interpreted(Path(__file__), "interp")
+    run_interpreted(Path(__file__), "interp and not mm_variants")
+
+
+def test_quant_mm_variants_under_interpreter() -> None:
+    run_interpreted(Path(__file__), "interp_mm_variants")  # a process of its own: the slowest cases
 
 
 @interp
@@ -115,7 +122,7 @@ def test_interp_mm(bits, group, has_min):
 @pytest.mark.parametrize("bits,group,has_min", [(4, 32, True), (4, 32, False), (8, 32, False), (8, 16, False),
                                                 (4, 128, True)])
 @pytest.mark.parametrize("m", [5, 16])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", INTERP_VARIANTS)
 def test_interp_mm_variants(bits, group, has_min, m, variant):
     # K: a partial last K step, also per split (and, group 128, steps shorter than a group). fp32 x runs the
     # fp32 dequantization of every variant; fp16 x the half-precision one of variants with MATH > 0 (their

@@ -1,7 +1,7 @@
 """Dense GEMV for decode: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), M <= 8, one kernel launch.
 
-At batch 1-8 a decode matmul is bound by reading W from HBM; cuBLAS reaches about half of the bandwidth on
-small decode shapes (and adds a split-K reduce kernel). `_gemv_kernel`:
+At batch 1-8 a decode matmul is bound by reading W from HBM; cuBLAS falls well short of the bandwidth on small
+decode shapes (and adds a split-K reduce kernel; BENCHMARKS.md). `_gemv_kernel`:
   * one program per BLOCK_N output columns, over the whole of K (no split-K, no reduce kernel, no atomics);
     all M rows of x are handled by the same program, so W is read exactly once;
   * W tiles [BLOCK_N, BLOCK_K] are loaded with 16-byte vectors along K; the products are first summed over each
@@ -152,10 +152,10 @@ class GemvConfig:
     num_stages: int = 1  # > 1: W tiles staged through shared memory that many steps ahead (cp.async)
 
 
-_SMS_GUESS = 132  # H100 SXM; only shapes the default table (the benchmark prints a measured one)
+_SMS_GUESS = 132  # an H100 SXM's SMs; only shapes the default table (the benchmark prints a measured one)
 
 
-# measured on an H100 80GB HBM3 (benchmarks/gemv_bench.py); other shapes use the rule below
+# tuned tiles per shape (benchmarks/gemv_bench.py's table for an H100 80GB HBM3); other shapes use the rule below
 _TUNED: dict[tuple[int, int, int], GemvConfig] = {  # (M, N, K) -> config
     (1, 4096, 1024): GemvConfig(4, 1024, 4, 1),
     (2, 4096, 1024): GemvConfig(2, 512, 2, 1),

@@ -105,9 +105,9 @@ class A8Config:
 
 
 def a8_config(m: int, n: int, w32: int, bits: int = 4) -> A8Config:
-    """Default tiles from an H100 sweep (benchmarks/quant_matmul_bench.py --sweep, Llama-3.1-8B shapes): one row
-    of W per 1-warp program over 1 KB (4-bit) / 2 KB (8-bit) of codes a step at M = 1 (1.2-1.3x the 8-row,
-    2-warp tile); more rows: 2 warps, >= 2 programs per SM for N = 1024 projections."""
+    """Default tiles (the winners of benchmarks/quant_matmul_bench.py --sweep; figures in BENCHMARKS.md): one row
+    of W per 1-warp program over 1 KB (4-bit) / 2 KB (8-bit) of codes a step at M = 1; more rows: 2 warps, >= 2
+    programs per SM for N = 1024 projections."""
     if m == 1:
         return A8Config(1, min(256 if bits == 4 else 512, max(4, next_pow2(w32))), 1, 1)
     block_n = 8

@@ -504,8 +504,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
-    """Default tiles for M rows, N outputs, W code words per row, from sweeps on an H200/H100
-    (benchmarks/quant_matmul_bench.py --sweep): 2 warps over 512 words (1 KB) of up to 8 rows per step; 4-bit
+    """Default tiles for M rows, N outputs, W code words per row (the winners of benchmarks/quant_matmul_bench.py
+    --sweep): 2 warps over 512 words (1 KB) of up to 8 rows per step; 4-bit
     codes with 2+ rows of x: 256 words, prefetched one step ahead. block_n stays small enough for >= 2
     programs per SM (N = 1024 projections)."""
     block_n = 8
@@ -517,11 +517,10 @@ def gemv_config(m: int, n: int, w: int, bits: int = 4) -> GemvConfig:
 
 
 def mm_config(m: int, n: int, k: int, bits: int, hopper: bool = False) -> KernelConfig:
-    """Tiles of the tl.dot kernel from H100 sweeps (benchmarks/quant_matmul_bench.py, Llama-3.1-8B shapes at
-    M = 16, 64, 128): 64 code words of K per step (256 4-bit weights, 128 8-bit). Hopper: variant 9 (--mm-variants:
-    W tiles dequantized by bf16x2/f16x2 PTX into K order, W the left dot operand), 1.15-1.6x bf16 cuBLAS at 16 rows,
-    0.85-1.5x at 64, 0.8-1.0x at 128; else variant 0 (--sweep --no-gemv-sweep): wide-N projections (N >= 2 K) take
-    narrower N tiles without split-K."""
+    """Tiles of the tl.dot kernel (the winners of benchmarks/quant_matmul_bench.py --sweep / --mm-variants at
+    M = 16, 64, 128; figures in BENCHMARKS.md): 64 code words of K per step (256 4-bit weights, 128 8-bit).
+    Hopper: variant 9 (W tiles dequantized by bf16x2/f16x2 PTX into K order, W the left dot operand); else
+    variant 0: wide-N projections (N >= 2 K) take narrower N tiles without split-K."""
     wide = n >= 2 * k
     bk = 256 if bits == 4 else 128  # the same 64 code words a step (8-bit codes at 256 overflow shared memory)
     if hopper:

@@ -9,6 +9,7 @@ quantized), or a kernel already (QuantWeight, Fp8Weight: the loader builds those
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels.quant_gemv_a8 import QuantizedX
 from ..quant.group_quant import GroupQuant
@@ -52,6 +53,13 @@ class Linear:
         # the native CPU kernel's weight when this layer is one (its fused entry points; self.bias is the caller's
         # to add), else None
         self.native: NativeWeight | None = self.kernel if isinstance(self.kernel, NativeWeight) else None
+        self._plain = self._plain_weight()
+
+    def _plain_weight(self) -> torch.Tensor | None:
+        """The weight when the kernel is plain F.linear (DenseWeight without GEMV or invariant kernel: CPU, or
+        gemv off): __call__ runs it inline, one Python frame fewer a call (CPU decode is overhead bound)."""
+        k = self.kernel
+        return k.weight if isinstance(k, DenseWeight) and not (k.gemv or k.invariant) else None
 
     @classmethod
     def fused(cls, weights: list[Weight], biases: list[torch.Tensor | None] | None = None) -> Linear:
@@ -79,12 +87,16 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, xa: QuantizedX | None = None) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]; xa: x pre-quantized for a QuantWeight's decode GEMV
+        if self._plain is not None:
+            return F.linear(x, self._plain, self.bias)
         return self.kernel.forward(x, xa, self.bias)
 
     def native_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """__call__, except that a CPU quantized weight's result stays in its kernel's dtype (bf16 or float32): for
         callers that only add it to (or multiply it by) a float32 tensor, whose type promotion upcasts exactly, one
         op fewer per call."""
+        if self._plain is not None:
+            return F.linear(x, self._plain, self.bias)
         return self.kernel.forward_native(x, self.bias)
 
     def a8_bits(self, rows: int, device: torch.device) -> int | None:
@@ -96,6 +108,7 @@ class Linear:
         """--batch-invariant: dense weights take the fixed-order matmul; a weight kept quantized (or FP8) on CUDA
         has no such kernel and is an InvalidRequestError."""
         self.kernel.set_invariant(on)
+        self._plain = self._plain_weight()
 
     def tensors(self) -> list[torch.Tensor]:
         return self.kernel.tensors() + ([self.bias] if self.bias is not None else [])

@@ -70,21 +70,22 @@ class Int4Weight(WeightKernel):
 
     # forward and forward_native inline __call__ (CPU decode is Python-overhead bound: no extra frame a call)
     def forward(self, x: torch.Tensor, xa: object = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is not None or x.dim() != 2:
-            return WeightKernel.forward(self, x, xa, bias)
-        xb = x.to(torch.bfloat16)
-        if self.dense is not None and x.shape[0] >= self.dense_min_rows:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        xb = x2.to(torch.bfloat16)
+        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
             y = dense_linear(xb, self.dense, self.out_features)
         else:
             if self.split:
                 xb = torch.cat([xb, xb], 1)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, 32, self.scale_zeros)
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
 
     def forward_native(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The kernels' bf16 result (no cast back to x.dtype) when there is no bias to add."""
         if bias is not None or x.dim() != 2:
-            return WeightKernel.forward(self, x, None, bias)
+            return self.forward(x, None, bias)
         xb = x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] >= self.dense_min_rows:
             return dense_linear(xb, self.dense, self.out_features)
@@ -161,15 +162,17 @@ class NativeWeight(WeightKernel):
 
     # forward and forward_native inline __call__ (CPU decode is Python-overhead bound: no extra frame a call)
     def forward(self, x: torch.Tensor, xa: object = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is not None or x.dim() != 2:
-            return WeightKernel.forward(self, x, xa, bias)
-        y = self.run(x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous())
-        return y.to(x.dtype) if x.dtype != torch.float32 else y
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = self.run(x2 if x2.dtype == torch.float32 and x2.stride(-1) == 1 else x2.float().contiguous())
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        y = y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
 
     def forward_native(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel's float32 result (no cast back to x.dtype) when there is no bias to add."""
         if bias is not None or x.dim() != 2:
-            return WeightKernel.forward(self, x, None, bias)
+            return self.forward(x, None, bias)
         return self.run(x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous())
 
     def set_invariant(self, on: bool) -> None:
