@@ -7,14 +7,14 @@ word j of chunk c holds, in its bits [bits * t, bits * (t + 1)), the code of wei
 So sub-code t of a chunk's 8 words pairs with 8 consecutive x values (one 16-byte vector of bf16/fp16 x),
 and a word tile [rows, words] and an x tile [words] have the same element size: the GEMV needs no layout
 conversion. Group: a multiple of 8 T (32 for 4-bit, 16 for 8-bit), so a chunk has one scale.
-  bits=4  Q4_0, Q4_1, Q4_K (exact up to the rounding of scale/min to their storage dtype) and int4
-  bits=8  Q8_0, int8; Q5_0/1, Q5_K, Q6_K repacked one code per byte
+  bits=4  Q4_0, Q4_1, Q4_K (exact up to the rounding of scale/min to their storage dtype) and int4-g32
+  bits=8  Q8_0, int8-g32; Q5_0/1, Q5_K, Q6_K repacked one code per byte
 scale, min: [N, K // group] float16 or float32 (min None = symmetric codes, e.g. Q8_0, Q6_K, int8).
 
 Kernels (fp32 accumulation both):
-  _gemv_kernel  decode (M <= QUANT_GEMV_MAX_ROWS): kernels/gemv.py's design -- one program per BLOCK_N rows over all of K; per
-                chunk a thread sums code * x in registers and applies the chunk's scale once (and min * sum(x));
-                no shared memory or barriers inside the K loop, no split-K
+  _gemv_kernel  decode (M <= QUANT_GEMV_MAX_ROWS): kernels/gemv.py's design -- one program per BLOCK_N rows over
+                all of K; per chunk a thread sums code * x in registers and applies the chunk's scale once (and
+                min * sum(x)); no shared memory or barriers inside the K loop, no split-K
   _mm_kernel    M <= QUANT_MM_MAX_ROWS: tl.dot per sub-code plane on tiles dequantized in registers, optional
                 split-K
   _mmv_kernel   _mm_kernel with switches (KernelConfig.variant -> MM_VARIANTS); variant 9, the default on Hopper, is

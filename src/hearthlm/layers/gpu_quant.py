@@ -1,8 +1,8 @@
 """Weights kept quantized on the GPU.
 
   QuantWeight  group-wise codes for kernels/quant_matmul.py (decode rows: kernels/quant_gemv_a8.py), repacked
-               from a GroupQuant at load into its 16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4) four
-               per word; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8) two int8 per word; scale/min per group in
+               from a GroupQuant at load into its 16-bit word layout: 4-bit codes (Q4_0, Q4_1, Q4_K, int4-g32) four
+               per word; 5/6/8-bit codes (Q5_*, Q6_K, Q8_0, int8-g32) two int8 per word; scale/min per group in
                float16 (float32 when a value would lose range in float16). Serves as a Linear weight and as a
                (row-gathered) embedding.
   Fp8Weight    e4m3 weights with one float32 scale per output channel. Up to FP8_GEMV_MAX_ROWS rows: the decode
