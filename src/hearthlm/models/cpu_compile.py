@@ -8,8 +8,7 @@ the norms' row sums (layers/norm.py) stay ATen calls, so every value is bit for 
 (tests/test_cpu_compile.py). The embedding, RoPE's cos/sin, prefill and mixed steps, and Gemma 2 run eagerly.
 Graphs: 1 row (dynamo specializes it), and one per matmul regime of the row count (Int4Weight.dense_min_rows) with
 symbolic rows and context length; each compiles on first use and is cached on disk by inductor
-(TORCHINDUCTOR_CACHE_DIR). SmolLM2-135M Q4_1 on 2 cores: ~25-30 s a graph with a cold cache, ~5 s with a warm one;
-decode 1.4x (batch 1) and 1.2x (16 rows) the eager speed.
+(TORCHINDUCTOR_CACHE_DIR). Compile times and the decode speed-up: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ def _decode_layers(model, h: torch.Tensor, meta, kv_caches: list) -> torch.Tenso
 
 
 def _skip_model_guards(entries) -> list[bool]:
-    """Drop dynamo's guards on the model (~0.9 ms a step: a few hundred weights and constants); the model never
+    """Drop dynamo's guards on the model (a few hundred weights and constants, checked every step); the model never
     changes after loading, and each CpuDecodeGraph compiles its own copy of the code (see __init__)."""
     return [not (e.name == "model" or e.name.startswith(("model.", "model[")) or "(model." in e.name)
             for e in entries]
@@ -63,8 +62,8 @@ class CpuDecodeGraph:
         fn = _decode_layers
         code = fn.__code__.replace(co_name=f"cpu_decode_{next(_ids)}")
         fn = types.FunctionType(code, fn.__globals__, code.co_name)
-        # inductor's runtime asserts on input sizes and strides cost ~0.35 ms a step at batch 1; the inputs are the
-        # model's own tensors and guarded step tensors
+        # inductor's runtime asserts on input sizes and strides cost a visible share of a batch-1 step; the inputs
+        # are the model's own tensors and guarded step tensors
         opts = {"guard_filter_fn": _skip_model_guards, "size_asserts": False, "alignment_asserts": False,
                 "scalar_asserts": False}
         self._fn = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)

@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 
 from ...kernels.kv_quant import KVPool
-from ...layers.attention import SubBatch, cpu_plan, paged_attention_ref, write_kv
+from ...layers import attention as ref
+from ...layers.attention import SubBatch, cpu_plan
 from ...layers.rotary import Rotary
 from ..step_inputs import StepInputs
 
@@ -32,7 +33,7 @@ class TorchMetadata:
     cos: torch.Tensor  # [num_tokens, 1, head_dim] (layers/rotary.Rotary.cos_sin)
     sin: torch.Tensor
     max_query_len: int = 0
-    host: None = None  # (only a device side's metadata carries the offloaded side's)
+    host: TorchMetadata | None = None  # --gpu-layers: the offloaded blocks' metadata (a device side's only)
     use_kernels: ClassVar[bool] = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
@@ -40,8 +41,8 @@ class TorchMetadata:
         gm = self.groups[self.layer_group[layer]]
         k_cache, v_cache = kv_cache
         if not kv_written:
-            write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
-        return paged_attention_ref(q, k_cache, v_cache, gm.sub_batches, scale, softcap)
+            ref.write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
+        return ref.paged_attention_ref(q, k_cache, v_cache, gm.sub_batches, scale, softcap)
 
 
 class TorchBackend:
