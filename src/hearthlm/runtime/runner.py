@@ -167,7 +167,7 @@ class ModelRunner:
         if fix:  # decode inputs still on the device: gather them from the previous step's tokens
             dst, src = torch.tensor(fix, dtype=torch.long).to(dev).unbind(1)
             input_ids[dst] = self.prev_tokens[src]
-        return input_ids, step.positions.to(dev), meta, sample_rows.to(dev)
+        return input_ids, meta.positions, meta, sample_rows.to(dev)
 
     # ---- execution ----
     def _graph_decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,8 +31,9 @@ class NativeBackend(TorchBackend):
         from ...kernels.cpu_quant import RowAttention
 
         dev = self.device
-        cos, sin = self.rotary.cos_sin(step.positions.to(dev), self.dtype)
-        meta = TorchMetadata([], self.layer_group, cos, sin, step.max_query_len)
+        positions = step.positions.to(dev)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        meta = TorchMetadata([], self.layer_group, positions, cos, sin, step.max_query_len)
         planned = []
         for g, (window, tables, slots) in enumerate(zip(self.windows, step.tables, step.slots)):
             gm = RefGroup(slots.to(dev), window, self._sub_batches(step, tables, window))

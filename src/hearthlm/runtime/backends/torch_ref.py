@@ -30,6 +30,7 @@ class RefGroup:
 class TorchMetadata:
     groups: list[RefGroup]
     layer_group: list[int]  # layer index -> group index
+    positions: torch.Tensor  # [num_tokens] int64
     cos: torch.Tensor  # [num_tokens, 1, head_dim] (layers/rotary.Rotary.cos_sin)
     sin: torch.Tensor
     max_query_len: int = 0
@@ -59,10 +60,11 @@ class TorchBackend:
 
     def build(self, step: StepInputs) -> TorchMetadata:
         dev = self.device
-        cos, sin = self.rotary.cos_sin(step.positions.to(dev), self.dtype)
+        positions = step.positions.to(dev)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
         groups = [RefGroup(slots.to(dev), window, self._sub_batches(step, tables, window))
                   for window, tables, slots in zip(self.windows, step.tables, step.slots)]
-        meta = TorchMetadata(groups, self.layer_group, cos, sin, step.max_query_len)
+        meta = TorchMetadata(groups, self.layer_group, positions, cos, sin, step.max_query_len)
         self._plan(meta, step, range(len(groups)))
         return meta
 
