@@ -88,10 +88,9 @@ def test_mixed_steps_match_the_reference_path(tiny, monkeypatch, family):
     prompts = prompts_of(4, [13, 90, 30, 70], seed=23)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = []
-    for disable in ("0", "1"):
-        monkeypatch.setenv("HEARTH_DISABLE_KERNELS", disable)
+    for kernels in ("auto", "torch"):
         llm = LLM(model=tiny.path(family), dtype="float32", device="cuda", max_model_len=256, max_num_seqs=8,
-                  max_num_batched_tokens=40, cuda_graphs=False)
-        assert llm.engine.runner.use_kernels == (disable == "0")
+                  max_num_batched_tokens=40, cuda_graphs=False, kernels=kernels)
+        assert llm.engine.runner.use_kernels == (kernels == "auto")
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)])
     assert outs[0] == outs[1]

@@ -16,7 +16,7 @@ from hearthlm.engine.kv_cache import KVCacheManager
 from hearthlm.engine.sequence import Sequence
 from hearthlm.plan import memory as m
 from hearthlm.plan.presets import preset_config
-from hearthlm.runtime import runner as R
+from hearthlm.runtime import kv_pools as R
 from hearthlm.sampling import SamplingParams
 
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import torch
 from hearthlm.config import CacheConfig, SchedulerConfig
 from hearthlm.errors import OutOfMemoryError
 from hearthlm.plan.presets import preset_config
-from hearthlm.runtime import runner as R
+from hearthlm.runtime import kv_pools as R
 
 GIB = 1 << 30
 
@@ -74,4 +74,4 @@ def test_profiling_step_that_runs_out_of_memory_is_a_clear_error(engine_for, mon
 
     monkeypatch.setattr(runner.model, "forward", oom)
     with pytest.raises(OutOfMemoryError, match="one step of 512 tokens.*--max-num-batched-tokens 512.*hearth plan"):
-        runner._profile_step_bytes(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024))
+        R.profile_step_bytes(runner, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024))
