@@ -80,21 +80,18 @@ def test_native_kernels_leave_nothing_to_compile(one_layer_llama, caplog):
 def test_compile_flag_plumbing(monkeypatch):
     from hearthlm.config import CacheConfig
 
-    monkeypatch.delenv("HEARTH_CPU_COMPILE", raising=False)
+    monkeypatch.setenv("HEARTH_CPU_COMPILE", "1")  # no environment variable: a config field (issue 17)
     assert CacheConfig().cpu_compile is False
-    monkeypatch.setenv("HEARTH_CPU_COMPILE", "1")
-    assert CacheConfig().cpu_compile is True
-    assert CacheConfig(cpu_compile=False).cpu_compile is False
+    assert CacheConfig(cpu_compile=True).cpu_compile is True
     # hearth serve --compile reaches the engines' CacheConfig through ServeConfig, not the environment
     import argparse
 
     from hearthlm.cli import serve_cmd
 
-    monkeypatch.delenv("HEARTH_CPU_COMPILE", raising=False)
     parser = argparse.ArgumentParser(prog="hearth")
     serve_cmd.add_parser(parser.add_subparsers())
     assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--compile"])).cpu_compile is True
-    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m"])).cpu_compile is None
+    assert serve_cmd.config_from_args(parser.parse_args(["serve", "m"])).cpu_compile is False
     # the dtype default is auto on every device (on CPU: GGUF weights stay quantized, the native kernel)
     assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--device", "cpu"])).dtype == "auto"
     assert serve_cmd.config_from_args(parser.parse_args(["serve", "m", "--dtype", "float32"])).dtype == "float32"
