@@ -135,8 +135,6 @@ def test_cpu_kernel_setting(monkeypatch):
     assert e.value.param == "cpu_kernel"
     with pytest.raises(InvalidRequestError, match="lacks avx2, fma, f16c"):
         cq.cpu_kernel_for("avx2", frozenset({"sse4_2"}))
-    monkeypatch.setenv("HEARTH_CPU_NATIVE", "0")  # the deprecated switch: auto means torch
-    assert cq.cpu_kernel_for("auto", AVX2_ONLY) == "torch" and cq.cpu_kernel_for("avx2", AVX2_ONLY) == "avx2"
     # the flag
     p = argparse.ArgumentParser()
     flags.add_engine_args(p)

@@ -3,7 +3,6 @@ plus bf16 copies): the plan counts what the loader will hold."""
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
 
@@ -84,11 +83,13 @@ def test_cpu_plan_counts_what_the_engine_holds():
     # a budget that stops part-way: whole matrices in load order (blocks first), as Int4Weight allocates them
     part = src.cpu_weights(100 << 20)[1]
     assert part == 0 if native else 99 << 20 < part <= 100 << 20
-    gc.collect()  # copies of models other tests dropped are released now, not during the load
-    before = ql._dense_bytes[0]
-    net = load_model("smollm2", device="cpu").model
-    engine = sum(t.numel() * t.element_size() for t in net.weight_tensors()) + ql._dense_bytes[0] - before
-    want, _ = src.cpu_weights(max(0, ql.dense_budget_bytes() - before))
+    from hearthlm.layers.linear import Linear
+
+    net = load_model("smollm2", device="cpu").model  # its own cpu_dense_memory budget (the default)
+    lins = [net.lm_head] + [v for layer in net.layers for v in vars(layer).values() if isinstance(v, Linear)]
+    copies_held = sum(getattr(lin.packed, "dense_nbytes", 0) for lin in lins)
+    engine = sum(t.numel() * t.element_size() for t in net.weight_tensors()) + copies_held
+    want, _ = src.cpu_weights(ql.dense_budget_bytes())
     assert engine == want.total_bytes
 
 
