@@ -7,8 +7,8 @@ column per dtype with the torch.compile'd decode step (LLM(cpu_compile=True)); i
 compile both decode graphs, batch 1 and --streams rows: a cold inductor cache compiles, a warm one loads.)
 Each hearthlm figure is the best of --repeats runs (batch 1 and the streams alternate), as the 2-core machines
 this targets are shared and noisy; the load average is printed with the table. Run it pinned and otherwise idle:
-`taskset -c 0,1 python benchmarks/cpu_decode.py`. HEARTH_CPU_DENSE_MB=0 turns off the dense bf16 copies that
-multi-row CPU matmuls use (layers/quant_linear.py), for A/B runs.
+`taskset -c 0,1 python benchmarks/cpu_decode.py`. (LLM(cpu_dense_memory=0), --cpu-dense-memory 0 on the CLI,
+turns off the dense bf16 copies that multi-row CPU matmuls use, for A/B runs.)
 Prints a Markdown table for BENCHMARKS.md.
 """
 from __future__ import annotations

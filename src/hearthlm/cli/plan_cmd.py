@@ -125,7 +125,7 @@ def build_plan(args: argparse.Namespace) -> tuple[ModelSource, MemoryPlan]:
     if weights is not None and src.tensor_types is not None and device.kind == "cpu":
         weights, copies = src.cpu_weights()
         gguf_note = (f"GGUF on the CPU: the int4 kernel's layout, plus {copies / 2**20:,.0f} MiB of bf16 copies for "
-                     "batched decode (HEARTH_CPU_DENSE_MB caps them)") if copies else \
+                     "batched decode (--cpu-dense-memory caps them)") if copies else \
             "GGUF on the CPU: the int4 kernel's layout (no bf16 copies on this CPU or budget)"
     plan = make_plan(
         src.cfg, quant, ctx, _tokens(want_seqs, flag_name(args, "max_num_seqs")),

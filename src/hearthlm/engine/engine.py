@@ -122,7 +122,9 @@ class LLMEngine:
                 plan = preflight(path, self.device.type, dtype, config.scheduler.max_model_len,
                                  config.scheduler.max_num_batched_tokens, config.cache.memory_fraction,
                                  kv_dtype=config.cache.cache_dtype, quantization=quantization,
-                                 gpu_layers=gpu_layers, requested_dtype=str(config.dtype).replace("torch.", ""))
+                                 gpu_layers=gpu_layers, requested_dtype=str(config.dtype).replace("torch.", ""),
+                                 weights="dequantize" if invariant_gpu else config.weights,
+                                 cpu_dense_memory=config.cpu_dense_memory)
                 loaded = load_model(path, config.dtype, self.device, quantization=quantization,
                                     gpu_layers=offloaded_layers(plan),
                                     weights="dequantize" if invariant_gpu else config.weights, kernels=config.kernels,

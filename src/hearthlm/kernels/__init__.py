@@ -1,7 +1,7 @@
 """GPU kernels (Triton) with a torch reference each; public names dispatch on the tensors' device.
 
 Triton runs when the inputs are CUDA tensors and triton imports; otherwise the `*_ref` version runs
-(CPU is a first-class target). HEARTHLM_KERNELS=torch forces the references everywhere.
+(CPU is a first-class target). EngineConfig.kernels="torch" (--kernels torch) runs the references everywhere.
 """
 from ._triton_utils import HAS_TRITON
 from .activation import gelu_tanh_and_mul, silu_and_mul, silu_and_mul_a8

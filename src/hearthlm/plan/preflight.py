@@ -21,8 +21,8 @@ from .sources import resolve_model
 
 log = logging.getLogger("hearthlm")
 
-# the engine keeps HF weights in its compute dtype, GGUF blocks quantized on CPU (unless float32) and on CUDA
-# only with HEARTHLM_WEIGHTS=quantized
+# the engine keeps HF weights in its compute dtype, GGUF blocks quantized on CPU (unless float32) and on CUDA as
+# EngineConfig.weights (--weights) says
 _DTYPE_QUANT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # --quantization: the planner format storing the same bytes per weight as the kernels' layout
 # (int8: codes + a 16-bit scale per 32 = q8_0's 8.5 bpw; int4: + a 16-bit min = q4_1's 5 bpw; fp8: 8 bpw)
@@ -30,20 +30,23 @@ _QUANTIZATION_PLAN = {"int8": "q8_0", "int4": "q4_1", "fp8": "fp8"}
 
 
 def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none",
-                    requested_dtype: str | None = None) -> WeightBytes | None:
+                    requested_dtype: str | None = None, weights: str = "auto",
+                    cpu_dense_memory: int | None = None) -> WeightBytes | None:
     """Weight bytes as the engine will hold them, or None (= `dtype` throughout): --quantization block matrices
     next to embeddings/head in `dtype`; a GGUF on CUDA kept quantized (the kernels' repacked sizes) when the
-    loader keeps it so (loader.load.keep_quantized: HEARTHLM_WEIGHTS, or a bf16 copy too large for free memory);
-    a GGUF on the CPU as its int4-kernel layout plus bf16 copies (sources.cpu_gguf_weights) unless the requested
-    dtype (before `auto` was resolved) is float32."""
+    loader keeps it so (loader.load.keep_quantized: --weights, or a bf16 copy too large for free memory);
+    a GGUF on the CPU as its int4-kernel layout plus bf16 copies within `cpu_dense_memory` (sources.cpu_gguf_weights)
+    unless the requested dtype (before `auto` was resolved) is float32."""
     dense = _DTYPE_QUANT.get(dtype, "bf16")
     if src.kind == "gguf" and src.tensor_types is not None and device_type == "cpu" and quantization == "none":
         import torch
 
         from ..loader.load import keep_quantized
 
-        if keep_quantized(None, requested_dtype or dtype, torch.device("cpu")):
-            return src.cpu_weights()[0]
+        if keep_quantized(weights, requested_dtype or dtype, torch.device("cpu")):
+            from ..layers.cpu_dense import dense_budget_bytes
+
+            return src.cpu_weights(dense_budget_bytes(cpu_dense_memory))[0]
     if quantization in _QUANTIZATION_PLAN:
         d, q = weights_bytes(cfg, dense), weights_bytes(cfg, _QUANTIZATION_PLAN[quantization])
         return WeightBytes(d.embedding_bytes, d.lm_head_bytes, q.layer_bytes, d.other_bytes, exact=False)
@@ -52,7 +55,7 @@ def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = 
 
         from ..loader.load import keep_quantized
 
-        if keep_quantized(None, dtype, torch.device("cuda"), src.gpu_dense_bytes):
+        if keep_quantized(weights, dtype, torch.device("cuda"), src.gpu_dense_bytes):
             return src.gpu_weights["quantized"]
         return src.gpu_weights["dense"]
     return None
@@ -60,7 +63,8 @@ def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = 
 
 def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int, max_num_batched_tokens: int,
               gpu_memory_utilization: float, kv_dtype: str = "auto", quantization: str = "none",
-              gpu_layers: int | str | None = None, requested_dtype: str | None = None) -> MemoryPlan:
+              gpu_layers: int | str | None = None, requested_dtype: str | None = None, weights: str = "auto",
+              cpu_dense_memory: int | None = None) -> MemoryPlan:
     """Plan one sequence of max_model_len on this device; raise OutOfMemoryError with advice if it cannot run.
 
     gpu_layers (CUDA): N = the last N blocks on the GPU, the rest (and their KV) in RAM, checked against both;
@@ -75,7 +79,8 @@ def preflight(model_path: Path, device_type: str, dtype: str, max_model_len: int
                      gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.9,
                      max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
                      gpu_layers=gpu_layers if on_gpu else None,
-                     weights=planned_weights(cfg, src, device_type, dtype, quantization, requested_dtype),
+                     weights=planned_weights(cfg, src, device_type, dtype, quantization, requested_dtype, weights,
+                                             cpu_dense_memory),
                      host_bytes=system_memory_bytes() if on_gpu else None)
     if plan.ok:
         if plan.verdict == "partial_offload":

@@ -96,7 +96,7 @@ def gpu_tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 # 16-bit scale and min per 32 weights (0.625 B a weight); 5/8-bit types a byte a code (1.125 B), or as two 4-bit
 # halves for the int4 kernel (1.25 B). The token embedding stays a GroupQuant for row lookups (a byte a code +
 # float32 scale and min per 32: 1.25 B); a tied head packs it once more. Everything else is float32. Each packed
-# weight also keeps a bf16 copy (2 B a weight) for many-row calls while the process's HEARTH_CPU_DENSE_MB budget
+# weight also keeps a bf16 copy (2 B a weight) for many-row calls while the engine's --cpu-dense-memory budget
 # has room, in load order: each block's qkv, o, gate_up, down, then the head.
 _CPU_INT4_BYTES = {"Q4_0": 0.625, "Q4_1": 0.625, "Q4_K": 0.625, "Q5_0": 1.25, "Q5_1": 1.25, "Q5_K": 1.25, "Q8_0": 1.25}
 # the native kernel's layout (layers/quant_linear.NativeWeight, where it is built): 4-bit codes two a byte, 5/8-bit
@@ -110,11 +110,11 @@ _CPU_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
 def cpu_gguf_weights(typed: list[tuple[str, str, tuple[int, ...]]], tied: bool,
                      dense_budget: int | None = None, native: bool | None = None) -> tuple[WeightBytes, int]:
     """(weight bytes the CPU engine holds for a GGUF, with the bf16 copies counted in, bytes of those copies).
-    typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: layers.quant_linear's, 0 on
-    CPUs without native bf16 GEMMs, where no copies are made); native: whether the native kernel's layout holds
+    typed: (GGUF name, type, shape [N, K]); dense_budget: the copies' budget (None: the default
+    EngineConfig.cpu_dense_memory, 0 on CPUs without native bf16 GEMMs, where no copies are made); native: whether the native kernel's layout holds
     the matrices (None: whether it is built here; then no copies are made)."""
     from ..kernels.cpu_quant import library
-    from ..layers.quant_linear import dense_budget_bytes
+    from ..layers.cpu_dense import dense_budget_bytes
 
     native = library() is not None if native is None else native
     per_weight = _CPU_NATIVE_BYTES if native else _CPU_INT4_BYTES
