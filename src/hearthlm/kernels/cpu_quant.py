@@ -71,7 +71,10 @@ def build(flags: list[str] | None = None, out_dir: Path | None = None, isa: str 
     cc = os.environ.get("CC", "cc")
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out_dir = out_dir or Path(os.environ.get("HEARTH_HOME", "~/.hearth")).expanduser() / "kernels"
+    if out_dir is None:
+        from ..store.layout import hearth_home
+
+        out_dir = hearth_home() / "kernels"
     out = out_dir / f"cpu_quant-{isa + '-' if isa else ''}{key}.so"
     if out.exists():
         return out

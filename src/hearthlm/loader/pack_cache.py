@@ -40,7 +40,9 @@ SUFFIX = ".safetensors"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("HEARTH_HOME", "~/.hearth")).expanduser() / "packed"
+    from ..store.layout import hearth_home
+
+    return hearth_home() / "packed"
 
 
 @cache
