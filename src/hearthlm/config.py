@@ -41,8 +41,9 @@ def normalize_cpu_kernel(value: str) -> str:
 WEIGHTS = ("auto", "quantized", "dequantize")
 # --kernels: auto = Triton kernels on CUDA; torch = the torch reference ops everywhere (A/B and debugging)
 KERNELS = ("auto", "torch")
-# --gemv: decode-row matmuls of quantized CUDA weights. auto = the int8-activation GEMV where the GPU has dp4a,
-# else the 16-bit GEMV; a16 = the 16-bit GEMV; off = the tiled matmul for every row count
+# --gemv: decode-row matmuls on CUDA. auto = GEMV kernels for few rows (quantized weights with int8 activations
+# where the GPU has dp4a); a16 = 16-bit activations for quantized weights; off = also no GEMV kernel for dense and
+# FP8 weights (cuBLAS / torch._scaled_mm for every row count)
 GEMVS = ("auto", "a16", "off")
 
 

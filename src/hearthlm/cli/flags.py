@@ -193,8 +193,9 @@ ENGINE_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]
         help="auto (default): Triton kernels on CUDA; torch: the torch reference ops everywhere (for A/B checks)")),
     "gemv": (("--gemv",), (), dict(
         type=gemv_arg, default="auto", metavar="|".join(GEMVS),
-        help="decode-row matmuls of quantized CUDA weights: auto (default: int8 activations where the GPU has "
-             "dp4a), a16 (16-bit activations), off (the tiled matmul for every row count)")),
+        help="decode-row matmuls on CUDA: auto (default: GEMV kernels for few rows, int8 activations for "
+             "quantized weights where the GPU has dp4a), a16 (16-bit activations for quantized weights), off (also "
+             "cuBLAS instead of the GEMV kernel for dense and FP8 weights)")),
     "cpu_dense_memory": (("--cpu-dense-memory",), (), dict(
         type=parse_size, default=1 << 30, metavar="SIZE",
         help="CPU: memory for 16-bit copies of int4 weights that multi-row steps (prefill, many streams) run "
