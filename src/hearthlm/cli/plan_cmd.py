@@ -31,8 +31,8 @@ VERDICT_TEXT = {
 # the names --help lists, written out: importing hearthlm.plan reaches torch through hearthlm.loader, and
 # `hearth plan --help` must not pay for that (tests/cli/test_flags.py keeps these equal to plan's tables)
 HELP_PRESETS = ("llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "smollm2-135m", "gemma-2-2b")
-HELP_QUANTS = ("f32", "f16", "bf16", "q8_0", "fp8", "int8", "q6_k", "q5_1", "q5_k_m", "q5_0", "q4_1", "q4_k_m",
-               "q4_0", "int4", "q3_k_m", "q2_k")
+HELP_QUANTS = ("f32", "f16", "bf16", "q8_0", "int8", "int8-gptq-g128", "fp8", "q6_k", "q5_1", "q5_k_m", "q5_0",
+               "q4_1", "int4", "q4_k_m", "q4_0", "int4-awq-g128", "q3_k_m", "q2_k")
 HELP_KV_DTYPES = ("auto", "bf16", "f16", "f32", "fp8", "int8", "fp8_e4m3")
 HELP_DEVICES = ("h100", "h200", "a100-80", "a100-40", "rtx4090")
 

@@ -27,8 +27,8 @@ from .memory import (
 )
 
 QUANT_LADDER = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
-QUANT_COST_TIER = {"q8_0": 1, "q6_k": 1, "fp8": 1, "int8": 1, "q5_k_m": 2, "q4_k_m": 3, "int4": 3,
-                   "q3_k_m": 4, "q2_k": 4}
+QUANT_COST_TIER = {"q8_0": 1, "q6_k": 1, "fp8": 1, "int8": 1, "int8-gptq-g128": 1, "q5_k_m": 2, "q4_k_m": 3,
+                   "int4": 3, "int4-awq-g128": 3, "q3_k_m": 4, "q2_k": 4}
 TIER_NAMES = ("none", "negligible", "small", "moderate", "large")
 
 

@@ -30,22 +30,26 @@ QUANT_BITS_PER_WEIGHT: dict[str, float] = {
     "f16": 16.0,
     "bf16": 16.0,
     "q8_0": 8.0 * 34 / 32,
+    # --quantization int8 at load (int8-g32, quant/weight_quant.py): a 16-bit scale per 32 codes
+    "int8": 8.0 + 16 / 32,
+    "int8-gptq-g128": 8.0 + (16 + 8) / 128,  # a GPTQ 8-bit checkpoint: f16 scale + 8-bit zero point per 128
     "fp8": 8.0,  # e4m3; per-tensor/per-channel scales (< 0.01 bpw) ignored
-    "int8": 8.0,  # per-output-channel scales (< 0.01 bpw) ignored
     "q6_k": 8.0 * 210 / 256,
     "q5_1": 8.0 * 24 / 32,
     "q5_k_m": 5.69,  # llama.cpp-reported effective bpw of the Q*_K_M mixes (whole model, head included)
     "q5_0": 8.0 * 22 / 32,
     "q4_1": 8.0 * 20 / 32,
+    "int4": 4.0 + (16 + 16) / 32,  # --quantization int4 at load (int4-g32): a 16-bit scale and min per 32 codes
     "q4_k_m": 4.85,
     "q4_0": 8.0 * 18 / 32,
-    "int4": 4.0 + (16 + 4) / 128,  # AWQ/GPTQ group 128: f16 scale + packed 4-bit zero point per group
+    "int4-awq-g128": 4.0 + (16 + 4) / 128,  # AWQ/GPTQ 4-bit checkpoints: f16 scale + 4-bit zero point per 128
     "q3_k_m": 3.91,
     "q2_k": 8.0 * 84 / 256,
 }
 QUANTS = tuple(QUANT_BITS_PER_WEIGHT)
 _QUANT_ALIASES = {"fp16": "f16", "float16": "f16", "half": "f16", "bfloat16": "bf16", "fp32": "f32",
-                  "float32": "f32", "float": "f32", "fp8_e4m3": "fp8", "q8": "q8_0"}
+                  "float32": "f32", "float": "f32", "fp8_e4m3": "fp8", "q8": "q8_0",
+                  "awq": "int4-awq-g128", "gptq": "int4-awq-g128", "int4-g32": "int4", "int8-g32": "int8"}
 # llama.cpp's quantizer stores the output head (or the tied token embedding) in Q6_K -- Q8_0 when the
 # row length is not a multiple of 256 -- for these pure block formats.
 _HEAD_UPGRADED = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k")

@@ -24,9 +24,8 @@ log = logging.getLogger("hearthlm")
 # the engine keeps HF weights in its compute dtype, GGUF blocks quantized on CPU (unless float32) and on CUDA as
 # EngineConfig.weights (--weights) says
 _DTYPE_QUANT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-# --quantization: the planner format storing the same bytes per weight as the kernels' layout
-# (int8: codes + a 16-bit scale per 32 = q8_0's 8.5 bpw; int4: + a 16-bit min = q4_1's 5 bpw; fp8: 8 bpw)
-_QUANTIZATION_PLAN = {"int8": "q8_0", "int4": "q4_1", "fp8": "fp8"}
+# --quantization formats at load: the planner's formats of the same names (plan/memory.QUANT_BITS_PER_WEIGHT)
+_LOAD_QUANTIZATIONS = ("int8", "int4", "fp8")
 
 
 def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = "none",
@@ -47,8 +46,8 @@ def planned_weights(cfg, src, device_type: str, dtype: str, quantization: str = 
             from ..layers.cpu_dense import dense_budget_bytes
 
             return src.cpu_weights(dense_budget_bytes(cpu_dense_memory))[0]
-    if quantization in _QUANTIZATION_PLAN:
-        d, q = weights_bytes(cfg, dense), weights_bytes(cfg, _QUANTIZATION_PLAN[quantization])
+    if quantization in _LOAD_QUANTIZATIONS:
+        d, q = weights_bytes(cfg, dense), weights_bytes(cfg, quantization)
         return WeightBytes(d.embedding_bytes, d.lm_head_bytes, q.layer_bytes, d.other_bytes, exact=False)
     if src.kind == "gguf" and src.gpu_weights is not None and device_type == "cuda" and dense != "f32":
         import torch

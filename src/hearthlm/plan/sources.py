@@ -191,7 +191,7 @@ def read_hf_dir(path: str | Path) -> ModelSource:
     if qc.get("quant_method") == "fp8":
         quant = "fp8"
     elif qc.get("bits") in (4, 8) or qc.get("quant_method") in ("awq", "gptq"):
-        quant = "int8" if qc.get("bits") == 8 else "int4"
+        quant = "int8-gptq-g128" if qc.get("bits") == 8 else "int4-awq-g128"
     elif dtype_bytes:
         quant = _ST_DTYPES.get(max(dtype_bytes, key=dtype_bytes.__getitem__), "bf16")
     else:
