@@ -154,3 +154,13 @@ def test_devices_and_bad_input():
     with pytest.raises(InvalidRequestError):
         m.kv_bytes_per_token(preset_config("qwen3-0.6b"), "fp4")
     assert m.normalize_quant("Q4_K_M") == "q4_k_m" and m.normalize_quant("fp16") == "f16"
+
+
+def test_one_name_per_format():
+    """The planner's int8/int4 are the engine's --quantization formats (groups of 32: 8.5 and 5.0 bits a weight);
+    AWQ/GPTQ checkpoints have names of their own (issue 17)."""
+    assert m.normalize_quant("int4") == "int4" and m.QUANT_BITS_PER_WEIGHT["int4"] == m.QUANT_BITS_PER_WEIGHT["q4_1"]
+    assert m.QUANT_BITS_PER_WEIGHT["int8"] == m.QUANT_BITS_PER_WEIGHT["q8_0"]
+    for name in ("awq", "GPTQ", "int4-awq-g128"):
+        assert m.normalize_quant(name) == "int4-awq-g128"
+    assert m.normalize_quant("Q4-K-M") == "q4_k_m" and m.normalize_quant("int4-g32") == "int4"

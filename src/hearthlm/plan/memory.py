@@ -71,7 +71,9 @@ Verdict = Literal["fits", "kv_spills", "partial_offload", "does_not_fit"]
 
 def normalize_quant(quant: str) -> str:
     """Lower-case `quant` and resolve aliases; raise InvalidRequestError naming the choices if unknown."""
-    q = quant.strip().lower().replace("-", "_")
+    q = quant.strip().lower()
+    if q not in QUANT_BITS_PER_WEIGHT and q not in _QUANT_ALIASES:  # q4-k-m: llama.cpp's names use '_'
+        q = q.replace("-", "_")
     q = _QUANT_ALIASES.get(q, q)
     if q not in QUANT_BITS_PER_WEIGHT:
         raise InvalidRequestError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANTS)}", param="quant")
