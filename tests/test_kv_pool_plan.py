@@ -142,7 +142,7 @@ def test_sliding_window_peak_never_exceeds_the_formula(window, chunk):
         while seq.num_computed_tokens < n:
             step = min(rng.randint(1, chunk), n - seq.num_computed_tokens)
             assert mgr.allocate(seq, step)
-            held = sum(b != 0 for b in seq.block_tables[1])  # groups: full attention, then the window
+            held = sum(b != 0 for b in seq.kv.block_tables[1])  # groups: full attention, then the window
             peak = max(peak, held)
             assert held <= m.kv_blocks_per_seq(window, n, bs, chunk)
             seq.num_computed_tokens += step

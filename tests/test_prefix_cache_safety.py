@@ -82,7 +82,7 @@ def test_commit_publishes_only_the_computed_prefix():
     assert kv.allocate(seq, 7)
     seq.num_computed_tokens = 7  # the chunk ends inside block 1
     kv.commit(seq)
-    assert seq.num_registered == 1 and len(kv.groups[0].pool.hash_to_block) == 1
+    assert seq.kv.num_registered == 1 and len(kv.groups[0].pool.hash_to_block) == 1
     kv.free(seq)  # abort: block 1 (partly written) and the rest go back unpublished
     again = Sequence("r2", 0, list(range(3, 30)), GREEDY, seed=0)
     assert kv.match_prefix(again) == 4
@@ -98,12 +98,12 @@ def test_keys_are_sha256_chains_over_packed_token_ids():
     key = hashlib.sha256(b"hearthlm-prefix-v1\0" + b"4|full|").digest()
     for i in range(2):
         key = hashlib.sha256(key + struct.pack("<4q", *ids[4 * i:4 * i + 4])).digest()
-        assert seq.block_hashes[i] == key
+        assert seq.kv.block_hashes[i] == key
     kv.free(seq)
     salted = KVCacheManager([None], 4, [8], salt=b"fp8")
     other = Sequence("r", 0, ids, GREEDY, seed=0)
     salted.match_prefix(other)
-    assert other.block_hashes[0] != seq.block_hashes[0]  # the salt (e.g. cache dtype) changes every key
+    assert other.kv.block_hashes[0] != seq.kv.block_hashes[0]  # the salt (e.g. cache dtype) changes every key
     salted.free(other)
 
 

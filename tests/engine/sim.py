@@ -32,9 +32,9 @@ def check_kv(kv: KVCacheManager, live: list[Sequence]) -> None:
         pool = g.pool
         holders = [0] * pool.num_blocks
         for seq in live:
-            if not seq.block_tables:
+            if not seq.kv.block_tables:
                 continue
-            table = seq.block_tables[gi]
+            table = seq.kv.block_tables[gi]
             real = [b for b in table if b != NULL_BLOCK]
             assert len(real) == len(set(real)), f"seq {seq.seq_id} holds a block twice: {table}"
             if g.window is None:
@@ -54,14 +54,14 @@ def check_kv(kv: KVCacheManager, live: list[Sequence]) -> None:
                 assert pool.block_preimage[b] is not None
         if gi == 0 and kv.enable_prefix_caching:
             for seq in live:
-                for i, h in enumerate(seq.block_hashes):  # the chain: key_i = H(key_{i-1} || tokens of block i)
+                for i, h in enumerate(seq.kv.block_hashes):  # the chain: key_i = H(key_{i-1} || tokens of block i)
                     assert h == kv_key(kv, seq, i)
 
 
 def kv_key(kv: KVCacheManager, seq: Sequence, i: int) -> bytes:
     from hearthlm.engine.kv_cache import _digest
 
-    parent = seq.block_hashes[i - 1] if i else kv.root_key
+    parent = seq.kv.block_hashes[i - 1] if i else kv.root_key
     bs = kv.block_size
     return _digest(block_preimage(parent, seq.all_ids[i * bs:(i + 1) * bs]))
 
@@ -102,7 +102,7 @@ class Sim:
 
     def abort(self, seq: Sequence) -> None:
         if not seq.is_finished:
-            seq.finish_reason = "abort"
+            seq.result.finish_reason = "abort"
             self.sched.finish(seq)
             self.finished.append(seq)
 
@@ -141,9 +141,9 @@ class Sim:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             if not (n == 1 and start == seq.num_tokens - 1):
-                assert not seq.num_pending, "a prefill chunk never contains a pending token"
+                assert not seq.pending.count, "a prefill chunk never contains a pending token"
             for gi, g in enumerate(self.kv.groups):
-                table = seq.block_tables[gi]
+                table = seq.kv.block_tables[gi]
                 assert len(table) * bs >= start + n, "no block for a token of this step"
                 for pos in range(start, start + n):  # write this step's KV
                     block = table[pos // bs]
@@ -162,7 +162,7 @@ class Sim:
             samples = start + n == seq.num_tokens
             seq.num_computed_tokens += n
             if samples:
-                seq.num_pending += 1
+                seq.pending.count += 1
             sampled.append((seq, samples))
         return sampled
 
@@ -174,17 +174,17 @@ class Sim:
             if seq.is_finished:
                 continue
             if samples:
-                seq.num_pending -= 1
+                seq.pending.count -= 1
                 seq.output_ids.append(self.seqs[seq.seq_id].stream[len(seq.output_ids)])
             self.kv.commit(seq)
             if not samples:
                 continue
             s = self.seqs[seq.seq_id]
             if s.stop_at is not None and len(seq.output_ids) >= s.stop_at:
-                seq.finish_reason = "stop"
+                seq.result.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_known_tokens >= self.config.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason is not None:
+                seq.result.finish_reason = "length"
+            if seq.result.finish_reason is not None:
                 self.sched.finish(seq)
                 self.finished.append(seq)
 
@@ -215,7 +215,7 @@ class Sim:
             assert batch.preempted == before_running[::-1][:k]
             assert list(self.sched.waiting)[:k] == batch.preempted[::-1]
             for v in batch.preempted:
-                assert v.status is SeqStatus.WAITING and v.num_computed_tokens == 0 and not v.block_tables
+                assert v.status is SeqStatus.WAITING and v.num_computed_tokens == 0 and not v.kv.block_tables
                 assert v not in batch.seqs
 
     def run(self, max_steps: int = 10_000, rng: random.Random | None = None, abort_p: float = 0.0) -> None:

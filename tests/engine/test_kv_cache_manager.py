@@ -32,14 +32,14 @@ def test_allocate_covers_the_new_tokens_and_decodes_inside_a_block_take_nothing(
     kv = kv_full()
     s = make_seq(list(range(10)))
     kv.match_prefix(s)
-    assert kv.allocate(s, 10) and len(s.block_tables[0]) == 3
+    assert kv.allocate(s, 10) and len(s.kv.block_tables[0]) == 3
     s.num_computed_tokens = 10
     free = kv.groups[0].pool.num_free
     assert kv.allocate(s, 2) and kv.groups[0].pool.num_free == free  # tokens 10, 11 fit block 2
-    assert kv.allocate(s, 3) and len(s.block_tables[0]) == 4
+    assert kv.allocate(s, 3) and len(s.kv.block_tables[0]) == 4
     check_kv(kv, [s])
     kv.free(s)
-    assert kv.all_free() and s.block_tables == [] and s.num_registered == 0
+    assert kv.all_free() and s.kv.block_tables == [] and s.kv.num_registered == 0
 
 
 def test_out_of_blocks_returns_false_and_changes_nothing():
@@ -48,9 +48,9 @@ def test_out_of_blocks_returns_false_and_changes_nothing():
     kv.match_prefix(a)
     kv.match_prefix(b)
     assert kv.allocate(a, 9)  # 3 blocks
-    before = (list(b.block_tables[0]), kv.groups[0].pool.num_free)
+    before = (list(b.kv.block_tables[0]), kv.groups[0].pool.num_free)
     assert not kv.allocate(b, 9)
-    assert (b.block_tables[0], kv.groups[0].pool.num_free) == before
+    assert (b.kv.block_tables[0], kv.groups[0].pool.num_free) == before
     assert kv.allocate(b, 4) and not kv.allocate(b, 5)
     check_kv(kv, [a, b])
 
@@ -68,8 +68,8 @@ def test_prefix_chain_keys():
     run_prompt(kv, s)
     r = root_key(BS, [None])
     k0 = chain_key(r, [0, 1, 2, 3])
-    assert s.block_hashes == [k0, chain_key(k0, [4, 5, 6, 7])]  # the partial block has no key
-    assert s.num_registered == 2
+    assert s.kv.block_hashes == [k0, chain_key(k0, [4, 5, 6, 7])]  # the partial block has no key
+    assert s.kv.num_registered == 2
     assert kv.root_key != root_key(BS, [None], salt=b"other model")
     assert KVCacheManager([None], BS, [4], salt=b"x").root_key == root_key(BS, [None], b"x")
 
@@ -80,11 +80,11 @@ def test_same_prompt_reuses_all_full_blocks_but_the_last_token():
     run_prompt(kv, a)
     b = make_seq(list(range(12)))
     assert kv.match_prefix(b) == 8  # the last block is recomputed: at least one token makes logits
-    assert b.block_tables[0] == a.block_tables[0][:2]
-    assert [kv.groups[0].pool.ref_counts[x] for x in a.block_tables[0]] == [2, 2, 1]
-    assert b.num_cached_tokens == 8 and b.num_registered == 2
+    assert b.kv.block_tables[0] == a.kv.block_tables[0][:2]
+    assert [kv.groups[0].pool.ref_counts[x] for x in a.kv.block_tables[0]] == [2, 2, 1]
+    assert b.num_cached_tokens == 8 and b.kv.num_registered == 2
     compute(kv, b, 4)
-    assert b.block_tables[0][2] != a.block_tables[0][2]  # its own copy of the last block
+    assert b.kv.block_tables[0][2] != a.kv.block_tables[0][2]  # its own copy of the last block
     check_kv(kv, [a, b])
     kv.count_admission(a)  # the scheduler counts a request once, when it is admitted
     kv.count_admission(b)
@@ -107,12 +107,12 @@ def test_only_computed_full_blocks_are_published():
     a = make_seq(list(range(14)))
     kv.match_prefix(a)
     compute(kv, a, 6)  # a chunk ending inside block 1
-    assert a.num_registered == 1
+    assert a.kv.num_registered == 1
     b = make_seq(list(range(14)))
     assert kv.match_prefix(b) == 4
     kv.free(b)
     compute(kv, a, 8)
-    assert a.num_registered == 3
+    assert a.kv.num_registered == 3
     c = make_seq(list(range(14)))
     assert kv.match_prefix(c) == 12
 
@@ -122,7 +122,7 @@ def test_prefix_caching_off_never_shares():
     a = make_seq(list(range(12)))
     run_prompt(kv, a)
     b = make_seq(list(range(12)))
-    assert kv.match_prefix(b) == 0 and a.block_hashes == [] and kv.groups[0].pool.hash_to_block == {}
+    assert kv.match_prefix(b) == 0 and a.kv.block_hashes == [] and kv.groups[0].pool.hash_to_block == {}
 
 
 def test_generated_tokens_are_published_too():
@@ -132,7 +132,7 @@ def test_generated_tokens_are_published_too():
     for t in (4, 5, 6):  # decode: the sampled token becomes known, then its KV is computed next step
         a.output_ids.append(t)
         compute(kv, a, 1)
-    assert a.num_registered == 1  # tokens 1..4 computed; block 1 holds 5, 6 (6 not computed yet)
+    assert a.kv.num_registered == 1  # tokens 1..4 computed; block 1 holds 5, 6 (6 not computed yet)
     b = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
     assert kv.match_prefix(b) == 4
 
@@ -141,7 +141,7 @@ def test_freed_prefix_stays_cached_until_evicted_lru_tail_blocks_first():
     kv = kv_full(num_blocks=7)  # 6 usable
     a = make_seq(list(range(13)))  # 4 blocks, 3 full ones published
     run_prompt(kv, a)
-    blocks = list(a.block_tables[0])
+    blocks = list(a.kv.block_tables[0])
     kv.free(a)
     assert kv.all_free()
     # the tail is released first: eviction order is the unused blocks, then a's blocks from the tail
@@ -164,7 +164,7 @@ def test_a_cached_block_in_use_is_never_evicted():
     kv.match_prefix(b)
     assert kv.allocate(b, 4)
     assert not kv.allocate(b, 5)  # only a's blocks are left and a holds them
-    assert kv.groups[0].pool.lookup(a.block_hashes[0], kv._preimage(a, a.all_ids, 0)) == a.block_tables[0][0]
+    assert kv.groups[0].pool.lookup(a.kv.block_hashes[0], kv._preimage(a, a.all_ids, 0)) == a.kv.block_tables[0][0]
 
 
 def test_free_on_abort_mid_prefill_releases_everything_and_publishes_nothing_uncomputed():
@@ -191,17 +191,17 @@ def test_sliding_window_releases_blocks_behind_the_window():
     for t in range(40):
         s.output_ids.append(t)
         assert kv.allocate(s, 1)
-        win = s.block_tables[1]
+        win = s.kv.block_tables[1]
         q = s.num_computed_tokens  # the query's position; keys from q - 5 on are needed
         first_needed = max(0, q - 6 + 1) // BS
         assert all(b == NULL_BLOCK for b in win[:first_needed]) and NULL_BLOCK not in win[first_needed:]
-        assert len(win) == len(s.block_tables[0])  # positions keep their table index
+        assert len(win) == len(s.kv.block_tables[0])  # positions keep their table index
         held = sum(b != NULL_BLOCK for b in win)
         peak = max(peak, held)
         s.num_computed_tokens += 1
         check_kv(kv, [s])
     assert peak <= kv_blocks_per_seq(6, 45, BS, 1)
-    assert len(s.block_tables[0]) == 12  # full attention keeps all 45 tokens
+    assert len(s.kv.block_tables[0]) == 12  # full attention keeps all 45 tokens
     kv.free(s)
     assert kv.all_free()
 
@@ -212,7 +212,7 @@ def test_sliding_window_chunked_prefill_stays_within_the_formula():
     kv.match_prefix(s)
     for _ in range(5):
         assert kv.allocate(s, 8)
-        assert sum(b != NULL_BLOCK for b in s.block_tables[0]) <= kv_blocks_per_seq(8, 40, BS, 8)
+        assert sum(b != NULL_BLOCK for b in s.kv.block_tables[0]) <= kv_blocks_per_seq(8, 40, BS, 8)
         s.num_computed_tokens += 8
         check_kv(kv, [s])
     kv.free(s)
@@ -223,9 +223,9 @@ def test_out_of_blocks_in_one_group_allocates_in_none():
     kv = KVCacheManager([None, 8], BS, [20, 4], enable_prefix_caching=False)  # window group: 3 usable blocks
     s = make_seq(list(range(16)))
     kv.match_prefix(s)
-    before = [len(t) for t in s.block_tables], [g.pool.num_free for g in kv.groups]
+    before = [len(t) for t in s.kv.block_tables], [g.pool.num_free for g in kv.groups]
     assert not kv.allocate(s, 16)  # 4 window blocks needed at once
-    assert ([len(t) for t in s.block_tables], [g.pool.num_free for g in kv.groups]) == before
+    assert ([len(t) for t in s.kv.block_tables], [g.pool.num_free for g in kv.groups]) == before
     assert kv.allocate(s, 8)
     check_kv(kv, [s])
 
@@ -261,4 +261,4 @@ def test_a_key_collision_never_serves_the_next_block_of_another_prompt(monkeypat
     run_prompt(kv, x)  # its block 1 is published under H(K || 5 5 5 5): KV computed after 2 2 2 2
     c = make_seq([1, 1, 1, 1, 5, 5, 5, 5, 9])
     kv.match_prefix(c)
-    assert x.block_tables[0][1] not in c.block_tables[0], "c reads KV computed after another prompt's block 0"
+    assert x.kv.block_tables[0][1] not in c.kv.block_tables[0], "c reads KV computed after another prompt's block 0"

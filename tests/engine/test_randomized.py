@@ -106,9 +106,9 @@ def run_workload(seed: int) -> None:
         s = sim.seqs[q.seq_id]
         assert q.is_finished  # num_pending may stay set: a finished sequence's in-flight token is dropped
         assert q.output_ids == s.stream[:len(q.output_ids)]
-        if q.finish_reason == "length":
+        if q.result.finish_reason == "length":
             assert len(q.output_ids) == q.params.max_tokens or q.num_known_tokens >= sim.config.max_model_len
-        elif q.finish_reason == "stop":
+        elif q.result.finish_reason == "stop":
             assert len(q.output_ids) == s.stop_at
         else:
-            assert q.finish_reason == "abort"
+            assert q.result.finish_reason == "abort"

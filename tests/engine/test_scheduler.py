@@ -52,7 +52,7 @@ def test_without_chunking_a_prompt_goes_whole_and_waits_for_room():
     d = s.add(make_seq(prompt(2, 400)))
     batch = s.step()
     assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 1]  # 9 > 8 left: c waits, d may not pass it
-    assert list(s.sched.waiting) == [c, d] and c.block_tables == [] and c.num_computed_tokens == 0
+    assert list(s.sched.waiting) == [c, d] and c.kv.block_tables == [] and c.num_computed_tokens == 0
     s.abort(a)
     batch = s.step()
     assert batch.seqs == [b, c] and batch.num_new_tokens == [1, 9]
@@ -158,7 +158,7 @@ def test_a_pending_last_token_is_not_scheduled_again():
     b = s.add(make_seq(prompt(3, 50), max_tokens=5))
     s.step()  # prefill both, tokens pending
     batch = s.step()  # both decode their pending token
-    assert batch.seqs == [a, b] and a.num_pending == 1
+    assert batch.seqs == [a, b] and a.pending.count == 1
     batch = s.step()  # a's pending token is its last (max_tokens): nothing for a
     assert batch.seqs == [b]
     s.run()
@@ -180,7 +180,7 @@ def test_siblings_wait_for_the_first_prompt_then_share_its_blocks():
     s.step()
     assert all(q.num_cached_tokens == 16 for q in sibs)
     pool = s.kv.groups[0].pool
-    assert all(pool.ref_counts[b] == 3 for b in first.block_tables[0][:4])
+    assert all(pool.ref_counts[b] == 3 for b in first.kv.block_tables[0][:4])
     s.run()
     assert s.kv.all_free()
 

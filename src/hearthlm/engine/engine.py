@@ -343,7 +343,7 @@ class LLMEngine:
             return None
         for seq in state.seqs:
             if not seq.is_finished:
-                seq.finish_reason = "abort"
+                seq.result.finish_reason = "abort"
                 self.scheduler.finish(seq)
         state.finished = True
         self._host_sampled.discard(request_id)
@@ -390,17 +390,17 @@ class LLMEngine:
             start = seq.num_computed_tokens
             prev_row = -1
             if n == 1 and start == seq.num_tokens - 1:
-                if seq.num_pending:  # its input is the token the in-flight step is sampling
+                if seq.pending.count:  # its input is the token the in-flight step is sampling
                     batch.token_ids.append([0])
-                    prev_row = seq.pending_row
+                    prev_row = seq.pending.row
                 else:
                     batch.token_ids.append([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]])
             else:
-                assert not seq.num_pending, "a prefill chunk never contains a pending token"
+                assert not seq.pending.count, "a prefill chunk never contains a pending token"
                 batch.token_ids.append(seq.all_ids[start:start + n])
             batch.prev_rows.append(prev_row)
             batch.start_positions.append(start)
-            batch.block_tables.append(seq.block_tables)
+            batch.block_tables.append(seq.kv.block_tables)
             batch.seq_keys.append((seq.seq_id, seq.num_preemptions))
             if start + n == seq.num_tokens:
                 p = seq.params
@@ -408,7 +408,7 @@ class LLMEngine:
                 if key not in stop_ids_cache:
                     stop_ids_cache[key] = ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
                 batch.sample.append(SampleRequest(p, seq.prompt_ids, seq.output_ids, seq.seed, stop_ids_cache[key],
-                                                  seq.num_pending))
+                                                  seq.pending.count))
             else:
                 batch.sample.append(None)
         t0 = time.perf_counter()
@@ -417,8 +417,8 @@ class LLMEngine:
         for seq, n, req in zip(sched.seqs, sched.num_new_tokens, batch.sample):
             seq.num_computed_tokens += n
             if req is not None:
-                seq.num_pending += 1
-                seq.pending_row = rows
+                seq.pending.count += 1
+                seq.pending.row = rows
                 rows += 1
         return _Step(sched.seqs, batch.sample, handle)
 
@@ -433,7 +433,7 @@ class LLMEngine:
             if seq.is_finished:  # stopped, aborted or failed while this step was in flight: its token is dropped
                 continue
             if req is not None:
-                seq.num_pending -= 1
+                seq.pending.count -= 1
                 if req.error is not None:  # sampling this row raised: the request fails alone
                     outputs.append(self._fail(self.requests[seq.request_id], req.error, "sampling"))
                     touched.pop(seq.request_id, None)
@@ -444,7 +444,7 @@ class LLMEngine:
                 continue
             state = self.requests[seq.request_id]
             if logprobs is not None:
-                seq.logprobs.append(logprobs)
+                seq.result.logprobs.append(logprobs)
             if state.first_token_time is None:
                 state.first_token_time = now
             try:
@@ -473,7 +473,7 @@ class LLMEngine:
                     exc_info=not isinstance(exc, HearthError))
         for seq in state.seqs:
             if not seq.is_finished:
-                seq.finish_reason = "abort"
+                seq.result.finish_reason = "abort"
                 self.scheduler.finish(seq)
         if not state.finished:
             state.finished = True
@@ -481,7 +481,7 @@ class LLMEngine:
         self.requests.pop(state.request_id, None)
         self._host_sampled.discard(state.request_id)
         outs = [CompletionOutput(index=seq.index, text=text.text, token_ids=list(seq.output_ids),
-                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                                 finish_reason=seq.result.finish_reason, stop_reason=seq.result.stop_reason)
                 for seq, text in zip(state.seqs, state.texts)]
         return RequestOutput(state.request_id, state.prompt, state.prompt_ids, outs, finished=True,
                              num_cached_tokens=state.seqs[0].num_cached_tokens,
@@ -500,12 +500,12 @@ class LLMEngine:
             hit = text.update(self.tokenizer, seq.output_ids, p.skip_special_tokens,
                               p.stop if len(seq.output_ids) >= p.min_tokens else [], p.include_stop_str_in_output)
         if is_stop_token:
-            seq.finish_reason, seq.stop_reason = "stop", token
+            seq.result.finish_reason, seq.result.stop_reason = "stop", token
         elif hit is not None:
-            seq.finish_reason, seq.stop_reason = "stop", hit
+            seq.result.finish_reason, seq.result.stop_reason = "stop", hit
         elif len(seq.output_ids) >= p.max_tokens or seq.num_known_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
+            seq.result.finish_reason = "length"
+        if seq.result.finish_reason is not None:
             self.scheduler.finish(seq)
 
     def _output(self, state: RequestState) -> RequestOutput:
@@ -514,10 +514,10 @@ class LLMEngine:
             finished = seq.is_finished
             text.update(self.tokenizer, seq.output_ids, seq.params.skip_special_tokens, seq.params.stop,
                         seq.params.include_stop_str_in_output)
-            lps = seq.logprobs if seq.params.logprobs is not None else None
+            lps = seq.result.logprobs if seq.params.logprobs is not None else None
             outs.append(CompletionOutput(
                 index=seq.index, text=text.stable_text(seq.params.stop, finished), token_ids=list(seq.output_ids),
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=lps,
+                finish_reason=seq.result.finish_reason, stop_reason=seq.result.stop_reason, logprobs=lps,
                 cumulative_logprob=sum(d[t] for d, t in zip(lps, seq.output_ids)) if lps else None))
         ttft = (state.first_token_time - state.arrival) if state.first_token_time else None
         return RequestOutput(state.request_id, state.prompt, state.prompt_ids, outs, finished=state.finished,

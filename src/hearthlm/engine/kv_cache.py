@@ -180,33 +180,33 @@ class KVCacheManager:
 
     # ---- per-sequence operations ----
     def _preimage(self, seq: Sequence, ids: list[int], i: int) -> bytes:
-        parent = seq.block_hashes[i - 1] if i else self.root_key
+        parent = seq.kv.block_hashes[i - 1] if i else self.root_key
         return block_preimage(parent, ids[i * self.block_size:(i + 1) * self.block_size])
 
     def _update_hashes(self, seq: Sequence, upto_tokens: int) -> list[int]:
         """Keys of the full blocks among the first upto_tokens known tokens; returns the known token ids."""
         ids = seq.all_ids
         num_blocks = min(upto_tokens, len(ids)) // self.block_size
-        for i in range(len(seq.block_hashes), num_blocks):
-            seq.block_hashes.append(_digest(self._preimage(seq, ids, i)))
+        for i in range(len(seq.kv.block_hashes), num_blocks):
+            seq.kv.block_hashes.append(_digest(self._preimage(seq, ids, i)))
         return ids
 
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks for the longest cached prefix; returns the number of tokens reused."""
-        if not seq.block_tables:
-            seq.block_tables = [[] for _ in self.groups]
+        if not seq.kv.block_tables:
+            seq.kv.block_tables = [[] for _ in self.groups]
         if not self.enable_prefix_caching or seq.num_computed_tokens:
             return 0
         # at least one token must be computed to produce logits
         ids = self._update_hashes(seq, seq.num_tokens - 1)
-        pool, table = self.groups[0].pool, seq.block_tables[0]
-        for i, h in enumerate(seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]):
+        pool, table = self.groups[0].pool, seq.kv.block_tables[0]
+        for i, h in enumerate(seq.kv.block_hashes[:(seq.num_tokens - 1) // self.block_size]):
             block = pool.lookup(h, self._preimage(seq, ids, i), table[-1] if table else None)
             if block is None:
                 break
             pool.touch(block)
             table.append(block)
-        seq.num_registered = len(table)  # published already
+        seq.kv.num_registered = len(table)  # published already
         seq.num_computed_tokens = len(table) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         return seq.num_computed_tokens
@@ -220,20 +220,20 @@ class KVCacheManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Ensure blocks for the next num_new_tokens; False (nothing changed) if the pool is short."""
-        if not seq.block_tables:
-            seq.block_tables = [[] for _ in self.groups]
+        if not seq.kv.block_tables:
+            seq.kv.block_tables = [[] for _ in self.groups]
         bs = self.block_size
         end = seq.num_computed_tokens + num_new_tokens
-        if self.full_attention_only and end <= len(seq.block_tables[0]) * bs:
+        if self.full_attention_only and end <= len(seq.kv.block_tables[0]) * bs:
             return True  # decode inside the last block: nothing to do
         needs = []
-        for g, table in zip(self.groups, seq.block_tables):
+        for g, table in zip(self.groups, seq.kv.block_tables):
             if g.window is not None:
                 self._release_outside_window(g, table, seq.num_computed_tokens)
             needs.append(max(0, -(-end // bs) - len(table)))
         if any(n > g.pool.num_free for n, g in zip(needs, self.groups)):
             return False
-        for n, g, table in zip(needs, self.groups, seq.block_tables):
+        for n, g, table in zip(needs, self.groups, seq.kv.block_tables):
             table.extend(g.pool.allocate() for _ in range(n))
         return True
 
@@ -252,29 +252,29 @@ class KVCacheManager:
         has been launched, and every later reader is launched after it on the same stream. Blocks past it (a
         prefill chunk ending inside a block, a prompt hashed ahead by match_prefix) stay private until computed,
         so abort and preemption free them unpublished."""
-        if not self.enable_prefix_caching or not seq.block_tables:
+        if not self.enable_prefix_caching or not seq.kv.block_tables:
             return
-        table = seq.block_tables[0]
+        table = seq.kv.block_tables[0]
         upto = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         upto = min(upto, len(table))
-        if upto <= seq.num_registered:
+        if upto <= seq.kv.num_registered:
             return
         ids = self._update_hashes(seq, upto * self.block_size)
         pool = self.groups[0].pool
-        for i in range(seq.num_registered, upto):
+        for i in range(seq.kv.num_registered, upto):
             parent = None
             if i:  # the chain goes on only under a published parent with this sequence's own tokens
-                holder = pool.hash_to_block.get(seq.block_hashes[i - 1])
+                holder = pool.hash_to_block.get(seq.kv.block_hashes[i - 1])
                 if holder is None or pool.block_preimage[holder] != self._preimage(seq, ids, i - 1):
                     break  # a key collision (or an evicted parent): the rest of this sequence stays private
                 parent = (holder, pool.generation[holder])
-            pool.register(table[i], seq.block_hashes[i], self._preimage(seq, ids, i), parent)
-        seq.num_registered = upto
+            pool.register(table[i], seq.kv.block_hashes[i], self._preimage(seq, ids, i), parent)
+        seq.kv.num_registered = upto
 
     def free(self, seq: Sequence) -> None:
         # tail blocks go first into the LRU queue so they are evicted before the shared prefix
-        for g, table in zip(self.groups, seq.block_tables):
+        for g, table in zip(self.groups, seq.kv.block_tables):
             for block in reversed(table):
                 g.pool.release(block)
-        seq.block_tables = []
-        seq.num_registered = 0
+        seq.kv.block_tables = []
+        seq.kv.num_registered = 0

@@ -25,7 +25,7 @@ class EngineStats:
         self.steps += 1
         self.busy_seconds += seconds
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_computed_tokens + n >= seq.num_tokens and (seq.output_ids or seq.num_pending):
+            if seq.num_computed_tokens + n >= seq.num_tokens and (seq.output_ids or seq.pending.count):
                 self.generation_tokens += 1
                 self.prompt_tokens += n - 1
             else:
@@ -41,7 +41,7 @@ class EngineStats:
         ttft = (state.first_token_time - state.arrival) if state.first_token_time else None
         gen_time = now - (state.first_token_time or now)
         tps = (completion - len(state.seqs)) / gen_time if gen_time > 0 else 0.0
-        reasons = ",".join(str(s.finish_reason) for s in state.seqs)
+        reasons = ",".join(str(s.result.finish_reason) for s in state.seqs)
         log.info("request id=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d ttft_ms=%s tok_s=%.1f "
                  "finish=%s", state.request_id, len(state.prompt_ids), completion, state.seqs[0].num_cached_tokens,
                  f"{ttft * 1000:.1f}" if ttft is not None else "-", tps, reasons)

@@ -17,9 +17,37 @@ class SeqStatus(enum.Enum):
 _seq_ids = itertools.count()
 
 
+@dataclass
+class SeqKV:
+    """A sequence's KV blocks: owned by the KVCacheManager (engine/kv_cache.py)."""
+
+    block_tables: list[list[int]] = field(default_factory=list)  # one table per KV group
+    block_hashes: list[bytes] = field(default_factory=list)  # SHA-256 chain keys of full known blocks
+    num_registered: int = 0  # leading blocks already published to the prefix cache
+
+
+@dataclass
+class SeqPending:
+    """Tokens sampled by a launched step whose ids the host has not read yet: owned by the engine's overlapped
+    steps (LLMEngine._launch / _finish_step)."""
+
+    count: int = 0
+    row: int = -1  # row of the latest pending token among that step's sampled tokens
+
+
+@dataclass
+class SeqResult:
+    """How the sequence ended and what it reports: owned by the engine's output processing."""
+
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One generated continuation. A request with n > 1 owns n sequences sharing its prompt."""
+    """One generated continuation. A request with n > 1 owns n sequences sharing its prompt. The scheduler owns
+    status, num_computed_tokens and num_preemptions; the other owners' state sits in kv, pending and result."""
 
     request_id: str
     index: int  # position among the request's n outputs
@@ -30,22 +58,17 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
-    num_pending: int = 0  # tokens sampled by a launched step whose ids the host has not read yet
-    pending_row: int = -1  # row of the latest pending token among that step's sampled tokens
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
-    block_tables: list[list[int]] = field(default_factory=list)  # one table per KV group
-    block_hashes: list[bytes] = field(default_factory=list)  # SHA-256 chain keys of full known blocks
-    num_registered: int = 0  # leading blocks already published to the prefix cache
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
     parent: "Sequence | None" = None  # n > 1: siblings start after the first one's prefill
+    kv: SeqKV = field(default_factory=SeqKV)
+    pending: SeqPending = field(default_factory=SeqPending)
+    result: SeqResult = field(default_factory=SeqResult)
 
     @property
     def num_tokens(self) -> int:
         """Tokens the scheduler accounts for, pending ones included."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending.count
 
     @property
     def num_known_tokens(self) -> int:
@@ -53,7 +76,7 @@ class Sequence:
 
     def ends_with_pending(self, max_model_len: int) -> bool:
         """The pending token is this sequence's last (length limit): nothing more to schedule."""
-        return self.num_pending > 0 and (len(self.output_ids) + self.num_pending >= self.params.max_tokens
+        return self.pending.count > 0 and (len(self.output_ids) + self.pending.count >= self.params.max_tokens
                                          or self.num_tokens >= max_model_len)
 
     @property
