@@ -20,7 +20,7 @@ def interpreting() -> bool:
 def _triton_wanted() -> bool:
     """Whether a Triton kernel can run in this process: triton installed, and a CUDA (or ROCm) device to run it on
     or TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors, for tests). A CPU-only process never
-    imports triton (~0.3 s of start-up, plus the @triton.jit definitions of every kernel module)."""
+    imports triton (a noticeable part of start-up, plus the @triton.jit definitions of every kernel module)."""
     if importlib.util.find_spec("triton") is None:
         return False
     return interpreting() or torch.cuda.is_available()

@@ -1,7 +1,7 @@
 """Decode attention over the paged KV cache: one query token per sequence, split-K over the context.
 
 Triton path: `_decode_kernel` runs one program per (kv head, sequence, context split), the kv heads of a
-sequence side by side (they read interleaved rows of the same blocks: 2-3% faster at 256 sequences); the program
+sequence side by side (they read interleaved rows of the same blocks: BENCHMARKS.md); the program
 handles all query heads of its GQA group at once (padded to 16 rows for tl.dot), streams keys/values
 through the block table with an online softmax in fp32, and either writes the output directly
 (one split) or a partial (normalized output, running max, running sum) that `_reduce_kernel`
@@ -96,14 +96,10 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HEADS_INNER: tl.constexpr, HAS_ORDER: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HAS_ORDER: tl.constexpr,
     ):
-        if HEADS_INNER:  # the kv heads of one sequence run side by side: they share its blocks' DRAM rows
-            kvh = tl.program_id(0)
-            seq = tl.program_id(1)
-        else:
-            seq = tl.program_id(0)
-            kvh = tl.program_id(1)
+        kvh = tl.program_id(0)  # the kv heads of one sequence run side by side: they share its blocks' DRAM rows
+        seq = tl.program_id(1)
         if HAS_ORDER:  # programs take sequences longest context first: no long one starts in the last wave
             seq = tl.load(order_ptr + seq)
         split = tl.program_id(2)
@@ -248,10 +244,9 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool
 def _num_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.device,
                 programs_per_sm: int = 20, ordered: bool = False) -> int:
     """About programs_per_sm programs per SM (rounded: one split while the batch alone nearly fills that),
-    at least _MIN_TOKENS_PER_SPLIT keys each. H100, Qwen3-0.6B shape, mixed context lengths
-    (benchmarks/decode_attn_sweep.py): 20 picks within 1-3% of the best split count from 32 to 256 sequences.
-    Programs taking sequences longest first (ordered) need no split from ORDERED_UNSPLIT_PER_SM (sequence, kv
-    head) programs per SM on: 64 and 128 sequences ran 10% faster that way than with any split count."""
+    at least _MIN_TOKENS_PER_SPLIT keys each (programs_per_sm and ORDERED_UNSPLIT_PER_SM come from
+    benchmarks/decode_attn_sweep.py; BENCHMARKS.md). Programs taking sequences longest first (ordered) need no
+    split from ORDERED_UNSPLIT_PER_SM (sequence, kv head) programs per SM on."""
     if ordered and num_seqs * num_kv_heads >= ORDERED_UNSPLIT_PER_SM * num_sms(device):
         return 1
     by_length = -(-max_ctx // _MIN_TOKENS_PER_SPLIT)
@@ -264,7 +259,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
                                   softcap: float | None = None, window: int | None = None,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                                  heads_inner: bool = True, out: torch.Tensor | None = None,
+                                  out: torch.Tensor | None = None,
                                   seq_order: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim] -> out: [num_seqs, num_heads, head_dim] (q.dtype)
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
@@ -292,9 +287,9 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     else:
         part_out = part_m = part_l = out  # unused
     block_d = next_pow2(head_dim)
-    if block_n is None:  # H100: 128 beat 64 by 1-15% at head_dim 64 (tests/kernels/bench_paged_decode.py)
-        block_n = 128 if block_d <= 64 or (block_d <= 128 and num_splits == 1) else 64  # and 2-3% unsplit at 128
-    grid = (num_kv_heads, num_seqs, num_splits) if heads_inner else (num_seqs, num_kv_heads, num_splits)
+    if block_n is None:  # the faster tile on an H100 (tests/kernels/bench_paged_decode.py, BENCHMARKS.md)
+        block_n = 128 if block_d <= 64 or (block_d <= 128 and num_splits == 1) else 64
+    grid = (num_kv_heads, num_seqs, num_splits)
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, seq_order if seq_order is not None else seq_lens, out,
         part_out, part_m, part_l, k_scales, v_scales,
@@ -308,7 +303,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
-        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled, HEADS_INNER=heads_inner,
+        FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
         HAS_ORDER=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -33,7 +33,7 @@ _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 # The last header parsed, kept for the next GGUFWeights of the same file: the engine's memory plan
-# (plan/sources.read_gguf) and then the loader read the same header, ~0.1 s each for a 49k-token vocabulary.
+# (plan/sources.read_gguf) and then the loader read the same header, each a noticeable part of a small model's start.
 # The loader takes it out (take=True), so that a loaded model does not keep a second copy alive.
 _last: tuple[tuple[str, int, int], GGUFFile] | None = None
 

@@ -302,8 +302,7 @@ def _placement(cfg: ModelConfig, device: torch.device, gpu_layers: int | None, h
 
 
 def _in_background(fn, *args) -> Future:
-    """Run fn in a thread: building the tokenizer (~0.1 s for a 49k vocabulary; seconds on the transformers
-    fallback paths) overlaps reading the weights, whose copies release the GIL. Errors surface at .result()."""
+    """Run fn in a thread: building the tokenizer (longer on the transformers fallback paths) overlaps reading the weights, whose copies release the GIL. Errors surface at .result()."""
     future: Future = Future()
 
     def work() -> None:

@@ -70,7 +70,7 @@ def model_key(model_path: Path) -> dict[str, object]:
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """A checksum of every tensor's bytes that a load can afford (~10 ms for 100 MB): per tensor the wrapping sum
+    """A checksum of every tensor's bytes that a load can afford (one pass of integer sums): per tensor the wrapping sum
     of its 64-bit words (CRC32 where the size is not a multiple of 8), hashed with the names and sizes. It catches
     truncation and damaged bytes; it is not a defence against a deliberate edit (the cache is the user's own)."""
     import numpy as np
