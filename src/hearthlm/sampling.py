@@ -13,6 +13,8 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 1024
 MAX_TEMPERATURE = 1e4
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (each a token id)
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): logits / T would overflow float32 to inf and
 # softmax would turn them into NaN (T <= ~1e-37 emitted token 0 forever)
 GREEDY_TEMPERATURE = 1e-5
@@ -38,10 +40,14 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
     skip_special_tokens: bool = True
     truncate: str | None = None  # None | "left"
+    # token id -> a value in [-100, 100] added to its logit before sampling (OpenAI's logit_bias; JSON's string
+    # keys are read as ids); logprobs stay the model's
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings", single=str)
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
+        self.logit_bias = _token_map(self.logit_bias, "logit_bias")
         self.validate()
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -98,6 +104,15 @@ class SamplingParams:
                 bad(f"{name} must be true or false, got {_show(getattr(self, name))}", name)
         if self.truncate not in (None, "left"):
             bad(f"truncate must be None or 'left', got {_show(self.truncate)}", "truncate")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to values", "logit_bias")
+            for t, v in self.logit_bias.items():
+                if not _is_int(t) or not 0 <= t < hi:
+                    bad(f"logit_bias keys must be token ids in [0, {hi:,}), got {_show(t)}", "logit_bias")
+                if not _is_number(v) or not -LOGIT_BIAS_RANGE <= v <= LOGIT_BIAS_RANGE:
+                    bad(f"logit_bias values must be numbers in [-100, 100], got {_show(v)} for token {t}",
+                        "logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -106,7 +121,8 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 \
+            or bool(self.logit_bias)
 
 
 def _as_list(value: object, name: str, what: str, single: type | None = None) -> list:
@@ -118,6 +134,28 @@ def _as_list(value: object, name: str, what: str, single: type | None = None) ->
     if isinstance(value, (list, tuple)):
         return list(value)
     raise InvalidRequestError(f"{name} must be {what}, got {_kind(value)}", param=name)
+
+
+def _token_map(value: object, name: str) -> dict | None:
+    """None / {} -> None; a dict whose keys are ints or decimal strings (JSON object keys) -> keys as ints (the
+    values are checked by validate); anything else is a 400 naming the field."""
+    if not value:
+        return None if value is None or isinstance(value, dict) else _token_map_error(value, name)
+    if not isinstance(value, dict):
+        _token_map_error(value, name)
+    out = {}
+    for k, v in value.items():
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        if not _is_int(k):
+            raise InvalidRequestError(f"{name} keys must be token ids, got {_show(k)}", param=name)
+        out[k] = v
+    return out
+
+
+def _token_map_error(value: object, name: str) -> None:
+    raise InvalidRequestError(f"{name} must be an object mapping token ids to numbers, got {_kind(value)}",
+                              param=name)
 
 
 def _is_int(v: object) -> bool:

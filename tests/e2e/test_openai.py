@@ -128,3 +128,17 @@ def test_max_completion_tokens_and_left_truncation(client, server):
     assert parsed.usage.prompt_tokens + 8 <= 2048
     truncated = int(r.headers["x-truncated-tokens"])
     assert truncated > 0 and parsed.usage.model_extra["truncated_tokens"] == truncated
+
+
+def test_logit_bias_forces_and_bans_tokens(client, tokenizer):
+    blue = tokenizer.encode(" blue")[0]
+    r = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, temperature=0,
+                                  logit_bias={str(blue): 100})
+    assert r.choices[0].text == tokenizer.decode([blue] * 3)
+    paris = tokenizer.encode(" Paris")[0]
+    r = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=2, temperature=0,
+                                  logit_bias={str(paris): -100})
+    assert not r.choices[0].text.startswith(" Paris")
+    chat = client.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=2, temperature=0,
+                                          logit_bias={str(blue): 100})
+    assert chat.choices[0].message.content == tokenizer.decode([blue] * 2)

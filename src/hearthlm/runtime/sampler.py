@@ -1,4 +1,4 @@
-"""Sampling: penalties -> temperature -> min-p -> top-k -> top-p -> seeded sample; raw logprobs.
+"""Sampling: penalties -> logit_bias -> temperature -> min-p -> top-k -> top-p -> seeded sample; raw logprobs.
 
 Filter order (vLLM v1's): after penalties and temperature, min_p drops the tokens whose probability is below
 min_p times the most likely token's, then top_k keeps the k most likely of the rest, then top_p keeps the smallest
@@ -55,6 +55,11 @@ def apply_penalties(logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
             ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
             ids, counts = ids[ids < vocab], counts[ids < vocab]
             logits[row, ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+        if p.logit_bias:  # after the penalties, as an addition to the logits the draw and greedy see
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            ids_ok = ids < vocab
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[row, ids[ids_ok]] += bias[ids_ok]
         if len(r.output_ids) < p.min_tokens and r.stop_ids:
             logits[row, torch.tensor(r.stop_ids, device=logits.device)] = float("-inf")
 

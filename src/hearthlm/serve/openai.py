@@ -48,8 +48,8 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate: Literal["left"] | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> [-100, 100]
     # OpenAI fields not implemented yet: rejected when set, never ignored (reject_unimplemented)
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -60,7 +60,7 @@ class _Common(BaseModel):
     def reject_unimplemented(self) -> None:
         """400 for an OpenAI field this server does not implement yet, when it asks for something."""
         rf = self.response_format
-        asked = {"logit_bias": bool(self.logit_bias), "tools": bool(self.tools), "functions": bool(self.functions),
+        asked = {"tools": bool(self.tools), "functions": bool(self.functions),
                  "tool_choice": self.tool_choice not in (None, "none", "auto"),
                  "function_call": self.function_call not in (None, "none", "auto"),
                  "response_format": rf is not None and rf.get("type") != "text",
@@ -87,7 +87,7 @@ class _Common(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], include_stop_str_in_output=self.include_stop_str_in_output,
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, truncate=self.truncate)
+            skip_special_tokens=self.skip_special_tokens, truncate=self.truncate, logit_bias=self.logit_bias)
 
     @property
     def include_usage(self) -> bool:
