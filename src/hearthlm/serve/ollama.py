@@ -86,8 +86,42 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# options honoured (sampling below); options that only tune how Ollama runs a model (threads, GPU layers, batch,
+# memory mapping), accepted without effect on the output; options that change the output and are not implemented,
+# accepted only at the value that means "off"
+HONOURED = frozenset({"temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty", "presence_penalty",
+                      "frequency_penalty", "num_predict", "num_ctx", "truncate"})
+RUNTIME_ONLY = frozenset({"num_thread", "num_gpu", "main_gpu", "num_batch", "use_mmap", "use_mlock", "low_vram",
+                          "numa", "f16_kv", "vocab_only", "logits_all", "embedding_only", "num_keep"})
+OFF_ONLY = {"mirostat": (0,), "typical_p": (1, 1.0), "tfs_z": (1, 1.0), "penalize_newline": (False,)}
+
+
+def check_options(o: dict[str, Any]) -> None:
+    """A 400 naming options.<name> for an option this server would otherwise ignore while it changes the output:
+    unknown names (typos included), mirostat / typical_p / tfs_z away from "off", and repeat_last_n other than -1
+    (the whole context) while repeat_penalty is on."""
+    for name, value in o.items():
+        if name in HONOURED or name in RUNTIME_ONLY or value is None:
+            continue
+        if name in OFF_ONLY:
+            if value not in OFF_ONLY[name] or isinstance(value, bool) != isinstance(OFF_ONLY[name][0], bool):
+                raise InvalidRequestError(f"options.{name} is not supported: leave it out (or at "
+                                          f"{OFF_ONLY[name][0]!r}, off)", param=f"options.{name}")
+            continue
+        if name == "repeat_last_n":
+            if value != -1 and o.get("repeat_penalty") not in (None, 0, 1, 1.0):
+                raise InvalidRequestError("options.repeat_last_n: the repetition penalty covers the whole context "
+                                          "here; set repeat_last_n to -1 or leave it out", param="options.repeat_last_n")
+            continue
+        raise InvalidRequestError(f"unknown option options.{name}: supported are {', '.join(sorted(HONOURED))}",
+                                  param=f"options.{name}")
+
+
 def sampling(options: dict[str, Any] | None) -> tuple[SamplingParams, int | None]:
     """Ollama options -> SamplingParams (and num_ctx, a per-request context cap)."""
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequestError("options must be an object", param="options")
+    check_options(options or {})
     o = {**OLLAMA_DEFAULTS, **(options or {})}
     num_predict = o.get("num_predict")
     if num_predict is not None and (not isinstance(num_predict, int) or isinstance(num_predict, bool)
