@@ -25,7 +25,7 @@ TGI_NAMES.update(max_tokens="parameters.max_new_tokens", logprobs="parameters.to
 
 
 class Parameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # checked in sampling(): an unknown parameter is a 400, not ignored
     max_new_tokens: int | None = 100
     temperature: float | None = None
     top_k: int | None = None
@@ -41,7 +41,29 @@ class Parameters(BaseModel):
     top_n_tokens: int | None = None
     best_of: int | None = None
 
+    # TGI parameters that change the answer and are not implemented: refused unless at their off value
+    typical_p: float | None = None
+    watermark: bool | None = False
+    decoder_input_details: bool | None = False
+    grammar: Any = None
+    adapter_id: str | None = None
+
+    def refuse_unimplemented(self) -> None:
+        """A 400 naming parameters.<name> for an unknown parameter or one this server does not implement."""
+        for name, value in (self.model_extra or {}).items():
+            if value is None:  # clients send every parameter they know, unset ones as null
+                continue
+            raise InvalidRequestError(f"unknown parameter parameters.{name}", param=f"parameters.{name}")
+        asked = {"typical_p": self.typical_p not in (None, 1, 1.0), "watermark": bool(self.watermark),
+                 "decoder_input_details": bool(self.decoder_input_details), "grammar": self.grammar is not None,
+                 "adapter_id": bool(self.adapter_id)}
+        for name, on in asked.items():
+            if on:
+                raise InvalidRequestError(f"parameters.{name} is not supported by this server yet: drop it from the "
+                                          "request (it is refused rather than ignored)", param=f"parameters.{name}")
+
     def sampling(self) -> SamplingParams:
+        self.refuse_unimplemented()
         if self.best_of not in (None, 1):
             raise InvalidRequestError("best_of > 1 is not supported: send several requests", param="best_of")
         if self.truncate is not None and self.truncate < 1:
