@@ -139,10 +139,11 @@ def _as_list(value: object, name: str, what: str, single: type | None = None) ->
 def _token_map(value: object, name: str) -> dict | None:
     """None / {} -> None; a dict whose keys are ints or decimal strings (JSON object keys) -> keys as ints (the
     values are checked by validate); anything else is a 400 naming the field."""
-    if not value:
-        return None if value is None or isinstance(value, dict) else _token_map_error(value, name)
+    if value is None or value == {}:
+        return None
     if not isinstance(value, dict):
-        _token_map_error(value, name)
+        raise InvalidRequestError(f"{name} must be an object mapping token ids to numbers, got {_kind(value)}",
+                                  param=name)
     out = {}
     for k, v in value.items():
         if isinstance(k, str) and k.strip().isdigit():
@@ -151,11 +152,6 @@ def _token_map(value: object, name: str) -> dict | None:
             raise InvalidRequestError(f"{name} keys must be token ids, got {_show(k)}", param=name)
         out[k] = v
     return out
-
-
-def _token_map_error(value: object, name: str) -> None:
-    raise InvalidRequestError(f"{name} must be an object mapping token ids to numbers, got {_kind(value)}",
-                              param=name)
 
 
 def _is_int(v: object) -> bool:

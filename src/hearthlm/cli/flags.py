@@ -18,17 +18,13 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ..config import CPU_KERNELS, GEMVS, KERNELS, WEIGHTS  # --cpu-kernel, --weights, --kernels, --gemv (no torch)
+
 # --quantization at load (loader/load.py QUANTIZATIONS; tests/cli/test_flags.py keeps the two equal)
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")
 # --kv-cache-dtype (config.KV_CACHE_DTYPES)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "fp8_e4m3")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# --cpu-kernel, --weights, --kernels, --gemv (config.CPU_KERNELS, WEIGHTS, KERNELS, GEMVS; tests/cli/test_flags.py
-# keeps them equal)
-CPU_KERNELS = ("auto", "avx512vnni", "avx2", "torch")
-WEIGHTS = ("auto", "quantized", "dequantize")
-KERNELS = ("auto", "torch")
-GEMVS = ("auto", "a16", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
                   "bf16": "bfloat16"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -261,14 +261,17 @@ class KVCacheManager:
             return
         ids = self._update_hashes(seq, upto * self.block_size)
         pool = self.groups[0].pool
-        for i in range(seq.kv.num_registered, upto):
+        first = seq.kv.num_registered
+        prev = self._preimage(seq, ids, first - 1) if first else None  # block i - 1's, carried through the loop
+        for i in range(first, upto):
             parent = None
             if i:  # the chain goes on only under a published parent with this sequence's own tokens
                 holder = pool.hash_to_block.get(seq.kv.block_hashes[i - 1])
-                if holder is None or pool.block_preimage[holder] != self._preimage(seq, ids, i - 1):
+                if holder is None or pool.block_preimage[holder] != prev:
                     break  # a key collision (or an evicted parent): the rest of this sequence stays private
                 parent = (holder, pool.generation[holder])
-            pool.register(table[i], seq.kv.block_hashes[i], self._preimage(seq, ids, i), parent)
+            prev = self._preimage(seq, ids, i)
+            pool.register(table[i], seq.kv.block_hashes[i], prev, parent)
         seq.kv.num_registered = upto
 
     def free(self, seq: Sequence) -> None:
