@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for type checkers and IDEs; at runtime these load on first use (they import torch)
     from .engine.sequence import CompletionOutput, RequestOutput
     from .llm import LLM
-    from .sampling import SamplingParams
+    from .sampling import SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it; imported lazily (PEP 562) so `import hearthlm` and the
 # metadata-only CLI commands (list, show, ps, plan) do not pay for torch
-_LAZY = {"LLM": ".llm", "SamplingParams": ".sampling", "RequestOutput": ".engine.sequence",
+_LAZY = {"LLM": ".llm", "SamplingParams": ".sampling", "StructuredOutput": ".sampling", "RequestOutput": ".engine.sequence",
          "CompletionOutput": ".engine.sequence"}
 
 

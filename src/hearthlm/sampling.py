@@ -1,6 +1,7 @@
 """SamplingParams: what a request asks of the sampler, validated up front."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +19,79 @@ LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): logits / T would overflow float32 to inf and
 # softmax would turn them into NaN (T <= ~1e-37 emitted token 0 forever)
 GREEDY_TEMPERATURE = 1e-5
+MAX_GRAMMAR_CHARS = 256 * 1024  # a JSON schema (as JSON text), regex or EBNF grammar
+MAX_CHOICES = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain a request's output to a grammar (compiled by xgrammar, enforced as a token mask in the sampler).
+    Exactly one field is set:
+    json: a JSON schema (a dict, or its JSON text), or True for any JSON object (OpenAI's json_object mode);
+    regex: a regular expression the whole output matches;
+    grammar: an EBNF grammar (xgrammar's dialect, which reads GBNF) whose rule `root` is the output;
+    choice: the output is exactly one of these strings."""
+
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if isinstance(self.json, str):  # schema text -> a dict (one cache key per schema, whatever its spacing)
+            try:
+                object.__setattr__(self, "json", json.loads(self.json))
+            except ValueError as e:
+                raise InvalidRequestError(f"structured.json is not valid JSON: {e}", param="structured") from None
+        set_ = [k for k in ("json", "regex", "grammar", "choice") if getattr(self, k) not in (None, False)]
+        if len(set_) != 1:
+            raise InvalidRequestError("structured must set exactly one of json, regex, grammar or choice, got "
+                                      f"{', '.join(set_) or 'none'}", param="structured")
+        kind = set_[0]
+        value = getattr(self, kind)
+        if kind == "json" and not (value is True or isinstance(value, dict)):
+            raise InvalidRequestError(f"structured.json must be a JSON schema object or true, got {_kind(value)}",
+                                      param="structured")
+        if kind in ("regex", "grammar") and (not isinstance(value, str) or not value.strip()):
+            raise InvalidRequestError(f"structured.{kind} must be a non-empty string", param="structured")
+        if kind == "choice" and (not value or len(value) > MAX_CHOICES
+                                 or any(not isinstance(c, str) or not c for c in value)):
+            raise InvalidRequestError(f"structured.choice must be 1 to {MAX_CHOICES} non-empty strings",
+                                      param="structured")
+        if len(self.key[1]) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"structured.{kind} is longer than {MAX_GRAMMAR_CHARS:,} characters",
+                                      param="structured")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "grammar", "choice") if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): the compiled-grammar cache key."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "json":
+            return kind, "true" if value is True else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        if kind == "choice":
+            return kind, json.dumps(list(value))
+        return kind, value
+
+    @classmethod
+    def coerce(cls, value: object) -> "StructuredOutput | None":
+        """None, a StructuredOutput, or a dict of its fields ({"json": schema}, {"regex": "..."})."""
+        if value is None or isinstance(value, StructuredOutput):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"json", "regex", "grammar", "choice"}
+            if unknown:
+                raise InvalidRequestError(f"structured has unknown field(s) {', '.join(sorted(map(str, unknown)))}: "
+                                          "use json, regex, grammar or choice", param="structured")
+            return cls(**value)
+        raise InvalidRequestError(f"structured must be a StructuredOutput or an object, got {_kind(value)}",
+                                  param="structured")
 
 
 @dataclass
@@ -43,8 +117,11 @@ class SamplingParams:
     # token id -> a value in [-100, 100] added to its logit before sampling (OpenAI's logit_bias; JSON's string
     # keys are read as ids); logprobs stay the model's
     logit_bias: dict[int, float] | None = None
+    # the output follows a grammar (JSON schema, regex, EBNF, choice); see StructuredOutput
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        self.structured = StructuredOutput.coerce(self.structured)
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings", single=str)
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         self.logit_bias = _token_map(self.logit_bias, "logit_bias")
@@ -113,6 +190,10 @@ class SamplingParams:
                 if not _is_number(v) or not -LOGIT_BIAS_RANGE <= v <= LOGIT_BIAS_RANGE:
                     bad(f"logit_bias values must be numbers in [-100, 100], got {_show(v)} for token {t}",
                         "logit_bias")
+
+        if self.structured is not None and self.min_tokens:
+            bad("min_tokens cannot be combined with structured output (the grammar decides where the output ends)",
+                "min_tokens")
 
     @property
     def greedy(self) -> bool:
