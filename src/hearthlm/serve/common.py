@@ -267,6 +267,8 @@ async def start(request: Request, dialect: str, model: str | None, params: Sampl
         def prepare() -> tuple[list[int], int, int]:
             try:
                 params.validate(vocab_size=eng.model_config.vocab_size)
+                if params.structured is not None:  # compiled here (cached), so a bad grammar is a 400 naming it
+                    eng.grammars.compile(params.structured)
             except InvalidRequestError as e:
                 raise renamed(e, names or {}) from None
             if isinstance(prompt, str):
