@@ -284,7 +284,10 @@ async def start(request: Request, dialect: str, model: str | None, params: Sampl
             return ids, keep, dropped + cut
 
         ids, keep, dropped = await off_loop(prepare)
-        stream = await loaded.aengine.submit(ids, params, keep_prefix=keep, truncated=dropped)
+        try:
+            stream = await loaded.aengine.submit(ids, params, keep_prefix=keep, truncated=dropped)
+        except InvalidRequestError as e:  # e.g. a grammar that does not compile: param structured -> format
+            raise renamed(e, names or {}) from None
     except BaseException:
         srv.manager.release(loaded)
         raise

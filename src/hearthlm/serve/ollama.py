@@ -22,6 +22,7 @@ from .errors import as_hearth_error, error_body
 from .models import parse_keep_alive
 from .security import require_admin
 from .sse import ndjson, stream_response
+from .tools import ToolChoice, ToolSetup, ollama_format, parse_tools
 
 router = APIRouter(prefix="/api")
 NS = 1_000_000_000
@@ -29,7 +30,8 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 # SamplingParams field -> how an Ollama request names it (errors say options.top_k, not top_k)
 OLLAMA_NAMES = {f: f"options.{f}" for f in ("temperature", "top_k", "top_p", "min_p", "seed", "stop",
                                             "presence_penalty", "frequency_penalty", "truncate")}
-OLLAMA_NAMES.update(repetition_penalty="options.repeat_penalty", max_tokens="options.num_predict")
+OLLAMA_NAMES.update(repetition_penalty="options.repeat_penalty", max_tokens="options.num_predict",
+                    structured="format")
 
 
 class _Base(BaseModel):
@@ -43,9 +45,12 @@ class _Base(BaseModel):
     def keep(self) -> float | None | str:
         return "default" if self.keep_alive is None else parse_keep_alive(self.keep_alive)
 
-    def check(self) -> None:
-        if self.format not in (None, ""):
-            raise InvalidRequestError("format (JSON mode / structured outputs) is not supported yet", param="format")
+    def params(self) -> tuple[SamplingParams, int | None]:
+        """options -> SamplingParams (format -> its structured output) and num_ctx."""
+        structured = ollama_format(self.format)
+        params, num_ctx = sampling(self.options)
+        params.structured = structured
+        return params, num_ctx
 
 
 class GenerateBody(_Base):
@@ -62,6 +67,25 @@ class Message(BaseModel):
     role: str
     content: str = ""
     images: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # assistant: earlier calls [{"function": {"name", "arguments": {...}}}]
+    tool_name: str | None = None  # tool: which function produced this result
+
+    def as_dict(self, i: int) -> dict[str, Any]:
+        """The message as chat templates read it (tool_calls as OpenAI-shaped objects, the tool's name)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_name is not None:
+            m["name"] = self.tool_name
+        if self.tool_calls:
+            calls = []
+            for j, c in enumerate(self.tool_calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                args = fn.get("arguments", {}) if isinstance(fn, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(args, dict):
+                    raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\", "
+                                              "\"arguments\": {...}}}", param="messages")
+                calls.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+            m["tool_calls"] = calls
+        return m
 
 
 class ChatBody(_Base):
@@ -225,7 +249,6 @@ async def _load_or_unload(request: Request, name: str | None, keep: float | None
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     body = await parse(request, GenerateBody)
-    body.check()
     if body.images:
         raise InvalidRequestError("images are not supported: this server runs text-only models", param="images")
     if body.suffix:
@@ -233,7 +256,7 @@ async def generate(request: Request) -> Response:
     keep = body.keep()
     if not body.prompt and not body.context:
         return await _load_or_unload(request, body.model, keep, "response")
-    params, num_ctx = sampling(body.options)
+    params, num_ctx = body.params()
 
     def build(engine: LLMEngine, p: SamplingParams) -> tuple[list[int], int, int]:
         tok = engine.tokenizer
@@ -269,7 +292,6 @@ async def generate(request: Request) -> Response:
 @router.post("/chat")
 async def chat(request: Request) -> Response:
     body = await parse(request, ChatBody)
-    body.check()
     keep = body.keep()
     if not body.messages:
         if body.keep_alive is not None:  # Ollama's load/unload idiom: empty messages with keep_alive
@@ -278,25 +300,56 @@ async def chat(request: Request) -> Response:
                                   "unload a model, send keep_alive with no messages)", param="messages")
     if any(m.images for m in body.messages):
         raise InvalidRequestError("images are not supported: this server runs text-only models", param="messages")
-    if body.tools:
-        raise InvalidRequestError("tools (function calling) are not supported yet", param="tools")
-    params, num_ctx = sampling(body.options)
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    tools = parse_tools(body.tools)
+    params, num_ctx = body.params()
+    messages = [m.as_dict(i) for i, m in enumerate(body.messages)]
+    # Ollama has no tool_choice: with tools the model may call them (auto)
+    setup = ToolSetup(tools, ToolChoice("auto" if tools else "none")) \
+        if tools or any(m.tool_calls or m.role == "tool" for m in body.messages) else None
 
     def build(engine: LLMEngine, p: SamplingParams) -> tuple[list[int], int, int]:
-        ids, keep_n, dropped = engine.chat_prompt(messages, p)
+        ids, keep_n, dropped = setup.prepare(engine, messages, p) if setup is not None \
+            else engine.chat_prompt(messages, p)
         cap_context(engine, p, ids, num_ctx)
         return ids, keep_n, dropped
 
     gen = await start(request, "ollama", body.model, params, build=build, keep_alive=keep, names=OLLAMA_NAMES)
     name = gen.model.name
 
-    def msg(text: str) -> dict[str, str]:
-        return {"role": "assistant", "content": text}
+    def msg(text: str, calls: list | None = None) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            m["tool_calls"] = [c.ollama() for c in calls]
+        return m
 
-    return await _respond(gen, body.stream, lambda t: {"model": name, "created_at": now_iso(), "message": msg(t),
-                                                       "done": False},
-                          lambda t: {"model": name, "created_at": now_iso(), "message": msg(t), **_stats(gen)})
+    if setup is None or not setup.parsing:
+        return await _respond(gen, body.stream, lambda t: {"model": name, "created_at": now_iso(),
+                                                           "message": msg(t), "done": False},
+                              lambda t: {"model": name, "created_at": now_iso(), "message": msg(t), **_stats(gen)})
+    if not body.stream:
+        out = await gen.result()
+        content, calls = setup.parse(out.outputs[0].text)
+        return JSONResponse({"model": name, "created_at": now_iso(), "message": msg(content or "", calls),
+                             **_stats(gen)}, headers=_headers(gen))
+
+    async def events() -> AsyncIterator[bytes]:
+        ts = setup.stream()  # as Ollama: content streams, a parsed call comes in a chunk of its own
+        try:
+            async for deltas in gen.deltas():
+                for d in deltas:
+                    text = ts.feed(d.text)
+                    if text:
+                        yield ndjson({"model": name, "created_at": now_iso(), "message": msg(text), "done": False})
+            rest, calls = ts.finish()
+            if rest or calls:
+                yield ndjson({"model": name, "created_at": now_iso(), "message": msg(rest, calls), "done": False})
+            yield ndjson({"model": name, "created_at": now_iso(), "message": msg(""), **_stats(gen)})
+        except HearthError as e:
+            yield ndjson(error_body("ollama", e))
+        finally:
+            await gen.aclose()
+
+    return stream_response(events(), kind="ndjson", headers={"X-Request-Id": gen.request_id})
 
 
 @router.get("/tags")

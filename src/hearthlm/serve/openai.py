@@ -1,6 +1,7 @@
 """OpenAI dialect: /v1/completions, /v1/chat/completions (SSE), /v1/models."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -12,11 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sequence import RequestOutput
 from ..errors import HearthError, InvalidRequestError
-from ..sampling import SamplingParams, renamed
+from ..sampling import SamplingParams, StructuredOutput, renamed
 from .common import Delta, Generation, parse, server, start, token_bytes, token_text, usage
 from .errors import error_body
 from .sse import DONE, sse, stream_response
 from .store_api import list_model_names
+from .tools import ToolCall, ToolSetup, forced_schema, parse_tool_choice, parse_tools, response_format
 
 router = APIRouter(prefix="/v1")
 
@@ -49,35 +51,38 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     truncate: Literal["left"] | None = None
     logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> [-100, 100]
-    # OpenAI fields not implemented yet: rejected when set, never ignored (reject_unimplemented)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    response_format: Any = None  # text | json_object | json_schema -> SamplingParams.structured (serve/tools.py)
+    tools: Any = None  # chat only (serve/tools.py validates them)
     tool_choice: Any = None
-    functions: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI fields not implemented: rejected when set, never ignored (reject_unimplemented)
+    functions: list[Any] | None = None  # the deprecated form of tools
     function_call: Any = None
     best_of: int | None = None
 
     def reject_unimplemented(self) -> None:
-        """400 for an OpenAI field this server does not implement yet, when it asks for something."""
-        rf = self.response_format
-        asked = {"tools": bool(self.tools), "functions": bool(self.functions),
-                 "tool_choice": self.tool_choice not in (None, "none", "auto"),
+        """400 for an OpenAI field this server does not implement, when it asks for something."""
+        asked = {"functions": bool(self.functions),
                  "function_call": self.function_call not in (None, "none", "auto"),
-                 "response_format": rf is not None and rf.get("type") != "text",
                  "best_of": self.best_of not in (None, 1)}
         for name, on in asked.items():
             if on:
-                raise InvalidRequestError(f"{name} is not supported by this server yet: drop it from the request "
+                hint = " (send tools and tool_choice instead)" if name.startswith("function") else ""
+                raise InvalidRequestError(f"{name} is not supported by this server{hint}: drop it from the request "
                                           "(it is refused rather than ignored)", param=name)
 
     def params(self, max_tokens: int | None, logprobs: int | None,
                names: dict[str, str] | None = None) -> SamplingParams:
         """The request's SamplingParams; a bad value is an InvalidRequestError naming the field as sent."""
         self.reject_unimplemented()
+        structured = response_format(self.response_format)
         try:
-            return self._params(max_tokens, logprobs)
+            params = self._params(max_tokens, logprobs)
+            params.structured = structured
+            params.validate()
+            return params
         except InvalidRequestError as e:
-            raise renamed(e, names or {}) from None
+            raise renamed(e, {"structured": "response_format", **(names or {})}) from None
 
     def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -113,8 +118,11 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant: earlier calls [{id, type, function: {name, arguments}}]
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self, i: int = 0) -> dict[str, Any]:
+        """The message as chat templates read it: text content, tool_calls' arguments as objects."""
         content = self.content
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text"]
@@ -122,7 +130,34 @@ class ChatMessage(BaseModel):
                 raise InvalidRequestError(f"content parts of type {bad[0]!r} are not supported: send text only",
                                           param="messages")
             content = "".join(p.text or "" for p in content)
-        return {"role": self.role, "content": content or ""}
+        m: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            m["tool_calls"] = [_history_call(c, f"messages[{i}].tool_calls[{j}]")
+                               for j, c in enumerate(self.tool_calls)]
+        return m
+
+
+def _history_call(c: Any, where: str) -> dict[str, Any]:
+    """An assistant message's earlier call, with arguments (JSON text on the wire) as an object."""
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequestError(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": "
+                                  "{\"name\", \"arguments\"}}", param="messages")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise InvalidRequestError(f"{where}.function.arguments is not valid JSON", param="messages") from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise InvalidRequestError(f"{where}.function.arguments must be a JSON object", param="messages")
+    return {"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 class ChatRequest(_Common):
@@ -181,6 +216,10 @@ async def completions(request: Request):
     body = await parse(request, CompletionRequest)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if getattr(body, name) is not None:
+            raise InvalidRequestError(f"{name} belongs to /v1/chat/completions: completions take no tools",
+                                      param=name)
     prompts: list[str | list[int]]
     p = body.prompt
     if isinstance(p, str) or (p and isinstance(p[0], int)):
@@ -265,21 +304,59 @@ async def chat_completions(request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     top_n = body.top_logprobs or 0
-    names = {"logprobs": "top_logprobs", **({"max_tokens": "max_completion_tokens"}
-                                            if body.max_completion_tokens is not None else {})}
+    names = {"logprobs": "top_logprobs", "structured": "response_format",
+             **({"max_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {})}
     params = body.params(max_tokens, top_n if body.logprobs else None, names)
-    messages = [m.as_dict() for m in body.messages]
-    gen = await start(request, "openai", body.model, params, messages=messages, names=names)
+    messages = [m.as_dict(i) for i, m in enumerate(body.messages)]
+    setup = _tool_setup(body, params, names)
+    parallel = body.parallel_tool_calls is not False
+    if setup is None:
+        gen = await start(request, "openai", body.model, params, messages=messages, names=names)
+    else:
+        gen = await start(request, "openai", body.model, params, names=names,
+                          build=lambda eng, p: setup.prepare(eng, messages, p))
     rid, created, model = f"chatcmpl-{gen.request_id}", int(time.time()), gen.model.name
     tok = gen.model.engine.tokenizer
 
     if not body.stream:
         out = await gen.result()
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs, top_n), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            content, calls = setup.parse(c.text) if setup is not None else (c.text, [])
+            calls = calls if parallel else calls[:1]
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [call.openai() for call in calls]
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs, top_n),
+                            "finish_reason": "tool_calls" if calls else c.finish_reason})
         return JSONResponse({**_chunked(rid, "chat.completion", model, created), "choices": choices,
                              "usage": usage(out)}, headers=_headers(gen, [out]))
+
+    streams = {i: setup.stream() for i in range(body.n)} if setup is not None and setup.parsing else {}
+
+    def entries(d: Delta) -> list[dict[str, Any]]:
+        """A delta's choice entries, in order: content (held back while it may start a call), then the calls and
+        the finish reason once the output is complete."""
+        ts = streams.get(d.index)
+        if ts is None:
+            return [_chat_delta(tok, d, top_n)]
+        text = ts.feed(d.text)
+        calls: list[ToolCall] = []
+        if d.finish_reason:
+            rest, calls = ts.finish()
+            text += rest
+            calls = calls if parallel else calls[:1]
+        out: list[dict[str, Any]] = []
+        if text:
+            out.append({"index": d.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+        if calls:
+            out.append({"index": d.index, "delta": {"tool_calls": [c.openai(k) for k, c in enumerate(calls)]},
+                        "logprobs": None, "finish_reason": None})
+        if d.finish_reason:
+            out.append({"index": d.index, "delta": {}, "logprobs": None,
+                        "finish_reason": "tool_calls" if calls else d.finish_reason})
+        return out
 
     async def body_iter() -> AsyncIterator[bytes]:
         head = _chunked(rid, "chat.completion.chunk", model, created)
@@ -289,7 +366,9 @@ async def chat_completions(request: Request):
                                             "logprobs": None, "finish_reason": None} for i in range(body.n)],
                        **extra})
             async for deltas in gen.deltas():
-                yield sse({**head, "choices": [_chat_delta(tok, d, top_n) for d in deltas], **extra})
+                per = [entries(d) for d in deltas]
+                for k in range(max(map(len, per), default=0)):  # one chunk per round: an index once per chunk
+                    yield sse({**head, "choices": [e[k] for e in per if k < len(e)], **extra})
             if body.include_usage and gen.last is not None:
                 yield sse({**head, "choices": [], "usage": usage(gen.last)})
             yield DONE
@@ -300,6 +379,34 @@ async def chat_completions(request: Request):
             await gen.aclose()
 
     return stream_response(body_iter(), headers={"X-Request-Id": rid})
+
+
+def _tool_setup(body: ChatRequest, params: SamplingParams, names: dict[str, str]) -> ToolSetup | None:
+    """tools, tool_choice and parallel_tool_calls -> a ToolSetup (None when the chat involves no tools); a forced
+    choice (required, a named function) puts the calls' schema into params.structured."""
+    tools = parse_tools(body.tools)
+    choice = parse_tool_choice(body.tool_choice, tools)
+    if body.parallel_tool_calls is not None and not tools:
+        raise InvalidRequestError("parallel_tool_calls needs tools", param="parallel_tool_calls")
+    history = any(m.tool_calls or m.role == "tool" for m in body.messages)
+    if not tools and not history:
+        return None
+    setup = ToolSetup(tools, choice)
+    if setup.parsing and body.logprobs and body.stream:
+        raise InvalidRequestError("logprobs cannot be streamed with tools (text that may start a call is held "
+                                  "back): drop logprobs, set stream false, or tool_choice 'none'", param="logprobs")
+    if setup.forced is not None:
+        if params.structured is not None:
+            raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named "
+                                      "function: the calls' schema shapes the output", param="response_format")
+        try:
+            params.structured = StructuredOutput(json=forced_schema(tools, choice, body.parallel_tool_calls
+                                                                    is not False))
+            params.validate()
+        except InvalidRequestError as e:
+            raise renamed(e, {"structured": "tools"}) from None
+        names["structured"] = "tools"  # a schema the grammar engine cannot compile comes from the tools' parameters
+    return setup
 
 
 def _chat_delta(tok, d: Delta, top_n: int) -> dict[str, Any]:
