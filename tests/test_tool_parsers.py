@@ -172,3 +172,104 @@ def test_fallback_prompt_for_templates_without_tools():
     assert "tool_calls" not in out[2]
     same, kw = tool_messages(msgs, tools, "{% if tools %}{{ tools }}{% endif %}")
     assert same is msgs and kw["tools"][0]["function"]["name"] == "add"
+
+
+def _stream(ts: ToolStream, text: str, step: int, limit=None) -> tuple[str, list[dict], list]:
+    content, deltas = "", []
+    for i in range(0, len(text), step):
+        content += ts.feed(text[i:i + step])
+        deltas += ts.call_deltas(limit)
+    rest, final = ts.finish()
+    return content + rest, deltas + ts.call_deltas(limit), final
+
+
+def _merge(deltas: list[dict]) -> dict[int, dict]:
+    acc: dict[int, dict] = {}
+    for d in deltas:
+        a = acc.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+        a["id"] = d.get("id") or a["id"]
+        a["name"] += d.get("function", {}).get("name", "")
+        a["arguments"] += d["function"].get("arguments", "")
+    return acc
+
+
+def test_forced_calls_stream_as_written():
+    out = '[{"name": "get_weather", "parameters": {"city": "Pa\\"ris", "n": [1, {"x": "}"}]}}, ' \
+          '{"name": "add", "parameters": {"a": 1}}]'
+    for step in (1, 4, 200):
+        content, deltas, final = _stream(ToolStream(None, ToolChoice("required")), out, step)
+        merged = _merge(deltas)
+        assert content == "" and [c.name for c in final] == ["get_weather", "add"]
+        assert [merged[k]["name"] for k in (0, 1)] == ["get_weather", "add"]
+        assert [json.loads(merged[k]["arguments"]) for k in (0, 1)] == [c.arguments for c in final]
+        assert [merged[k]["id"] for k in (0, 1)] == [c.id for c in final]
+        if step == 1:  # the arguments came in many chunks, after a header with the name
+            assert sum(1 for d in deltas if d["index"] == 0) > 5 and deltas[0]["function"]["name"] == "get_weather"
+    content, deltas, final = _stream(ToolStream(None, ToolChoice("named", "add")), '{"a": 1, "b": [2]}', 3)
+    assert _merge(deltas)[0]["name"] == "add" and json.loads(_merge(deltas)[0]["arguments"]) == {"a": 1, "b": [2]}
+    assert final[0].id == deltas[0]["id"]
+    content, deltas, final = _stream(ToolStream(None, ToolChoice("required")), '[{"name": "add", "param', 2)
+    assert final == [] and content == "" and _merge(deltas)[0]["name"] == "add"  # cut: the header went out
+    content, deltas, final = _stream(ToolStream(None, ToolChoice("required")), '[{"na', 2)
+    assert final == [] and deltas == [] and content == '[{"na'  # nothing sent as a call: content
+
+
+def test_parsed_calls_stream_at_the_end():
+    content, deltas, final = _stream(ToolStream(HermesParser(NAMES)), f"Hi <tool_call>{W}</tool_call>", 5)
+    assert content == "Hi " and len(deltas) == 1 and deltas[0]["id"] == final[0].id
+    assert json.loads(deltas[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+TOOL_TEMPLATE = (  # Qwen2.5's shape, shortened: tools in the system turn, calls as <tool_call> blocks
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _Engine(tok, max_model_len=10**6):
+    """What LLMEngine.chat_prompt reads, over a real tokenizer (no model)."""
+    from hearthlm.engine.engine import LLMEngine
+
+    class Engine:
+        chat_prompt = LLMEngine.chat_prompt
+
+        def __init__(self):
+            self.tokenizer, self.max_model_len, self.max_token_bytes = tok, max_model_len, None
+
+        def encode(self, text, add_special_tokens=True):
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+        def refuse_unfittable(self, n, params):
+            pass
+
+    return Engine()
+
+
+def test_tools_rendered_through_the_template(default_tokenizer):
+    from hearthlm.loader.tokenizer import Tokenizer
+    from hearthlm.sampling import SamplingParams
+
+    base = default_tokenizer
+    tok = Tokenizer(base.backend, base.special_tokens, base.extra_special_tokens, {"default": TOOL_TEMPLATE},
+                    base.eos_token_ids)
+    tools = parse_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    history = [{"role": "user", "content": "old " * 50}, {"role": "assistant", "content": "ok"},
+               {"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+               {"role": "tool", "content": "cold"}]
+    setup = ToolSetup(tools, ToolChoice("auto"))
+    ids, _, dropped = setup.prepare(_Engine(tok), history, SamplingParams(max_tokens=4))
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert '"name": "get_weather"' in text and '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}' \
+        in text and type(setup.parser) is HermesParser and dropped == 0
+    short = SamplingParams(max_tokens=4, truncate="left")  # oldest turns dropped, the tools kept
+    ids, _, dropped = setup.prepare(_Engine(tok, max_model_len=len(ids) - 20), history, short)
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert dropped > 0 and "old old" not in text and "Tools:" in text and "cold" in text
+    setup = ToolSetup(tools, ToolChoice("auto"))  # a template without tools: described in the system turn
+    ids, _, _ = setup.prepare(_Engine(base), history[2:], SamplingParams(max_tokens=4))
+    text = base.decode(ids, skip_special_tokens=False)
+    assert "You can call these tools" in text and type(setup.parser) is GenericParser
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text

@@ -39,14 +39,15 @@ def client(server) -> openai.OpenAI:
 
 
 def streamed_calls(chunks) -> tuple[dict[int, dict], str | None, str]:
-    """Tool-call deltas accumulated as SDK users do: by index, arguments concatenated."""
+    """Tool-call deltas accumulated as SDK users do: by index, arguments concatenated (and counted)."""
     calls: dict[int, dict] = {}
     finish, content = None, ""
     for ch in chunks:
         for c in ch.choices:
             content += c.delta.content or ""
             for tc in c.delta.tool_calls or []:
-                acc = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                acc = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": "", "deltas": 0})
+                acc["deltas"] += 1
                 acc["id"] = tc.id or acc["id"]
                 acc["name"] += (tc.function.name or "") if tc.function else ""
                 acc["arguments"] += (tc.function.arguments or "") if tc.function else ""
@@ -70,6 +71,7 @@ def test_forced_calls_stream_and_not(client, choice):
     assert finish == "tool_calls" and content == "" and list(calls) == [0]
     assert calls[0]["id"].startswith("call_") and calls[0]["name"] == call.function.name
     assert json.loads(calls[0]["arguments"]) == json.loads(call.function.arguments)
+    assert calls[0]["deltas"] > 2  # the arguments streamed as they were written
 
 
 def test_tool_result_round_trip(client, server):
@@ -131,18 +133,19 @@ def test_response_format_json_schema_and_parse(client):
         else client.beta.chat.completions.parse
     r = parse(**FAST, messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet)
     assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Pet)
-    schema = {"type": "json_schema", "json_schema": {"name": "pet", "schema": Pet.model_json_schema()}}
-    r = client.completions.create(model="smollm2", prompt="A pet as JSON:", max_tokens=40, temperature=0,
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "boolean"}}}
+    r = client.completions.create(model="smollm2", prompt="Is water wet?", max_tokens=8, temperature=0,
                                   extra_body={"response_format": schema})
-    assert Pet.model_validate_json(r.choices[0].text)
+    assert json.loads(r.choices[0].text) in (True, False)
 
 
 def test_ollama_format_and_tools(server):
     client = ollama.Client(host=server.url, timeout=120)
     opts = {"temperature": 0, "num_predict": 40}
-    r = client.chat(model="smollm2", messages=[{"role": "user", "content": "A pet?"}],
-                    format=Pet.model_json_schema(), options=opts)
-    assert Pet.model_validate_json(r.message.content)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat(model="smollm2", messages=[{"role": "user", "content": "Fine?"}], format=schema, options=opts)
+    assert isinstance(json.loads(r.message.content)["ok"], bool) and r.done_reason == "stop"
     # a call-shaped output (forced here through format) comes back as message.tool_calls, arguments an object
     call_schema = {"type": "object", "properties": {"name": {"enum": ["get_weather"]},
                                                     "arguments": WEATHER["function"]["parameters"]},

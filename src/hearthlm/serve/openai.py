@@ -18,7 +18,7 @@ from .common import Delta, Generation, parse, server, start, token_bytes, token_
 from .errors import error_body
 from .sse import DONE, sse, stream_response
 from .store_api import list_model_names
-from .tools import ToolCall, ToolSetup, forced_schema, parse_tool_choice, parse_tools, response_format
+from .tools import ToolSetup, forced_schema, parse_tool_choice, parse_tools, response_format
 
 router = APIRouter(prefix="/v1")
 
@@ -336,26 +336,25 @@ async def chat_completions(request: Request):
     streams = {i: setup.stream() for i in range(body.n)} if setup is not None and setup.parsing else {}
 
     def entries(d: Delta) -> list[dict[str, Any]]:
-        """A delta's choice entries, in order: content (held back while it may start a call), then the calls and
-        the finish reason once the output is complete."""
+        """A delta's choice entries, in order: content (held back while it may start a call), tool_calls deltas
+        (a forced call as it is written, others once the output is complete), the finish reason."""
         ts = streams.get(d.index)
         if ts is None:
             return [_chat_delta(tok, d, top_n)]
-        text = ts.feed(d.text)
-        calls: list[ToolCall] = []
+        text, reason = ts.feed(d.text), None
         if d.finish_reason:
             rest, calls = ts.finish()
             text += rest
-            calls = calls if parallel else calls[:1]
+            reason = "tool_calls" if calls else d.finish_reason
+        calls_due = ts.call_deltas(None if parallel else 1)
         out: list[dict[str, Any]] = []
         if text:
             out.append({"index": d.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
-        if calls:
-            out.append({"index": d.index, "delta": {"tool_calls": [c.openai(k) for k, c in enumerate(calls)]},
-                        "logprobs": None, "finish_reason": None})
-        if d.finish_reason:
-            out.append({"index": d.index, "delta": {}, "logprobs": None,
-                        "finish_reason": "tool_calls" if calls else d.finish_reason})
+        if calls_due:
+            out.append({"index": d.index, "delta": {"tool_calls": calls_due}, "logprobs": None,
+                        "finish_reason": None})
+        if reason:
+            out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return out
 
     async def body_iter() -> AsyncIterator[bytes]:

@@ -193,7 +193,7 @@ def forced_schema(tools: list[Tool], choice: ToolChoice, parallel: bool) -> dict
 class ToolCall:
     name: str
     arguments: dict[str, Any]
-    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    id: str = field(default_factory=lambda: _new_id())
 
     @property
     def arguments_json(self) -> str:
@@ -492,24 +492,135 @@ def keep_markers(tokenizer, parser: ToolParser, params) -> None:
 
 
 # ---------------- streaming ----------------
+@dataclass
+class _Partial:
+    """A call as streamed so far: its id, name (once known), argument text so far, and what has been sent."""
+
+    id: str
+    name: str | None = None
+    args: str = ""
+    header_sent: bool = False
+    args_sent: int = 0
+
+
+class _ForcedScanner:
+    """Reads a grammar-shaped output as it grows: `[{"name": "f", "parameters": {...}}, ...]` (tool_choice
+    required) or the named function's arguments object, so calls stream as they are written (the argument text in
+    chunks). Tracks JSON nesting and strings character by character; only the items' own keys are looked at."""
+
+    def __init__(self, named: str | None):
+        self.named = named
+        self.calls: list[_Partial] = [_Partial(_new_id(), named)] if named else []
+        self.text = ""
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.key: str | None = None  # the item key whose value is being read
+        self.expect = ""  # at item level: "key", ":", "value", "," (after a value)
+        self.start = -1  # where the current item-level string or value began
+
+    def feed(self, text: str) -> None:
+        base = len(self.text)
+        self.text += text
+        if self.named is not None:
+            self.calls[0].args = self.text.strip()
+            return
+        for j, ch in enumerate(text, base):
+            self._char(ch, j)
+        if self.calls and self.key == "parameters" and self.start >= 0 and self.expect == "in-value":
+            self.calls[-1].args = self.text[self.start:]
+
+    def _char(self, ch: str, j: int) -> None:
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif ch == "\\":
+                self.esc = True
+            elif ch == '"':
+                self.in_str = False
+                if self.depth == 2:
+                    self._string_end(j)
+            return
+        if ch.isspace():
+            return
+        if self.depth == 2 and self.expect == "value":
+            self.start, self.expect = j, "in-value"
+        if ch == '"':
+            self.in_str = True
+            if self.depth == 2 and self.expect == "key":
+                self.start = j
+        elif ch in "{[":
+            self.depth += 1
+            if self.depth == 2 and ch == "{":
+                self.calls.append(_Partial(_new_id()))
+                self.expect = "key"
+        elif ch in "}]":
+            if self.depth == 2 and self.expect == "in-value":  # a scalar value ends at the item's end
+                self._value_end(j)
+            self.depth -= 1
+            if self.depth == 2 and self.expect == "in-value":  # an object or array value closed
+                self._value_end(j + 1)
+        elif self.depth == 2:
+            if ch == ":" and self.expect == ":":
+                self.expect = "value"
+            elif ch == ",":
+                if self.expect == "in-value":
+                    self._value_end(j)
+                self.expect = "key"
+
+    def _string_end(self, j: int) -> None:
+        raw = self.text[self.start:j + 1]
+        if self.expect == "key":
+            self.key = _loads(raw)
+            self.expect = ":"
+        elif self.expect == "in-value":
+            self._value_end(j + 1)
+
+    def _value_end(self, end: int) -> None:
+        raw = self.text[self.start:end]
+        if self.calls and self.key == "name":
+            name = _loads(raw)
+            self.calls[-1].name = name if isinstance(name, str) else None
+        elif self.calls and self.key == "parameters":
+            self.calls[-1].args = raw
+        self.expect, self.key, self.start = ",", None, -1
+
+
+def _loads(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _new_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
 class ToolStream:
-    """One output's text, fed delta by delta: feed() returns the content that is safe to send now (text known not
-    to start a call); finish() returns (the rest of the content, the calls). Without calls, all text comes out as
-    content in order."""
+    """One output's text, fed delta by delta. feed() returns the content that is safe to send now (text known not
+    to start a call); call_deltas() the OpenAI tool_calls deltas due (a forced call streams as it is written,
+    others once the output is complete); finish() returns (the rest of the content, the calls). Without calls,
+    all text comes out as content, in order."""
 
     def __init__(self, parser: ToolParser | None, forced: ToolChoice | None = None):
         self.parser, self.forced = parser, forced
         self.pending = ""  # text not sent yet
         self.holding = forced is not None  # a (possible) call has begun: hold everything until finish
         self.sent_any = False
+        self.scanner = _ForcedScanner(forced.name if forced.mode == "named" else None) if forced else None
+        self.partials: list[_Partial] = []
 
     def feed(self, text: str) -> str:
         self.pending += text
-        if self.holding or self.parser is None:
-            if self.parser is None and not self.holding:
-                out, self.pending = self.pending, ""
-                return out
+        if self.scanner is not None:
+            self.scanner.feed(text)
+            self.partials = self.scanner.calls
             return ""
+        if self.holding:
+            return ""
+        if self.parser is None:
+            out, self.pending = self.pending, ""
+            return out
         p = self.parser
         if p.json_start and not self.sent_any:
             head = self.pending.lstrip()
@@ -528,14 +639,42 @@ class ToolStream:
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        """(the content not sent yet, the calls) once the output is complete."""
         text, self.pending = self.pending, ""
         if self.forced is not None:
-            calls = parse_forced(text, self.forced)
-            return ("", calls) if calls else (text, [])
+            calls = parse_forced(text, self.forced) or []
+            for call, part in zip(calls, self.partials):  # keep the ids (and argument text) already streamed
+                if part.name == call.name and _loads(part.args) == call.arguments:
+                    call.id = part.id
+                else:
+                    break
+            else:
+                if calls:
+                    return "", calls
+            if not calls:  # no valid call (cut by max_tokens): content, unless part of a call went out already
+                return ("" if any(p.header_sent for p in self.partials) else text), []
+            self.partials = [_Partial(c.id, c.name, c.arguments_json) for c in calls]
+            return "", calls
         if self.parser is None or not self.holding:
             return text, []
         content, calls = self.parser.parse(text)
+        self.partials = [_Partial(c.id, c.name, c.arguments_json) for c in calls]
         return (content or ""), calls
+
+    def call_deltas(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The OpenAI tool_calls delta entries due since the last call (at most `limit` calls)."""
+        out = []
+        for k, p in enumerate(self.partials[:limit]):
+            if p.name is None:
+                break
+            if not p.header_sent:
+                p.header_sent, p.args_sent = True, len(p.args)
+                out.append({"index": k, "id": p.id, "type": "function",
+                            "function": {"name": p.name, "arguments": p.args}})
+            elif len(p.args) > p.args_sent:
+                out.append({"index": k, "function": {"arguments": p.args[p.args_sent:]}})
+                p.args_sent = len(p.args)
+        return out
 
 
 @dataclass
