@@ -270,7 +270,7 @@ async def start(request: Request, dialect: str, model: str | None, params: Sampl
                 if params.structured is not None:  # compiled here (cached), so a bad grammar is a 400 naming it
                     eng.grammars.compile(params.structured)
             except InvalidRequestError as e:
-                raise renamed(e, names or {}) from None
+                raise wire_error(e, names or {}) from None
             if isinstance(prompt, str):
                 eng.refuse_unfittable(len(prompt), params)
             p, keep, dropped = prompt, 0, 0
@@ -287,11 +287,20 @@ async def start(request: Request, dialect: str, model: str | None, params: Sampl
         try:
             stream = await loaded.aengine.submit(ids, params, keep_prefix=keep, truncated=dropped)
         except InvalidRequestError as e:  # e.g. a grammar that does not compile: param structured -> format
-            raise renamed(e, names or {}) from None
+            raise wire_error(e, names or {}) from None
     except BaseException:
         srv.manager.release(loaded)
         raise
     return Generation(srv, loaded, stream, dialect, request.url.path, arrival, load_s, request)
+
+
+def wire_error(err: InvalidRequestError, names: dict[str, str]) -> InvalidRequestError:
+    """`renamed`, and a structured-output error ("structured.json could not be compiled: ...") named by the
+    dialect's field as a whole (response_format, format, tools)."""
+    wire = names.get("structured")
+    if err.param == "structured" and wire is not None:
+        return InvalidRequestError(re.sub(r"^structured(\.\w+)?", wire, str(err)), param=wire)
+    return renamed(err, names)
 
 
 def token_text(tokenizer, token_id: int) -> str:

@@ -232,7 +232,8 @@ async def completions(request: Request):
     gens: list[Generation] = []
     try:
         for prompt in prompts:
-            gens.append(await start(request, "openai", body.model, replace(params), prompt=prompt))
+            gens.append(await start(request, "openai", body.model, replace(params), prompt=prompt,
+                                    names={"structured": "response_format"}))
     except BaseException:
         for g in gens:
             await g.aclose()
