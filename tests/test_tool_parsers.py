@@ -273,3 +273,12 @@ def test_tools_rendered_through_the_template(default_tokenizer):
     text = base.decode(ids, skip_special_tokens=False)
     assert "You can call these tools" in text and type(setup.parser) is GenericParser
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text
+
+
+def test_mistral_templates_get_short_call_ids():
+    msgs = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0123456789abcdef", "type": "function", "function": {"name": "add", "arguments": {}}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "call_0123456789abcdef"}]
+    out, _ = tool_messages(msgs, [], "{% for t in tools %}[TOOL_CALLS]{% endfor %}")
+    assert out[0]["tool_calls"][0]["id"] == out[1]["tool_call_id"] == "789abcdef"
+    assert msgs[0]["tool_calls"][0]["id"] == "call_0123456789abcdef"  # the request's own messages untouched

@@ -150,9 +150,8 @@ def parse_tool_choice(choice: object, tools: list[Tool], param: str = "tool_choi
         return ToolChoice("auto" if tools else "none")
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise InvalidRequestError(f"{param} must be 'none', 'auto', 'required' or "
-                                      f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {_kind(choice)}",
-                                      param=param)
+            raise InvalidRequestError(f"{param} must be 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                                      f"\"function\": {{\"name\": ...}}}}, got {_kind(choice)}", param=param)
         mode = choice
     elif isinstance(choice, dict):
         fn = choice.get("function")
@@ -430,6 +429,8 @@ def tool_messages(messages: list[dict], tools: list[Tool], template: str | None)
     `tools=` and assistant tool_calls with arguments as objects (what HF templates read); one that ignores tools
     gets them described in the system message and earlier calls written into the assistant's content."""
     if template_takes_tools(template):
+        if "[TOOL_CALLS]" in (template or ""):
+            messages = _mistral_ids(messages)
         return messages, ({"tools": [t.spec for t in tools]} if tools else {})
     out = []
     for m in messages:
@@ -449,6 +450,22 @@ def tool_messages(messages: list[dict], tools: list[Tool], template: str | None)
         else:
             out.insert(0, {"role": "system", "content": text})
     return out, {}
+
+
+def _mistral_ids(messages: list[dict]) -> list[dict]:
+    """Mistral templates accept only 9-character alphanumeric call ids: ours (call_...) and other servers' become
+    their last 9 letters and digits, in the calls and the tool results alike (as vLLM does)."""
+    def short(i: object) -> object:
+        return (re.sub(r"[^A-Za-z0-9]", "", i)[-9:]).rjust(9, "0") if isinstance(i, str) else i
+
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": short(c.get("id"))} for c in m["tool_calls"]]}
+        if m.get("tool_call_id") is not None:
+            m = {**m, "tool_call_id": short(m["tool_call_id"])}
+        out.append(m)
+    return out
 
 
 class _BoundTemplate:
