@@ -123,6 +123,16 @@ def engine_for(tiny):
     return make
 
 
+@pytest.fixture(scope="session")
+def default_llm():
+    """The embedded default model (float32, CPU), loaded once per session."""
+    from hearthlm import LLM
+
+    llm = LLM(dtype="float32", device="cpu", max_model_len=1024)
+    _engines[("default",)] = llm  # leak check after every test
+    return llm
+
+
 def prompts_of(n: int, lengths, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 49152, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]

@@ -5,19 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from hearthlm import LLM, SamplingParams
+from hearthlm import SamplingParams
 from hearthlm.errors import ModelLoadError
 
 from .conftest import needs_default_model
-
-
-@pytest.fixture(scope="session")
-def default_llm():
-    from .conftest import _engines
-
-    llm = LLM(dtype="float32", device="cpu", max_model_len=1024)
-    _engines[("default",)] = llm  # leak check after every test
-    return llm
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,8 @@ class AsyncEngine:
                      keep_prefix: int = 0, truncated: int = 0) -> RequestStream:
         """Add a request on the engine thread; typed errors from add_request are raised here."""
         self._check_capacity()
+        if params.structured is not None and self.engine is not None:  # compiling may take a while: off the engine
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured)  # thread (cached after)
         loop = asyncio.get_running_loop()
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         stream = _Stream(loop, asyncio.Queue())

@@ -14,6 +14,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import CapacityError, ContextLengthError, HearthError, InvalidRequestError
 from ..loader import LoadedModel, load_model
+from ..runtime.grammar import Grammars
 from ..runtime.runner import Batch, ModelRunner, StepHandle
 from ..runtime.sampler import SampleRequest, needs_host_sampling
 from ..sampling import SamplingParams
@@ -132,6 +133,7 @@ class LLMEngine:
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        self.grammars = Grammars(self.tokenizer, self.loaded.config.vocab_size)  # structured outputs (lazy)
         sched = config.scheduler
         if sched.max_model_len > cfg.max_position_embeddings:
             log.info("max_model_len %d exceeds the model's trained context %d; using %d", sched.max_model_len,
@@ -323,10 +325,14 @@ class LLMEngine:
                 f"{self.kv_capacity_tokens:,}: lower max_tokens or the prompt, or give the cache more memory "
                 "(--kv-cache-memory / --gpu-memory-utilization)", param="max_tokens")
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        if params.structured is not None:  # compiled (or a 400) before anything is queued
+            self.grammars.compile(params.structured)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_ids), params, seed=hash((base_seed, i)),
                            parent=seqs[0] if seqs else None)
+            if params.structured is not None:
+                seq.grammar = self.grammars.state(params.structured, self._stop_ids(params))
             seqs.append(seq)
             self.scheduler.add(seq)
         if needs_host_sampling(params):
@@ -335,6 +341,10 @@ class LLMEngine:
                                                  params, seqs, [TextState() for _ in seqs],
                                                  truncated_tokens=truncated + dropped)
         return request_id
+
+    def _stop_ids(self, p: SamplingParams) -> list[int]:
+        """The tokens that end a sequence: eos (unless ignore_eos) and stop_token_ids."""
+        return ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks."""
@@ -406,9 +416,9 @@ class LLMEngine:
                 p = seq.params
                 key = id(p)
                 if key not in stop_ids_cache:
-                    stop_ids_cache[key] = ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
+                    stop_ids_cache[key] = self._stop_ids(p)
                 batch.sample.append(SampleRequest(p, seq.prompt_ids, seq.output_ids, seq.seed, stop_ids_cache[key],
-                                                  seq.pending.count))
+                                                  seq.pending.count, grammar=seq.grammar))
             else:
                 batch.sample.append(None)
         t0 = time.perf_counter()
@@ -439,6 +449,12 @@ class LLMEngine:
                     touched.pop(seq.request_id, None)
                     continue
                 seq.output_ids.append(token)
+                if seq.grammar is not None and not seq.grammar.accept(token):
+                    outputs.append(self._fail(self.requests[seq.request_id], InvalidRequestError(
+                        f"structured output: the grammar does not accept token {token} (an unsatisfiable grammar)",
+                        param="structured"), "structured output"))
+                    touched.pop(seq.request_id, None)
+                    continue
             self.kv.commit(seq)
             if req is None:
                 continue
@@ -503,6 +519,8 @@ class LLMEngine:
             seq.result.finish_reason, seq.result.stop_reason = "stop", token
         elif hit is not None:
             seq.result.finish_reason, seq.result.stop_reason = "stop", hit
+        elif seq.grammar is not None and seq.grammar.terminated:  # its stop token, taken although ignore_eos
+            seq.result.finish_reason, seq.result.stop_reason = "stop", token
         elif len(seq.output_ids) >= p.max_tokens or seq.num_known_tokens >= self.max_model_len:
             seq.result.finish_reason = "length"
         if seq.result.finish_reason is not None:

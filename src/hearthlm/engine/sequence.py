@@ -64,6 +64,7 @@ class Sequence:
     kv: SeqKV = field(default_factory=SeqKV)
     pending: SeqPending = field(default_factory=SeqPending)
     result: SeqResult = field(default_factory=SeqResult)
+    grammar: object = None  # structured output: a runtime.grammar.GrammarState, advanced by the engine
 
     @property
     def num_tokens(self) -> int:

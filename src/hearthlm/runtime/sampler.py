@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import SamplingParams
+from .grammar import GrammarState, apply_bitmask, grammar_bitmask
 
 
 @dataclass
@@ -29,6 +30,7 @@ class SampleRequest:
     stop_ids: list[int]  # eos + stop_token_ids, masked while len(output) < min_tokens
     num_pending: int = 0  # output tokens sampled by a step still in flight (their ids not read yet)
     error: Exception | None = None  # set when sampling this row raised: the engine fails this request alone
+    grammar: GrammarState | None = None  # structured output: the tokens allowed next (runtime/grammar.py)
 
     @property
     def step(self) -> int:
@@ -186,8 +188,10 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def needs_host_sampling(params: SamplingParams) -> bool:
-    """Penalties, min_tokens and logprobs read the sequence's token history on the host."""
-    return params.logprobs is not None or params.needs_penalties or bool(params.min_tokens)
+    """Penalties, min_tokens and logprobs read the sequence's token history on the host; a grammar's mask needs
+    every earlier token accepted by its matcher."""
+    return params.logprobs is not None or params.needs_penalties or bool(params.min_tokens) \
+        or params.structured is not None
 
 
 def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest], greedy: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,16 +262,23 @@ def race(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> SampleResult:
     """logits: [R, V] fp32 raw model logits, one row per request. A row whose penalties or logprobs raise records
-    the error in its SampleRequest.error; the other rows are unaffected."""
+    the error in its SampleRequest.error; the other rows are unaffected. Grammar masks apply after penalties and
+    logit_bias; logprobs stay the model's."""
+    states = [r.grammar for r in reqs]
+    bitmask = grammar_bitmask(states, logits.shape[1])  # host work first: on CUDA the step may still be running
     want_lp = [r.params.logprobs for r in reqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None
-    if any(r.params.needs_penalties or r.params.min_tokens for r in reqs):
+    penalized = any(r.params.needs_penalties or r.params.min_tokens for r in reqs)
+    if penalized or bitmask is not None:
         logits = logits.clone()
+    if penalized:
         for row, r in enumerate(reqs):
             try:
                 apply_penalties(logits[row:row + 1], [r])  # a view: penalizes logits in place
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 r.error = r.error or e
+    if bitmask is not None:
+        apply_bitmask(logits, bitmask, states)
     tokens = sample_tokens(logits, reqs)
     token_list = tokens.tolist()
     logprobs: list[dict[int, float] | None] = []

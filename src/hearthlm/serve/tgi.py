@@ -12,7 +12,7 @@ from .. import __version__
 from ..engine.engine import LLMEngine
 from ..engine.sequence import CompletionOutput
 from ..errors import HearthError, InvalidRequestError
-from ..sampling import SamplingParams, renamed
+from ..sampling import SamplingParams, StructuredOutput, renamed
 from .common import Generation, parse, server, start
 from .errors import error_body
 from .sse import sse, stream_response
@@ -21,7 +21,8 @@ router = APIRouter()
 # SamplingParams field -> how a TGI request names it
 TGI_NAMES = {f: f"parameters.{f}" for f in ("temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty",
                                             "frequency_penalty")}
-TGI_NAMES.update(max_tokens="parameters.max_new_tokens", logprobs="parameters.top_n_tokens")
+TGI_NAMES.update(max_tokens="parameters.max_new_tokens", logprobs="parameters.top_n_tokens",
+                 structured="parameters.grammar")
 
 
 class Parameters(BaseModel):
@@ -41,11 +42,12 @@ class Parameters(BaseModel):
     top_n_tokens: int | None = None
     best_of: int | None = None
 
+    grammar: Any = None  # {"type": "json", "value": schema} | {"type": "regex", "value": "..."}
+
     # TGI parameters that change the answer and are not implemented: refused unless at their off value
     typical_p: float | None = None
     watermark: bool | None = False
     decoder_input_details: bool | None = False
-    grammar: Any = None
     adapter_id: str | None = None
 
     def refuse_unimplemented(self) -> None:
@@ -55,8 +57,7 @@ class Parameters(BaseModel):
                 continue
             raise InvalidRequestError(f"unknown parameter parameters.{name}", param=f"parameters.{name}")
         asked = {"typical_p": self.typical_p not in (None, 1, 1.0), "watermark": bool(self.watermark),
-                 "decoder_input_details": bool(self.decoder_input_details), "grammar": self.grammar is not None,
-                 "adapter_id": bool(self.adapter_id)}
+                 "decoder_input_details": bool(self.decoder_input_details), "adapter_id": bool(self.adapter_id)}
         for name, on in asked.items():
             if on:
                 raise InvalidRequestError(f"parameters.{name} is not supported by this server yet: drop it from the "
@@ -80,7 +81,27 @@ class Parameters(BaseModel):
             temperature=(1.0 if self.temperature is None else self.temperature) if sample else 0.0,
             top_k=self.top_k or -1, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=self.stop,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            max_tokens=self.max_new_tokens, logprobs=self.top_n_tokens or 0)
+            max_tokens=self.max_new_tokens, logprobs=self.top_n_tokens or 0, structured=self.structured())
+
+    def structured(self) -> StructuredOutput | None:
+        """TGI's grammar: {"type": "json" | "json_object", "value": a JSON schema (object or text)} or
+        {"type": "regex", "value": "..."}."""
+        g = self.grammar
+        if g is None:
+            return None
+        if not isinstance(g, dict) or set(g) - {"type", "value"} or "type" not in g or "value" not in g:
+            raise InvalidRequestError('parameters.grammar must be {"type": "json" or "regex", "value": ...}',
+                                      param="parameters.grammar")
+        kind, value = g["type"], g["value"]
+        if kind in ("json", "json_object"):
+            return StructuredOutput(json=value if value not in ({}, None) else True)
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise InvalidRequestError("parameters.grammar.value must be a regular expression string for type "
+                                          "regex", param="parameters.grammar")
+            return StructuredOutput(regex=value)
+        raise InvalidRequestError(f"parameters.grammar.type must be 'json' or 'regex', got {kind!r}",
+                                  param="parameters.grammar")
 
 
 class Body(BaseModel):
