@@ -10,6 +10,19 @@ from .sampling import SamplingParams
 from .engine.sequence import RequestOutput
 
 
+def encoder_engine(config: EngineConfig):
+    """An EncoderEngine when config.model is a BERT-family directory (embeddings only), else None."""
+    from .embed import EncoderEmbedder, EncoderEngine, is_encoder_dir
+    from .loader import resolve_model_path
+
+    path = resolve_model_path(config.model)
+    if not is_encoder_dir(path):
+        return None
+    from .engine.engine import pick_device
+
+    return EncoderEngine(EncoderEmbedder(path, pick_device(config.device), config.dtype), config)
+
+
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
@@ -37,13 +50,33 @@ class LLM:
                             enable_prefix_caching=enable_prefix_caching, cuda_graphs=cuda_graphs,
                             cache_dtype=kv_cache_dtype, memory_fraction=gpu_memory_utilization,
                             cpu_compile=cpu_compile)
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache,
-                                             scheduler=sched, quantization=quantization, gpu_layers=gpu_layers,
-                                             batch_invariant=batch_invariant, threads=threads,
-                                             cpu_kernel=cpu_kernel, weights=weights, kernels=kernels, gemv=gemv,
-                                             cpu_dense_memory=cpu_dense_memory),
-                                loaded=loaded)
+        config = EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache, scheduler=sched,
+                              quantization=quantization, gpu_layers=gpu_layers, batch_invariant=batch_invariant,
+                              threads=threads, cpu_kernel=cpu_kernel, weights=weights, kernels=kernels, gemv=gemv,
+                              cpu_dense_memory=cpu_dense_memory)
+        encoder = loaded is None and encoder_engine(config)  # a BERT-family model: it only embeds
+        self.engine = encoder or LLMEngine(config, loaded=loaded)
         self.tokenizer = self.engine.tokenizer
+
+    def embed(self, texts: str | list[str] | list[int] | list[list[int]], truncate: bool | int = False,
+              dimensions: int | None = None, batch_size: int = 64) -> list[list[float]]:
+        """One vector per text (or token-id list), pooled and normalized as the model's sentence-transformers
+        config says (embed.py). truncate: False (a too-long input raises), True (cut to the model's limit) or a
+        token count. dimensions: a shorter Matryoshka size, where the model has one."""
+        from .embed import batches, embedder_of
+
+        items = [texts] if isinstance(texts, str) or (texts and isinstance(texts[0], int)) else list(texts)
+        if not items:
+            raise InvalidRequestError("embed() needs at least one text", param="input")
+        emb = embedder_of(self.engine)
+        dims = emb.check_dimensions(dimensions)
+        rows = emb.tokenize(items, truncate).rows
+        out: list[list[float]] = [[] for _ in rows]
+        for group in batches(rows, batch_size, 16384, emb.padded):
+            vecs = emb.cut(emb.embed_ids([rows[i] for i in group]), dims)
+            for i, v in zip(group, vecs.tolist()):
+                out[i] = v
+        return out
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
         """One SamplingParams per prompt; a shared object is safe: the engine resolves each request in a copy."""

@@ -253,9 +253,12 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
         quant = str(dt).replace("torch.", "") if quantization == "none" else quantization
         place = _placement(cfg, device, gpu_layers, "lm_head.weight" in st.where, quantization)
         quantize = weight_quantizer(quantization, device)
+        # a bare decoder (sentence-transformers embedding models such as Qwen3-Embedding, saved from Qwen3Model):
+        # its names lack the `model.` prefix
+        bare = "model.embed_tokens.weight" not in st.where and "embed_tokens.weight" in st.where
 
         def get_st(n: str):
-            t = convert(st.get(n), place.weight_device(n))
+            t = convert(st.get(n.removeprefix("model.") if bare else n), place.weight_device(n))
             return t if quantize is None or t is None else quantize(n, t)
 
         with _LoadBar(len(st.where), path.name, progress) as ticks:

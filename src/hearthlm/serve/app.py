@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import HearthError, InvalidRequestError, ModelNotFoundError
 from ..sampling import SamplingParams
-from . import ollama, openai, tgi
+from . import embeddings, ollama, openai, tgi
 from .common import Server, parse, server
 from .errors import dialect_of, error_response, validation_message
 from .metrics import Metrics
@@ -81,6 +81,7 @@ def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | Non
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(tgi.router)
+    app.include_router(embeddings.router)  # /v1/embeddings, /api/embed, /api/embeddings
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> PlainTextResponse:
@@ -106,7 +107,7 @@ def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | Non
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("send exactly one of prompt (text or token ids) or messages")
         srv: Server = server(request)
-        m, _ = await srv.manager.acquire(body.model)
+        m, _ = await srv.manager.acquire(body.model, purpose="any")  # embedding models count tokens too
         try:
             eng = m.engine
 

@@ -136,6 +136,14 @@ class Loaded:
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
     expires_at: float | None = None  # monotonic deadline while idle; None = busy or forever
+    embed_batcher: object | None = None  # serve/embeddings.py's batcher, made on the first embeddings request
+
+    @property
+    def embed_only(self) -> bool:
+        """A BERT-family encoder (embed.EncoderEngine): it serves embeddings and nothing else."""
+        from ..embed import EncoderEngine
+
+        return isinstance(self.aengine.engine, EncoderEngine)
 
     @property
     def engine(self) -> LLMEngine:
@@ -147,6 +155,8 @@ class Loaded:
         the engine's start-up log line and of `hearth plan` for the same settings (plan.preflight.engine_memory)."""
         from ..plan.preflight import engine_memory
 
+        if self.embed_only:
+            return self.engine.embedder.weights_bytes
         return engine_memory(self.engine).total_bytes
 
     def expires_wall(self) -> float | None:
@@ -209,9 +219,10 @@ class ModelManager:
 
     # ---- lifecycle ----
     async def acquire(self, name: str | None, keep_alive: float | None | str = "default",
-                      _preload: bool = False) -> tuple[Loaded, float]:
+                      _preload: bool = False, purpose: str = "generate") -> tuple[Loaded, float]:
         """The loaded model for name (loading it, possibly swapping out an idle one); returns (model, load_s).
-        503 while the start-up preload runs or the server drains."""
+        503 while the start-up preload runs or the server drains. purpose: "generate" refuses (400) a model that
+        only embeds; "embed" and "any" take every model."""
         if not _preload:
             self.check_available()
         display, path = self.resolve(name)
@@ -230,6 +241,9 @@ class ModelManager:
             m.expires_at = None
             if keep_alive != "default":
                 m.keep_alive_s = keep_alive  # type: ignore[assignment]
+            if purpose == "generate" and m.embed_only:
+                self.release(m)  # its idle timer runs as after any request
+                raise m.engine.only_embeds()
             return m, load_s
 
     def release(self, m: Loaded) -> None:
@@ -270,6 +284,17 @@ class ModelManager:
                               cpu_kernel=c.cpu_kernel, weights=c.weights, kernels=c.kernels, gemv=c.gemv,
                               cpu_dense_memory=c.cpu_dense_memory)
         start = time.perf_counter()
+        from ..embed import is_encoder_dir
+
+        if await asyncio.to_thread(is_encoder_dir, path):  # a BERT-family encoder: embeddings only, no KV cache
+            from ..embed import AsyncEncoder
+            from ..llm import encoder_engine
+
+            aencoder = AsyncEncoder(await asyncio.to_thread(encoder_engine, config))
+            seconds = time.perf_counter() - start
+            log.info("loaded %s from %s in %.2fs (an embedding model, max %d tokens per input)", name, path, seconds,
+                     aencoder.engine.max_model_len)
+            return Loaded(name, path, aencoder, seconds, c.keep_alive_s)  # type: ignore[arg-type]
         # built on the engine's own thread (AsyncEngine.build: one OpenMP team for loading and stepping)
         aengine = await asyncio.to_thread(AsyncEngine.build, lambda: LLMEngine(config), c.max_queue,
                                           c.stats_interval_s)
@@ -317,7 +342,7 @@ class ModelManager:
 
     async def _preload_default(self) -> None:
         try:
-            m, _ = await self.acquire(None, _preload=True)
+            m, _ = await self.acquire(None, _preload=True, purpose="any")
             self.release(m)
         except Exception as e:  # noqa: BLE001 - reported through on_fatal: the server cannot serve its model
             log.error("cannot load %s: %s", self.cfg.model_name, e)
