@@ -88,7 +88,7 @@ def test_decoder_embedding_model(tmp_path, default_tokenizer):
     transformers with the same pooling by hand."""
     import transformers
 
-    from hearthlm import LLM
+    from hearthlm import LLM, SamplingParams
 
     cfg = transformers.Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -115,8 +115,43 @@ def test_decoder_embedding_model(tmp_path, default_tokenizer):
         llm.embed("x", dimensions=20)
     assert e.value.param == "dimensions"
     assert llm.engine.kv.all_free()
-    out = llm.generate("hello", __import__("hearthlm").SamplingParams(max_tokens=2, temperature=0))
-    assert len(out[0].outputs[0].token_ids) == 2  # still a decoder: it generates too
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = llm.generate("hello", params)[0].outputs[0].token_ids  # still a decoder: it generates too
+    _served_beside_generation(llm, texts, got, alone, params)
+
+
+def _served_beside_generation(llm, texts, want, tokens, params):
+    """As the server runs it: embeddings on the engine thread (AsyncEngine.run) between the steps of a running
+    generation, through the batcher; both give what they give alone."""
+    from hearthlm.embed import embedder_of
+    from hearthlm.engine.async_engine import AsyncEngine
+    from hearthlm.serve.embeddings import EmbedBatcher
+
+    aengine = AsyncEngine(llm.engine)
+    emb = embedder_of(llm.engine)
+
+    class Model:
+        pass
+
+    Model.aengine = aengine
+
+    async def main():
+        stream = await aengine.submit(llm.tokenizer.encode("hello"), params)
+        b = EmbedBatcher(Model(), emb)
+        rows = emb.tokenize(texts).rows
+        vecs = await asyncio.gather(*(b.embed([r]) for r in rows))
+        last = None
+        async for out in stream:
+            last = out
+        return torch.cat(vecs), last.outputs[0].token_ids
+
+    try:
+        vecs, got_tokens = asyncio.run(main())
+    finally:
+        aengine.shutdown()
+    torch.testing.assert_close(vecs, want, rtol=1e-4, atol=1e-5)
+    assert got_tokens == tokens
+    assert llm.engine.kv.all_free()
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"])

@@ -39,7 +39,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: Any = None  # a string, a list of strings, token ids, or a list of token-id lists (checked below)
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None  # None: float
     dimensions: StrictInt | None = None
     user: str | None = None  # accepted, as OpenAI: it changes nothing
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's extension: N or -1 (the model's limit)
@@ -49,7 +49,7 @@ class OllamaEmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     input: Any = None  # a string or a list of strings
-    truncate: bool = True
+    truncate: bool | None = None  # None: true, as Ollama
     dimensions: StrictInt | None = None
     options: dict[str, Any] | None = None
     keep_alive: float | str | None = None
@@ -249,7 +249,8 @@ async def ollama_embed(request: Request) -> JSONResponse:
     items = ollama_inputs(body.input)
     limit = ollama_limit(body.options)
     keep = "default" if body.keep_alive is None else parse_keep_alive(body.keep_alive)
-    m, vectors, inputs, load_s = await run_embed(request, body.model, items, "ollama", body.truncate,
+    truncate = body.truncate is not False
+    m, vectors, inputs, load_s = await run_embed(request, body.model, items, "ollama", truncate,
                                                  body.dimensions, keep, limit)
     _log(f"embd-{uuid.uuid4().hex[:16]}", "ollama", "/api/embed", m, inputs, arrival)
     return JSONResponse({"model": body.model or m.name, "embeddings": vectors.tolist() if items else [],
