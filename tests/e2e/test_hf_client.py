@@ -2,6 +2,8 @@
 and --served-model-name seen through the OpenAI, Ollama and TGI routes of a real server."""
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
@@ -34,6 +36,24 @@ def test_text_generation_from_a_bare_url(server):
     text = client.text_generation("The capital of France is", max_new_tokens=6)
     assert text.startswith(" Paris")
     assert "".join(client.text_generation("The capital of France is", max_new_tokens=6, stream=True)) == text
+
+
+def test_text_generation_with_a_grammar(server):
+    """TGI's grammar through InferenceClient: json (a schema) and regex, streamed and not, at temperature 1."""
+    import json
+
+    client = InferenceClient(server.url)
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}, "people": {"type": "integer",
+              "minimum": 0, "maximum": 99}}, "required": ["city", "people"], "additionalProperties": False}
+    for seed in range(3):
+        text = client.text_generation("The capital of France as JSON:", max_new_tokens=40, do_sample=True,
+                                      seed=seed, grammar={"type": "json", "value": schema})
+        value = json.loads(text)
+        assert value["city"] in ("Paris", "Lyon") and 0 <= value["people"] <= 99, text
+    kw = dict(max_new_tokens=12, do_sample=True, seed=1, grammar={"type": "regex", "value": "[A-Z][a-z]{2,8}!"})
+    text = client.text_generation("The capital of France is", **kw)
+    assert re.fullmatch("[A-Z][a-z]{2,8}!", text), text
+    assert "".join(client.text_generation("The capital of France is", stream=True, **kw)) == text
 
 
 @pytest.fixture(scope="module")
