@@ -148,14 +148,14 @@ def test_ollama_format_and_tools(server):
     r = client.chat(model="smollm2", messages=[{"role": "user", "content": "Fine?"}], format=schema, options=opts)
     assert isinstance(json.loads(r.message.content)["ok"], bool) and r.done_reason == "stop"
     # a call-shaped output (forced here through format) comes back as message.tool_calls, arguments an object
-    call_schema = {"type": "object", "properties": {"name": {"enum": ["get_weather"]},
-                                                    "arguments": WEATHER["function"]["parameters"]},
+    call_schema = {"type": "object", "properties": {"name": {"enum": ["set_light"]},
+                                                    "arguments": LIGHT["function"]["parameters"]},
                    "required": ["name", "arguments"], "additionalProperties": False}
     parts = list(client.chat(model="smollm2", messages=ASK, tools=TOOLS, format=call_schema, options=opts,
                              stream=True))
     calls = [c for p in parts for c in p.message.tool_calls or []]
-    assert len(calls) == 1 and calls[0].function.name == "get_weather", parts
-    assert valid_args("get_weather", dict(calls[0].function.arguments))
+    assert len(calls) == 1 and calls[0].function.name == "set_light", parts
+    assert valid_args("set_light", dict(calls[0].function.arguments))
     assert parts[-1].done and parts[-1].done_reason == "stop"
     history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]},
