@@ -282,3 +282,10 @@ def test_mistral_templates_get_short_call_ids():
     out, _ = tool_messages(msgs, [], "{% for t in tools %}[TOOL_CALLS]{% endfor %}")
     assert out[0]["tool_calls"][0]["id"] == out[1]["tool_call_id"] == "789abcdef"
     assert msgs[0]["tool_calls"][0]["id"] == "call_0123456789abcdef"  # the request's own messages untouched
+
+
+def test_stream_code_fences():
+    s = ToolStream(GenericParser(NAMES))
+    assert s.feed("`") == "" and s.feed("x` is a name") == "`x` is a name"
+    s = ToolStream(GenericParser(NAMES))
+    assert s.feed("``") == "" and s.feed("`json\n" + W + "\n```") == "" and s.finish()[1][0].name == "get_weather"

@@ -643,8 +643,10 @@ class ToolStream:
             head = self.pending.lstrip()
             if not head:
                 return ""
-            if head[0] in "{[" or head.startswith("`"):
+            if head[0] in "{[" or head.startswith("```"):  # a JSON call, maybe in a code fence
                 self.holding = True
+                return ""
+            if "```".startswith(head):
                 return ""
         cut = min((i for i in (self.pending.find(m) for m in p.markers) if i >= 0), default=-1)
         if cut >= 0:
