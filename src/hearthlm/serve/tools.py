@@ -9,7 +9,8 @@
 - `tool_choice` "required" / a named function is enforced by the grammar engine: the output is a JSON array of
   {"name", "parameters"} objects (anyOf over the tools), or the named function's arguments object.
 - Streaming: `ToolStream` emits content as it comes but holds back text that may start a call until it is known
-  not to be one; calls are emitted whole (arguments in one chunk) once the output is complete."""
+  not to be one. A forced call streams as it is written (its name, then its arguments in chunks); calls parsed
+  from free text are emitted whole once the output is complete (a later malformed block makes it all content)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,6 @@ from ..errors import InvalidRequestError
 from ..sampling import StructuredOutput
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's function-name rule (dots too, as vLLM allows)
-_ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def _kind(v: object) -> str:
