@@ -165,7 +165,8 @@ def test_pool_modes_match_padded_reference(mode):
     got = pool(padded[mask], lens, (mode,))
     m = mask[..., None].float()
     n = m.sum(1)
-    want = {"cls": padded[:, 0], "mean": (padded * m).sum(1) / n, "mean_sqrt_len_tokens": (padded * m).sum(1) / n.sqrt(),
+    want = {"cls": padded[:, 0], "mean": (padded * m).sum(1) / n,
+            "mean_sqrt_len_tokens": (padded * m).sum(1) / n.sqrt(),
             "max": padded.masked_fill(~mask[..., None], float("-inf")).max(1).values,
             "weightedmean": (padded * m * torch.arange(1, 6)[None, :, None]).sum(1)
             / (m * torch.arange(1, 6)[None, :, None]).sum(1),
