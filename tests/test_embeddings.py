@@ -219,3 +219,18 @@ def test_batcher_gathers_concurrent_requests():
     out = asyncio.run(main())
     assert calls == [4]
     assert [o[:, 0].tolist() for o in out] == [[2.0], [1.0, 3.0], [4.0]]
+
+
+def test_gguf_pooling_type():
+    from hearthlm.embed import spec_from_gguf
+
+    assert spec_from_gguf({"general.architecture": "llama"}) is None  # a chat model
+    assert spec_from_gguf({"general.architecture": "qwen3", "qwen3.pooling_type": 0}) is None
+    spec = spec_from_gguf({"general.architecture": "qwen3", "qwen3.pooling_type": 3})
+    assert spec.modes == ("lasttoken",) and spec.normalize
+
+
+def test_generative_model_refuses_embeddings(default_llm):
+    with pytest.raises(InvalidRequestError) as e:
+        default_llm.embed("hello")
+    assert e.value.param == "model" and "not an embedding model" in str(e.value)

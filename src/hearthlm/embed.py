@@ -12,8 +12,9 @@ Rules:
   tokens and the special tokens around them, as sentence-transformers truncates.
 - `dimensions` (Matryoshka) only where config.json says so (vLLM's `is_matryoshka` / `matryoshka_dimensions`), or
   equal to the full size; the cut vector is re-normalized when the model normalizes.
-- A decoder is an embedding model only when its directory has a sentence-transformers Pooling module: the
-  caller gets an error naming `model` otherwise (a chat model's last token is no sentence embedding).
+- A decoder is an embedding model only when it names its pooling (a sentence-transformers Pooling module, or a
+  GGUF `<arch>.pooling_type`, normalized as llama.cpp does): the caller gets an error naming `model` otherwise (a
+  chat model's last token is no sentence embedding).
 """
 from __future__ import annotations
 
@@ -90,6 +91,33 @@ class PoolingSpec:
         spec.matryoshka = bool(hf.get("is_matryoshka") or dims)
         spec.matryoshka_dimensions = tuple(int(d) for d in dims or ())
         return spec
+
+
+# llama.cpp's enum llama_pooling_type (GGUF `<arch>.pooling_type`): 0 none, 1 mean, 2 cls, 3 last, 4 rank
+GGUF_POOLING = {1: "mean", 2: "cls", 3: "lasttoken"}
+_GGUF_VOCAB = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                         "tokenizer.ggml.merges"})
+
+
+def spec_from_gguf(md: dict[str, Any]) -> PoolingSpec | None:
+    """The pooling of a GGUF embedding model (llama.cpp's `<arch>.pooling_type`), L2-normalized as llama.cpp's and
+    Ollama's embeddings are; None for a generative model (no pooling type, or none)."""
+    kind = md.get(f"{md.get('general.architecture')}.pooling_type")
+    if kind is None or int(kind) == 0:  # type: ignore[arg-type]
+        return None
+    if int(kind) not in GGUF_POOLING:  # type: ignore[arg-type]
+        raise UnsupportedModelError(f"GGUF pooling_type {kind} is not supported (1 mean, 2 cls, 3 last)")
+    return PoolingSpec(modes=(GGUF_POOLING[int(kind)],), normalize=True)  # type: ignore[arg-type]
+
+
+def pooling_spec(path: str | Path) -> PoolingSpec | None:
+    """The pooling a model names: a sentence-transformers directory, or a GGUF file's pooling_type; None: none."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .loader.gguf_header import GGUFFile
+
+        return spec_from_gguf(GGUFFile(path, skip_arrays=_GGUF_VOCAB).metadata)
+    return PoolingSpec.from_dir(path)
 
 
 def _pooling_modes(cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -328,13 +356,13 @@ class DecoderEmbedder(Embedder):
     @classmethod
     def for_engine(cls, engine, name: str) -> DecoderEmbedder:
         """The embedder of an engine's model, or an error naming `model` when it is a generative model."""
-        spec = PoolingSpec.from_dir(engine.loaded.path)
+        spec = pooling_spec(engine.loaded.path)
         if spec is None:
             raise InvalidRequestError(
-                f"model {name!r} is a text-generation model, not an embedding model: its directory has no "
-                "sentence-transformers pooling config (modules.json with a Pooling module), so its hidden states are "
-                "not trained as embeddings; serve an embedding model (Qwen3-Embedding, all-MiniLM-L6-v2, ...)",
-                param="model")
+                f"model {name!r} is a text-generation model, not an embedding model: it names no pooling (a "
+                "sentence-transformers modules.json with a Pooling module, or a GGUF pooling_type), so its hidden "
+                "states are not trained as embeddings; serve an embedding model (Qwen3-Embedding, "
+                "all-MiniLM-L6-v2, ...)", param="model")
         return cls(engine, spec)
 
     @torch.inference_mode()
