@@ -234,3 +234,15 @@ def test_generative_model_refuses_embeddings(default_llm):
     with pytest.raises(InvalidRequestError) as e:
         default_llm.embed("hello")
     assert e.value.param == "model" and "not an embedding model" in str(e.value)
+
+
+def test_matryoshka_by_config_or_known_name(tmp_path):
+    from hearthlm.embed import PoolingSpec
+
+    for name, hf, want in [("plain", {}, False), ("m", {"is_matryoshka": True}, True),
+                           ("Qwen3-Embedding-0.6B", {}, True)]:
+        d = tmp_path / name
+        d.mkdir()
+        _write_st_config(d, "lasttoken", normalize=True)
+        (d / "config.json").write_text(json.dumps(hf))
+        assert PoolingSpec.from_dir(d).matryoshka is want, name

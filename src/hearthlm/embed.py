@@ -36,6 +36,10 @@ _LEGACY_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "ma
                  "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 _ST = "sentence_transformers.models."
+# models trained for shorter vectors (their cards say so) whose configs do not: matched in the directory name or
+# config.json's _name_or_path, lower-case (vLLM asks for hf_overrides={"is_matryoshka": true} instead)
+MATRYOSHKA_NAMES = ("qwen3-embedding", "mxbai-embed-large-v1", "snowflake-arctic-embed-m-v1.5",
+                    "snowflake-arctic-embed-l-v2.0")
 
 
 def _read_json(path: Path) -> Any:
@@ -88,7 +92,8 @@ class PoolingSpec:
             spec.prompt = str((cst.get("prompts") or {}).get(name, ""))
         hf = _read_json(path / "config.json") or {}
         dims = hf.get("matryoshka_dimensions")
-        spec.matryoshka = bool(hf.get("is_matryoshka") or dims)
+        name = f"{hf.get('_name_or_path') or ''} {path.name}".lower()
+        spec.matryoshka = bool(hf.get("is_matryoshka") or dims or any(k in name for k in MATRYOSHKA_NAMES))
         spec.matryoshka_dimensions = tuple(int(d) for d in dims or ())
         return spec
 
