@@ -12,7 +12,8 @@ from .engine.sequence import RequestOutput
 
 def encoder_engine(config: EngineConfig):
     """An EncoderEngine when config.model is a BERT-family directory (embeddings only), else None."""
-    from .embed import EncoderEmbedder, EncoderEngine, is_encoder_dir
+    from .embed import EncoderEmbedder, is_encoder_dir
+    from .embed_engine import EncoderEngine
     from .loader import resolve_model_path
 
     path = resolve_model_path(config.model)

@@ -140,8 +140,8 @@ class Loaded:
 
     @property
     def embed_only(self) -> bool:
-        """A BERT-family encoder (embed.EncoderEngine): it serves embeddings and nothing else."""
-        from ..embed import EncoderEngine
+        """A BERT-family encoder (embed_engine.EncoderEngine): it serves embeddings and nothing else."""
+        from ..embed_engine import EncoderEngine
 
         return isinstance(self.aengine.engine, EncoderEngine)
 
@@ -287,7 +287,7 @@ class ModelManager:
         from ..embed import is_encoder_dir
 
         if await asyncio.to_thread(is_encoder_dir, path):  # a BERT-family encoder: embeddings only, no KV cache
-            from ..embed import AsyncEncoder
+            from ..embed_engine import AsyncEncoder
             from ..llm import encoder_engine
 
             aencoder = AsyncEncoder(await asyncio.to_thread(encoder_engine, config))
