@@ -1,6 +1,7 @@
 """ModelConfig from an HF `config.json` dict or from GGUF metadata, without touching weights."""
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..config import ModelConfig
@@ -13,8 +14,10 @@ HF_FAMILIES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+               "gemma3_text": "gemma3"}
 
 
 def _eos_list(value: Any) -> list[int]:
@@ -59,7 +62,7 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
         rope_scaling=_rope_scaling(d),
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", family == "gemma2")),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", family in ("gemma2", "gemma3"))),
         attention_bias=bool(d.get("attention_bias", family == "qwen2")),
         qk_norm=family == "qwen3",
         hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
@@ -81,6 +84,8 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg.embedding_scale = float(hidden) ** 0.5
         cfg.post_norms = True
         cfg.hidden_act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+    elif family == "gemma3":
+        return _gemma3_from_hf(cfg, d)
     return cfg
 
 
@@ -97,7 +102,8 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
 
 
 # GGUF general.architecture -> family
-GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "mistral": "llama"}
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
+                 "mistral": "llama"}
 
 
 def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig:
@@ -153,6 +159,67 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         cfg.embedding_scale = float(hidden) ** 0.5
         cfg.post_norms = True
         cfg.hidden_act = "gelu_pytorch_tanh"
+    elif family == "gemma3":
+        return _gemma3_from_gguf(cfg, get, md)
     elif sw:
         cfg.layer_windows = [int(sw)] * n_layers
     return cfg
+
+
+# ---- Gemma 3 text: local (sliding) and global layers, each kind with its own RoPE
+@dataclass
+class Gemma3Config(ModelConfig):
+    """rope_theta and rope_scaling are the global layers'; the local (sliding-window) layers rotate with
+    rope_local_theta and no scaling."""
+
+    rope_local_theta: float = 10000.0
+
+
+def _gemma3(cfg: ModelConfig, sliding: list[bool], window: int, local_theta: float, scalar: float,
+            softcaps: tuple[float | None, float | None]) -> Gemma3Config:
+    g = Gemma3Config(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)}, rope_local_theta=local_theta)
+    g.layer_windows = [window if s else None for s in sliding]
+    g.qk_norm, g.post_norms, g.query_pre_attn_scalar = True, True, float(scalar)
+    g.attn_logit_softcapping, g.final_logit_softcapping = (float(c) if c else None for c in softcaps)
+    g.embedding_scale = float(g.hidden_size) ** 0.5
+    return g
+
+
+def _gemma3_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> Gemma3Config:
+    """Old configs: rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern; transformers >= 5:
+    rope_parameters per layer type and layer_types."""
+    n = cfg.num_layers
+    types = d.get("layer_types") or ["full_attention" if (i + 1) % int(d.get("sliding_window_pattern") or 6) == 0
+                                     else "sliding_attention" for i in range(n)]
+    rp = d.get("rope_parameters") or {}
+    full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    if local.get("rope_type") not in (None, "default"):
+        raise UnsupportedModelError(f"Gemma 3 local-layer rope type {local['rope_type']!r} is not supported")
+    cfg.rope_theta = float(full.get("rope_theta") or d.get("rope_theta") or 1_000_000.0)
+    cfg.rope_scaling = _rope_scaling({"rope_scaling": d.get("rope_scaling") or full})
+    cfg.hidden_act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+    return _gemma3(cfg, [t == "sliding_attention" for t in types], int(d.get("sliding_window") or 4096),
+                   float(local.get("rope_theta") or d.get("rope_local_base_freq") or 10000.0),
+                   d.get("query_pre_attn_scalar") or 256,
+                   (d.get("attn_logit_softcapping"), d.get("final_logit_softcapping")))
+
+
+def _gemma3_from_gguf(cfg: ModelConfig, get: Any, md: dict[str, Any]) -> Gemma3Config:
+    """As llama.cpp reads gemma3: every 6th layer global (or attention.sliding_window_pattern), local layers at
+    base 10000 unscaled, the 27B (62 layers) scaling queries by hidden/heads, the others by head_dim."""
+    n = cfg.num_layers
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern or 6) != 0 for i in range(n)]
+    if get("rope.scaling.type") == "linear" and get("rope.scaling.factor"):
+        cfg.rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    cfg.rope_theta = float(get("rope.freq_base", 1_000_000.0))
+    cfg.hidden_act = "gelu_pytorch_tanh"
+    tokens = md.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and "<end_of_turn>" in tokens:  # a chat turn's end (llama.cpp: end of generation)
+        cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | {tokens.index("<end_of_turn>")})
+    scalar = cfg.hidden_size // cfg.num_heads if n == 62 else cfg.head_dim
+    return _gemma3(cfg, sliding, int(get("attention.sliding_window") or 4096), 10000.0, scalar,
+                   (get("attn_logit_softcapping"), get("final_logit_softcapping")))
