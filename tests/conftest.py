@@ -51,7 +51,7 @@ FAMILIES = {
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
     # local layers (window 24, base 10000) around one global layer (base 1e5, linear scaling)
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        sliding_window=24, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        sliding_window=24, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=False,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0}})),
