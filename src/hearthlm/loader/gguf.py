@@ -72,7 +72,7 @@ class GGUFWeights:
             if type_name not in SUPPORTED_TYPES:
                 raise UnsupportedModelError(f"{path.name}: tensor {t.name} uses {type_name}, which is not "
                                             f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-        layer_names = _GEMMA2_LAYER_NAMES if self.arch == "gemma2" else _LAYER_NAMES
+        layer_names = _GEMMA2_LAYER_NAMES if self.arch in ("gemma2", "gemma3") else _LAYER_NAMES
         self.name_map: dict[str, str] = {}
         for name in self.tensors:
             m = _BLK.match(name)
@@ -117,7 +117,7 @@ class GGUFWeights:
         w = self.dequantize(name)
         if self.arch == "llama" and (hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight")):
             w = w[self._qk_rows(hf_name, w.shape[0], cfg)]
-        if self.arch == "gemma2" and hf_name.endswith("norm.weight"):
+        if self.arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1 itself
         return w
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .gemma2 import Gemma2Model
+from .gemma3 import Gemma3Model
 from .llama import LlamaModel
 
 MODEL_CLASSES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel, "qwen3": LlamaModel,
-                 "gemma2": Gemma2Model}
+                 "gemma2": Gemma2Model, "gemma3": Gemma3Model}
 
 
 def model_class(family: str) -> type[LlamaModel]:
