@@ -259,16 +259,19 @@ class LLMEngine:
         dropped = len(prompt_ids) - keep
         return prompt_ids[:keep_prefix] + prompt_ids[keep_prefix + dropped:], dropped
 
-    def chat_prompt(self, messages: list[dict], params: SamplingParams,
-                    refuse: bool = True) -> tuple[list[int], int, int]:
+    def chat_prompt(self, messages: list[dict], params: SamplingParams, refuse: bool = True,
+                    template_kwargs: dict | None = None) -> tuple[list[int], int, int]:
         """Token ids of the templated conversation; with truncate='left', oldest turns are dropped first.
         refuse: a rendering too long to ever fit raises PromptTooLongError before it is encoded.
+        template_kwargs: passed to the chat template (tools=...).
 
         Returns (prompt_ids, kept_prefix_tokens, dropped_tokens)."""
         tok = self.tokenizer
-        encode = lambda msgs: self.encode(tok.apply_chat_template(msgs), add_special_tokens=False)  # noqa: E731
+        kw = template_kwargs or {}
+        render = lambda msgs: tok.apply_chat_template(msgs, **kw)  # noqa: E731
+        encode = lambda msgs: self.encode(render(msgs), add_special_tokens=False)  # noqa: E731
         if params.truncate != "left":
-            text = tok.apply_chat_template(messages)
+            text = render(messages)
             if refuse:
                 self.refuse_unfittable(len(text), params)
             return self.encode(text, add_special_tokens=False), 0, 0
@@ -283,7 +286,7 @@ class LLMEngine:
             per = self.max_token_bytes
 
             def fits(d: int) -> bool:
-                text = tok.apply_chat_template(system + rest[d:])
+                text = render(system + rest[d:])
                 return (per is None or len(text) <= limit * per) and \
                     len(self.encode(text, add_special_tokens=False)) <= limit
 

@@ -468,36 +468,9 @@ def _mistral_ids(messages: list[dict]) -> list[dict]:
     return out
 
 
-class _BoundTemplate:
-    """A tokenizer whose apply_chat_template always gets these keyword arguments (tools=...)."""
-
-    def __init__(self, tokenizer, kwargs: dict):
-        self._tokenizer, self._kwargs = tokenizer, kwargs
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs):
-        return self._tokenizer.apply_chat_template(messages, add_generation_prompt, **{**self._kwargs, **kwargs})
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
-class _WithTemplateKwargs:
-    """The engine seen through _BoundTemplate, so LLMEngine.chat_prompt (its truncation included) renders with
-    template kwargs. (Drop once chat_prompt takes template kwargs itself.)"""
-
-    def __init__(self, engine, kwargs: dict):
-        self._engine = engine
-        self.tokenizer = _BoundTemplate(engine.tokenizer, kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
 def chat_prompt(engine, messages: list[dict], params, template_kwargs: dict | None) -> tuple[list[int], int, int]:
     """engine.chat_prompt with chat-template kwargs (tools=...)."""
-    if not template_kwargs:
-        return engine.chat_prompt(messages, params)
-    return type(engine).chat_prompt(_WithTemplateKwargs(engine, template_kwargs), messages, params)
+    return engine.chat_prompt(messages, params, template_kwargs=template_kwargs or None)
 
 
 def keep_markers(tokenizer, parser: ToolParser, params) -> None:
