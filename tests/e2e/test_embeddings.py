@@ -88,6 +88,7 @@ def test_ollama_sdk_embed(emb_server):
     assert np.allclose(single.embeddings[0], ref, atol=1e-6) and np.allclose(legacy.embedding, ref, atol=1e-6)
     assert np.allclose(r.embeddings[1], ref, atol=1e-5)  # batched with others: same vector
     assert client.embed(model=NAME, input=[]).embeddings == []  # loads the model, as Ollama
+    assert client.show(NAME).capabilities == ["embedding"]
 
 
 def test_concurrent_requests_match_single(emb_server):

@@ -55,6 +55,7 @@ def test_list_show_ps_version(client, server):
     show = client.show("smollm2")
     assert show.details.family == "llama" and show.details.quantization_level
     assert show.modelinfo["llama.context_length"] == 8192 and "im_start" in show.template
+    assert show.capabilities == ["completion", "tools"]
     ps = client.ps().models
     assert ps[0].model == "smollm2" and ps[0].context_length == 2048 and ps[0].size > 0
     assert server.get("/api/version").json()["version"]

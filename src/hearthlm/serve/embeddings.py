@@ -22,7 +22,6 @@ from ..errors import InvalidRequestError
 from .common import Server, off_loop, parse, server
 from .models import Loaded, parse_keep_alive
 from .ollama import HONOURED, OFF_ONLY, RUNTIME_ONLY
-from .openapi import REQUEST_BODIES
 
 log = logging.getLogger("hearthlm.serve")
 router = APIRouter()
@@ -30,9 +29,6 @@ MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 MAX_BATCH_ROWS = 64  # rows per forward
 MAX_BATCH_TOKENS = 16384  # tokens per forward (an encoder's padded rows x longest; a decoder's packed sum)
 NS = 1_000_000_000
-REQUEST_BODIES.update({("POST", "/v1/embeddings"): "embeddings:OpenAIEmbeddingRequest",
-                       ("POST", "/api/embed"): "embeddings:OllamaEmbedBody",
-                       ("POST", "/api/embeddings"): "embeddings:OllamaEmbeddingsBody"})
 
 
 class OpenAIEmbeddingRequest(BaseModel):

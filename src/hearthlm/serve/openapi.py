@@ -28,6 +28,9 @@ REQUEST_BODIES: dict[tuple[str, str], str] = {
     ("POST", "/generate_stream"): "tgi:Body",
     ("POST", "/"): "tgi:Body",
     ("POST", "/tokenize"): "app:TokenizeBody",
+    ("POST", "/v1/embeddings"): "embeddings:OpenAIEmbeddingRequest",
+    ("POST", "/api/embed"): "embeddings:OllamaEmbedBody",
+    ("POST", "/api/embeddings"): "embeddings:OllamaEmbeddingsBody",
 }
 
 

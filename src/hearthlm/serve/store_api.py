@@ -74,7 +74,13 @@ def show(srv: Server, name: str) -> dict[str, Any]:
     if store is not None:
         # resolve() let it through: a store name or alias, the served model (a CLI path), or an allowed local path
         local_ok = srv.cfg.allow_local_paths or display == srv.cfg.model_name
-        info = store.show_model(display if store.is_store_name(display) else str(path), allow_local_paths=local_ok)
+        from ..store.catalog import _is_default, find_dir
+
+        # the served model given as a path on the command line, under a --served-model-name: shown by its path
+        by_name = store.is_store_name(display) and (_is_default(display) or find_dir(display) is not None
+                                                    or display != srv.cfg.model_name)
+        ref = display if by_name else str(path)
+        info = store.show_model(ref, allow_local_paths=local_ok)
     else:
         info = next((i for i in _loaded_info(srv)), {})
     arch = info.get("architecture") or "unknown"
@@ -86,7 +92,20 @@ def show(srv: Server, name: str) -> dict[str, Any]:
     return {"modelfile": f"FROM {info.get('path', path)}\n", "parameters": "",
             "template": info.get("chat_template") or "",
             "license": info.get("license") or "", "details": details(info), "model_info": model_info,
-            "capabilities": ["completion"], "modified_at": iso(info.get("modified") or time.time())}
+            "capabilities": capabilities(path), "modified_at": iso(info.get("modified") or time.time())}
+
+
+def capabilities(path) -> list[str]:
+    """Ollama's capability names: an encoder only embeds; a decoder completes and calls tools (serve/tools.py
+    renders them, through its template or a system message) and embeds too when it names a pooling."""
+    from ..embed import is_encoder_dir, pooling_spec
+
+    try:
+        if is_encoder_dir(path):
+            return ["embedding"]
+        return ["completion", "tools"] + (["embedding"] if pooling_spec(path) is not None else [])
+    except Exception:  # noqa: BLE001 - an unreadable model still has a /api/show answer
+        return ["completion"]
 
 
 def pull_policy(srv: Server | None):
