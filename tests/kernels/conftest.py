@@ -1,7 +1,14 @@
 """Fixtures for kernel tests: gpu-marker skipping, a paged-batch builder, naive dense attention."""
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import queue
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,32 +46,138 @@ def children_interpret() -> bool:
     return not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None and not interpreting()
 
 
-def run_interpreted(test_file: Path, keyword: str | None = None) -> None:
-    """Run test_file (only tests matching keyword) in a fresh process with TRITON_INTERPRET=1: triton picks
-    interpreter vs compiler at import. Skips when the interpreter is unavailable."""
-    import os
-    import subprocess
+CASES_TIMEOUT_S = 300  # per runner: keep the interpreted shapes tiny, the default suite runs them
+_DONE = "@@hearthlm-interpreter-child-done"
+# The child: import hearthlm.kernels first (test_cold_start_cpu asks whether triton came with it), then run one
+# pytest session per request line (JSON argv), each followed by a line with _DONE and its exit status. The global
+# RNG is reseeded per session as tests/conftest.py's import does in a fresh process.
+_CHILD = f"""
+import json, sys
+import hearthlm.kernels as K
+print("{_DONE}", json.dumps(["triton" in sys.modules, K.HAS_TRITON]), flush=True)
+import pytest, torch
+for line in sys.stdin:
+    torch.manual_seed(0)
+    try:
+        rc = int(pytest.main(json.loads(line)))
+    except BaseException:  # noqa: BLE001 - report it to the runner, serve the next one
+        import traceback
+        traceback.print_exc()
+        rc = 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print("{_DONE}", rc, flush=True)
+"""
 
+
+class InterpreterChild:
+    """One TRITON_INTERPRET=1 process for the whole session (triton picks interpreter vs compiler at import): each
+    runner sends it a pytest command line and reads back that session's output and exit status, so torch, triton
+    and hearthlm are imported once, not once per runner. Replaced by a fresh one after a timeout or a crash."""
+
+    def __init__(self) -> None:
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _CHILD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        atexit.register(self.close)
+        status, out = self._reply(CASES_TIMEOUT_S)
+        # [triton in sys.modules, HAS_TRITON] after `import hearthlm.kernels`; None: the child did not start (out)
+        self.imports: list[bool] | None = json.loads(status) if status is not None else None
+        self.start_output = out
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _reply(self, timeout: float) -> tuple[str | None, str]:
+        """(the status after _DONE, or None on a timeout or the child's exit; the output before it)."""
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                self.proc.wait()
+                out.append(f"\n[no reply within {timeout} s: the interpreter child was stopped]\n")
+                return None, "".join(out)
+            if line is None:
+                out.append(f"\n[the interpreter child exited with status {self.proc.wait()}]\n")
+                return None, "".join(out)
+            if line.startswith(_DONE):
+                return line[len(_DONE):].strip(), "".join(out)
+            out.append(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def pytest(self, args: list[str], timeout: float = CASES_TIMEOUT_S) -> tuple[int | None, str]:
+        """Run `pytest args` in the child: (exit status, or None on a timeout or crash; its output)."""
+        try:
+            self.proc.stdin.write(json.dumps(args) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it has exited: _reply collects its last words
+            pass
+        status, out = self._reply(timeout)
+        return (int(status) if status is not None else None), out
+
+    def close(self) -> None:
+        """End the child: it exits at the end of its input."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+_child: InterpreterChild | None = None
+_runners_left: int | None = None  # selected runners yet to run (set at collection): the last one ends the child
+
+
+def interpreter_child() -> InterpreterChild:
+    """The session's TRITON_INTERPRET=1 child, started on first use (again after a timeout or a crash)."""
+    global _child
+    if _child is None or not _child.alive():
+        _child = InterpreterChild()
+    return _child
+
+
+def run_interpreted(test_file: Path, keyword: str | None = None) -> None:
+    """Run test_file (only tests matching keyword) with TRITON_INTERPRET=1, in the session's interpreter child:
+    triton picks interpreter vs compiler at import. Fails with the child's report if a case fails; skips when the
+    interpreter is unavailable."""
     if not children_interpret():
         if torch.cuda.is_available():
             pytest.skip("CUDA present: the gpu-marked tests cover the kernels")
         if interpreting():
             pytest.skip("already interpreted in this process")
         pytest.skip("triton is not installed")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5", str(test_file)]
+    global _runners_left
+    child = interpreter_child()
     try:
-        proc = subprocess.run(cmd + (["-k", keyword] if keyword else []), check=False, env=env, cwd=root,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:  # keep the interpreted shapes tiny: the default suite runs these
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"interpreted cases of {test_file.name} ran past {e.timeout} s; progress: {out[-2000:]}")
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    if proc.returncode == 5 or (" skipped" in tail and " passed" not in tail):
+        if child.imports is None:
+            pytest.fail(f"the interpreter child did not start:\n{child.start_output[-4000:]}")
+        selection = f"not {RUNNER}" + (f" and ({keyword})" if keyword else "")  # runners would skip there
+        args = ["-q", "-p", "no:cacheprovider", "--durations=5", str(test_file), "-k", selection]
+        rc, out = child.pytest(args)
+    finally:
+        if _runners_left is not None:
+            _runners_left -= 1
+            if _runners_left <= 0:
+                child.close()
+    tail = out[-4000:]
+    if rc is None:
+        pytest.fail(f"interpreted cases of {test_file.name} (-k {keyword!r}) did not finish:\n{tail}")
+    if rc == 5 or (" skipped" in tail and " passed" not in tail):
         pytest.skip(f"triton interpreter unavailable here:\n{tail}")
-    assert proc.returncode == 0, tail
+    assert rc == 0, tail
 
 
 def _interpreter_only(item: pytest.Item) -> bool:
@@ -74,11 +187,13 @@ def _interpreter_only(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m: a case is moved only if its runner was selected too
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Interpreter-only cases whose file's runner is selected too run in the runner's child process: deselect
+    """Interpreter-only cases whose file's runner is selected too run through it in the interpreter child: deselect
     them here instead of reporting each as skipped (the runner fails if any of them fails). Applies to the
     whole session once this conftest is loaded (tests/kernels collected)."""
+    global _runners_left
     if not children_interpret():
         return
+    _runners_left = sum(RUNNER in item.name for item in items)
     tests = Path(__file__).resolve().parents[1]  # runners elsewhere in tests/ use run_interpreted too
     covered = set()
     for item in items:

@@ -91,7 +91,7 @@ def test_quant_kernels_under_interpreter() -> None:
 
 
 def test_quant_mm_variants_under_interpreter() -> None:
-    run_interpreted(Path(__file__), "interp_mm_variants")  # a process of its own: the slowest cases
+    run_interpreted(Path(__file__), "interp_mm_variants")
 
 
 @interp
