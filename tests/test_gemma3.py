@@ -16,7 +16,7 @@ from hearthlm.runtime.runner import Batch
 
 from .conftest import prompts_of
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
 def _tables(runner, *blocks: list[int]) -> list:
@@ -32,11 +32,11 @@ def test_config_and_shared_prefixes_match_hf(tiny, engine_for):
     assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling["factor"]) == (100000.0, 10000.0, 4.0)
     assert cfg.attn_scale == 32 ** -0.5 and cfg.attn_logit_softcapping is None
     prefix = prompts_of(1, [50], seed=40)[0]
-    prompts = [prefix + tail for tail in prompts_of(3, [4, 11, 2], seed=41)]
+    prompts = [prefix + tail for tail in prompts_of(2, [4, 11], seed=41)]
     first = llm.generate(prompts[:1], GREEDY)
     rest = llm.generate(prompts[1:], GREEDY)
     for p, o in zip(prompts, first + rest):
-        assert o.outputs[0].token_ids == tiny.reference("gemma3", p, 24)
+        assert o.outputs[0].token_ids == tiny.reference("gemma3", p, 16)
 
 
 def test_logits_equal_hf(tiny, engine_for):
@@ -202,7 +202,33 @@ def gemma3_270m(tmp_path_factory) -> Path:
     return path
 
 
-def test_gemma3_270m_matches_hf_and_answers(gemma3_270m):
+def _without_vocabulary(path: Path, out: Path) -> Path:
+    """The file's architecture keys and tensors (bytes as stored) without its tokenizer arrays: transformers'
+    GGUF reader parses every one of the 262,144 tokens' fields in Python, twice, tens of seconds; its config, name
+    mapping, norm shift and dequantization of the same tensors are what the test compares against."""
+    import gguf
+
+    from hearthlm.loader.gguf_header import GGUFFile
+
+    f = GGUFFile(path, skip_arrays={"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"})
+    md = f.metadata
+    w = gguf.GGUFWriter(str(out), "gemma3")
+    w.add_name(str(md["general.name"]))
+    w.add_vocab_size(f.tensors["token_embd.weight"].shape[0])
+    for key, value in md.items():
+        if key.startswith("gemma3."):
+            kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+            w.add_key_value(key, value, kind)
+    for name, t in f.tensors.items():
+        w.add_tensor(name, f.raw(name), raw_dtype=gguf.GGMLQuantizationType(t.ggml_type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_gemma3_270m_matches_hf_and_answers(gemma3_270m, tmp_path):
     """Greedy tokens of 10 prompts (batched) equal transformers' on the same file, checked in one forward of
     transformers over prompt + our tokens (every position's argmax must be our next token; a near-tie, a gap of at
     most 0.25 in log-probability, ends a prompt's check); and a chat-style answer names Paris."""
@@ -223,8 +249,9 @@ def test_gemma3_270m_matches_hf_and_answers(gemma3_270m):
                           SamplingParams(temperature=0, max_tokens=16, stop=["\n"]), use_tqdm=False)[0]
     assert "Paris" in answer.outputs[0].text, answer.outputs[0].text
 
-    hf = AutoModelForCausalLM.from_pretrained(str(gemma3_270m.parent), gguf_file=gemma3_270m.name,
-                                              dtype=torch.float32).eval()
+    ref = _without_vocabulary(gemma3_270m, tmp_path / gemma3_270m.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=ref.name, dtype=torch.float32).eval()
+    assert hf.config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
     seqs = [p + o for p, o in zip(ids, ours)]
     width = max(map(len, seqs))
     input_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # right padding: causal rows unaffected
