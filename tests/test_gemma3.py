@@ -188,6 +188,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "T
            "Once upon a time, in a small village,", "The largest planet in the solar system is",
            "import numpy as np\n", "Translate to French: Good morning", "The speed of light is about",
            "Photosynthesis is the process by which"]
+CHAT = "User: What is the capital of France?\nAssistant:"  # a base model: a transcript, not a chat template
 
 
 @pytest.fixture(scope="session")
@@ -242,12 +243,14 @@ def test_gemma3_270m_matches_hf_and_answers(gemma3_270m, tmp_path):
     assert cfg.layer_windows.count(None) == 3 and cfg.layer_windows[5] is None and cfg.layer_windows[0] == 512
     assert 106 in cfg.eos_token_ids  # <end_of_turn>
     tok = llm.tokenizer
-    ids = [tok.encode(p) for p in PROMPTS]
-    outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    ids = [tok.encode(p) for p in PROMPTS + [CHAT]]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate(ids, [greedy] * len(PROMPTS) + [SamplingParams(temperature=0, max_tokens=16, stop=["\n"])],
+                        use_tqdm=False)  # one batch
+    answer = outs.pop().outputs[0].text
+    assert "Paris" in answer, answer
+    ids.pop()
     ours = [o.outputs[0].token_ids for o in outs]
-    answer = llm.generate([tok.encode("User: What is the capital of France?\nAssistant:")],
-                          SamplingParams(temperature=0, max_tokens=16, stop=["\n"]), use_tqdm=False)[0]
-    assert "Paris" in answer.outputs[0].text, answer.outputs[0].text
 
     ref = _without_vocabulary(gemma3_270m, tmp_path / gemma3_270m.name)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=ref.name, dtype=torch.float32).eval()
