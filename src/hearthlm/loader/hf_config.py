@@ -188,6 +188,9 @@ def _gemma3(cfg: ModelConfig, sliding: list[bool], window: int, local_theta: flo
 def _gemma3_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> Gemma3Config:
     """Old configs: rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern; transformers >= 5:
     rope_parameters per layer type and layer_types."""
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("bidirectional Gemma 3 (EmbeddingGemma) is not supported: hearthlm runs Gemma 3 "
+                                    "text models as causal decoders")
     n = cfg.num_layers
     types = d.get("layer_types") or ["full_attention" if (i + 1) % int(d.get("sliding_window_pattern") or 6) == 0
                                      else "sliding_attention" for i in range(n)]
