@@ -220,7 +220,7 @@ def keyed(tmp_path_factory):
 
 
 def body_for(path: str) -> dict:
-    return {"/v1/chat/completions": CHAT, "/api/chat": {**CHAT, "options": {"num_predict": 2}, "stream": False},
+    return {"/v1/chat/completions": CHAT, "/api/chat": {"model": "smollm2", "messages": CHAT["messages"], "options": {"num_predict": 2}, "stream": False},
             "/generate": {"inputs": "hi", "parameters": {"max_new_tokens": 2}}, "/tokenize": {"prompt": "hi"}}[path]
 
 

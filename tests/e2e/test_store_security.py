@@ -90,9 +90,10 @@ def test_generate_with_path_names_keeps_the_served_model(server):
     loads = _loads(server)
     msgs = [{"role": "user", "content": "hi"}]
     for name in PATH_NAMES:
-        for path, body in (("/api/chat", {"messages": msgs}), ("/api/generate", {"prompt": "hi"}),
+        ollama = {"options": {"num_predict": 2}}
+        for path, body in (("/api/chat", {"messages": msgs, **ollama}), ("/api/generate", {"prompt": "hi", **ollama}),
                            ("/v1/chat/completions", {"messages": msgs, "max_tokens": 2})):
-            r = server.post(path, json={"model": name, "stream": False, "options": {"num_predict": 2}, **body})
+            r = server.post(path, json={"model": name, "stream": False, **body})
             assert _is_4xx(r), (path, name, r.status_code, r.text)
             assert "--allow-local-paths" in r.text
     after_ps = server.get("/api/ps").json()["models"]

@@ -24,7 +24,7 @@ from .security import install_security
 
 
 class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # an unknown field is a 400 (common.refuse_unknown)
     model: str | None = None
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None

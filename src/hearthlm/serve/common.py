@@ -88,9 +88,21 @@ def decode_body(raw: bytes, model: type[M]) -> M:
         raise InvalidRequestError("request body must be a JSON object")
     check_unicode(data)
     try:
-        return model.model_validate(data)
+        obj = model.model_validate(data)
     except ValidationError as e:
         raise as_hearth_error(e) from None
+    refuse_unknown(obj)
+    return obj
+
+
+def refuse_unknown(obj: BaseModel, prefix: str = "") -> None:
+    """A body model with extra="allow" keeps the fields it does not declare: any of them that is set (not null,
+    which clients send for unset fields) is a 400 naming it, never silently ignored."""
+    for name, value in (obj.model_extra or {}).items():
+        if value is not None:
+            raise InvalidRequestError(f"unknown field {prefix}{name}: this server does not implement it (it is "
+                                      "refused rather than ignored); see the README's table of request fields",
+                                      param=f"{prefix}{name}")
 
 
 def check_unicode(data: Any) -> None:

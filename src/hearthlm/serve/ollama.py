@@ -35,18 +35,25 @@ OLLAMA_NAMES.update(repetition_penalty="options.repeat_penalty", max_tokens="opt
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # an unknown field is a 400 (common.refuse_unknown)
     model: str | None = None
     stream: bool = True
     options: dict[str, Any] | None = None
     keep_alive: float | str | None = None
     format: Any = None
+    think: Any = None  # refused when asked for: no thinking mode here (Ollama's 400 for models without one)
 
     def keep(self) -> float | None | str:
         return "default" if self.keep_alive is None else parse_keep_alive(self.keep_alive)
 
     def params(self) -> tuple[SamplingParams, int | None]:
         """options -> SamplingParams (format -> its structured output) and num_ctx."""
+        if self.think not in (None, False):
+            raise InvalidRequestError("think: this server has no thinking mode for its models: drop think (or "
+                                      "set it to false)", param="think")
+        if getattr(self, "template", None):
+            raise InvalidRequestError("template: per-request prompt templates are not supported: send raw=true "
+                                      "with the prompt already formatted, or use /api/chat", param="template")
         structured = ollama_format(self.format)
         params, num_ctx = sampling(self.options)
         params.structured = structured
@@ -60,6 +67,7 @@ class GenerateBody(_Base):
     context: list[int] | None = None
     raw: bool = False
     images: list[Any] | None = None
+    template: str | None = None  # refused when set (params)
 
 
 class Message(BaseModel):
@@ -94,10 +102,12 @@ class ChatBody(_Base):
 
 
 class NameBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # an unknown field is a 400 (common.refuse_unknown)
     model: str | None = None
     name: str | None = None
     stream: bool = True
+    insecure: bool | None = None  # /api/pull: accepted without effect (pulls are HTTPS from the Hugging Face Hub)
+    verbose: bool | None = None  # /api/show: accepted; the answer has no per-tensor listing either way
 
     @property
     def target(self) -> str:

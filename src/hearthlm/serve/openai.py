@@ -28,7 +28,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # an unknown field is a 400 (common.refuse_unknown)
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -40,6 +40,12 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI fields that do not change the answer: accepted without effect
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None  # (the prefix cache is automatic)
+    safety_identifier: str | None = None
     # extras (vLLM-style extra_body)
     top_k: int | None = None
     min_p: float | None = None

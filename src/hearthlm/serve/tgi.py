@@ -105,7 +105,7 @@ class Parameters(BaseModel):
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # an unknown field is a 400 (common.refuse_unknown)
     inputs: str
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False
