@@ -235,10 +235,7 @@ def test_gemma3_270m_matches_hf_and_answers(gemma3_270m, tmp_path):
     most 0.25 in log-probability, ends a prompt's check); and a chat-style answer names Paris."""
     from transformers import AutoModelForCausalLM
 
-    from .conftest import _engines
-
-    llm = LLM(model=str(gemma3_270m), dtype="float32", device="cpu", max_model_len=256)
-    _engines[("gemma3-270m",)] = llm  # the leak check after every test
+    llm = LLM(model=str(gemma3_270m), dtype="float32", device="cpu", max_model_len=256)  # freed with the test
     cfg = llm.engine.model_config
     assert cfg.layer_windows.count(None) == 3 and cfg.layer_windows[5] is None and cfg.layer_windows[0] == 512
     assert 106 in cfg.eos_token_ids  # <end_of_turn>
@@ -251,6 +248,8 @@ def test_gemma3_270m_matches_hf_and_answers(gemma3_270m, tmp_path):
     assert "Paris" in answer, answer
     ids.pop()
     ours = [o.outputs[0].token_ids for o in outs]
+    assert llm.engine.kv.all_free()
+    del llm, outs  # one float32 copy of the model at a time
 
     ref = _without_vocabulary(gemma3_270m, tmp_path / gemma3_270m.name)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=ref.name, dtype=torch.float32).eval()
