@@ -102,9 +102,10 @@ def test_quantize_cli(tiny, tmp_path, capsys):
     (["{tiny}", "--to", "q3_xs"], "not a known type"),
     (["{tiny}", "--to", "q8_0", "-o", "/no/such/dir/x.gguf"], "does not exist"),
     (["{gguf}", "--to", "q8_0", "-o", "{gguf}"], "is the input model"),
+    (["{gemma3}", "--to", "q8_0"], "convert_hf_to_gguf.py"),
 ])
 def test_quantize_bad_input_exits_1(tiny, tiny_gguf, tmp_path, capsys, argv, message):
-    subs = {"tiny": tiny.path("llama"), "gguf": str(tiny_gguf("llama", "q8_0"))}
+    subs = {"tiny": tiny.path("llama"), "gguf": str(tiny_gguf("llama", "q8_0")), "gemma3": tiny.path("gemma3")}
     argv = [a.format(**subs) for a in argv]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "x.gguf")]

@@ -24,6 +24,8 @@ from ..loader.gguf_header import _NUMPY, _SCALARS, ARRAY, STRING, GGUFFile
 from ..loader.safetensors import SafetensorsWeights, read_hf_config
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+# GGUF files re-quantized with their metadata copied as is (no conversion from HF names needed)
+GGUF_REQUANT_ARCHS = set(GGUF_ARCH.values()) | {"gemma3"}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
 
@@ -40,6 +42,11 @@ class HFSource:
         self.dir = model_dir
         self.cfg: ModelConfig = read_hf_config(model_dir)
         self.family = self.cfg.architecture
+        if self.family not in GGUF_ARCH:
+            raise UnsupportedModelError(
+                f"{model_dir}: hearth quantize cannot convert {self.family} from safetensors yet (it converts "
+                f"{', '.join(sorted(GGUF_ARCH))}): convert it with llama.cpp's convert_hf_to_gguf.py, then run "
+                "hearth quantize on that GGUF")
         self.arch = GGUF_ARCH[self.family]
         self.n_layers = self.cfg.num_layers
         st = SafetensorsWeights(model_dir)
@@ -123,9 +130,9 @@ class GGUFSource:
         self.file = GGUFFile(path)
         md = self.file.metadata
         self.arch = str(md.get("general.architecture"))
-        if self.arch not in GGUF_ARCH.values():
+        if self.arch not in GGUF_REQUANT_ARCHS:
             raise UnsupportedModelError(f"{path.name}: GGUF architecture {self.arch!r} is not supported "
-                                        f"(supported: {', '.join(sorted(set(GGUF_ARCH.values())))})")
+                                        f"(supported: {', '.join(sorted(GGUF_REQUANT_ARCHS))})")
         self.n_layers = int(md[f"{self.arch}.block_count"])
         self.cfg = None
 
