@@ -25,7 +25,7 @@ def _tables(runner, *blocks: list[int]) -> list:
 
 def test_config_and_shared_prefixes_match_hf(tiny, engine_for):
     """Windows and RoPE as the config says; prompts sharing a prefix longer than the window, in prefill chunks,
-    each equal HF's. (The KV manager serves prefix hits only to full-attention models today: engine/kv_cache.py.)"""
+    each equal HF's; the later ones are served from the prefix cache (the local layers' last window of it)."""
     llm = engine_for("gemma3", max_num_batched_tokens=32)
     cfg = llm.engine.model_config
     assert cfg.layer_windows == [24, 24, None, 24] and cfg.qk_norm and cfg.post_norms
@@ -35,6 +35,7 @@ def test_config_and_shared_prefixes_match_hf(tiny, engine_for):
     prompts = [prefix + tail for tail in prompts_of(2, [4, 11], seed=41)]
     first = llm.generate(prompts[:1], GREEDY)
     rest = llm.generate(prompts[1:], GREEDY)
+    assert rest[0].num_cached_tokens >= 48 and llm.engine.kv.enable_prefix_caching
     for p, o in zip(prompts, first + rest):
         assert o.outputs[0].token_ids == tiny.reference("gemma3", p, 16)
 

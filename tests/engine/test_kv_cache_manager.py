@@ -183,7 +183,8 @@ def test_free_on_abort_mid_prefill_releases_everything_and_publishes_nothing_unc
 def test_sliding_window_releases_blocks_behind_the_window():
     kv = KVCacheManager([None, 6, None, 6], BS, [40, 40], enable_prefix_caching=True)
     assert [g.window for g in kv.groups] == [None, 6] and [g.layers for g in kv.groups] == [[0, 2], [1, 3]]
-    assert not kv.enable_prefix_caching  # prefix reuse needs every block: full-attention models only
+    assert kv.enable_prefix_caching  # a full-attention group anchors the chain
+    assert not KVCacheManager([6, 6], BS, [40]).enable_prefix_caching  # sliding layers only: off
     s = make_seq(list(range(5)), max_tokens=100)
     kv.match_prefix(s)
     compute(kv, s, 5)
@@ -262,3 +263,31 @@ def test_a_key_collision_never_serves_the_next_block_of_another_prompt(monkeypat
     c = make_seq([1, 1, 1, 1, 5, 5, 5, 5, 9])
     kv.match_prefix(c)
     assert x.kv.block_tables[0][1] not in c.kv.block_tables[0], "c reads KV computed after another prompt's block 0"
+
+
+def test_sliding_groups_reuse_the_blocks_of_the_last_window():
+    """A hit of n blocks takes every full-attention block and, in the sliding group, only the blocks the first
+    uncached token's window reaches (earlier slots null); a sliding block evicted from its LRU shrinks the hit."""
+    kv = KVCacheManager([None, 6, None, 6], BS, [40, 40])
+    prompt = list(range(100, 130))  # 30 tokens: 7 full blocks
+    a = make_seq(prompt, max_tokens=4)
+    run_prompt(kv, a)
+    kv.free(a)
+    b = make_seq(prompt + [7, 8], max_tokens=4)
+    assert kv.match_prefix(b) == 28  # (32 - 1) // 4 blocks
+    first = max(0, 28 - 6 + 1) // BS
+    win = b.kv.block_tables[1]
+    assert len(win) == 7 and win[:first] == [NULL_BLOCK] * first and NULL_BLOCK not in win[first:]
+    compute(kv, b, b.num_tokens - b.num_computed_tokens)
+    check_kv(kv, [b])
+    kv.free(b)
+    g = kv.groups[1]
+    evicted = b.kv.block_hashes[6]
+    del g.pool.hash_to_block[evicted]  # as if the LRU had handed that sliding block out again
+    c = make_seq(prompt + [9], max_tokens=4)
+    assert kv.match_prefix(c) == 24  # 6 blocks: their window (blocks 4 and 5) is still cached
+    assert c.kv.block_tables[1][4:] != [NULL_BLOCK, NULL_BLOCK] and len(c.kv.block_tables[0]) == 6
+    compute(kv, c, c.num_tokens - c.num_computed_tokens)
+    check_kv(kv, [c])
+    kv.free(c)
+    assert kv.all_free()

@@ -4,6 +4,11 @@ Tensors live in the runner; this module only hands out block ids. Layers are spl
 by attention window: full-attention layers keep every block, sliding-window layers release the
 blocks that fall out of their window (their table slot is set to the reserved null block 0).
 
+Prefix caching needs a full-attention group (the first group), which anchors the key chain. Every group publishes
+its blocks under the same keys; a sliding group's released blocks stay cached in its LRU. A hit of n blocks
+needs, in each sliding group, the blocks of the last window before token n x block size (its earlier slots are
+the null block); n shrinks until every group has them.
+
 Prefix cache keys are SHA-256 chains: key_i = SHA-256(key_{i-1} || token ids of block i as little-endian
 int64), with key_{-1} = SHA-256(b"hearthlm-prefix-v1\0" || block size || group windows || salt). A block is
 published only once the KV of all its tokens is written, and a hit is served only when the block's stored
@@ -147,8 +152,8 @@ class KVCacheManager:
         windows = kv_group_windows(layer_windows)
         self.root_key = root_key(block_size, windows, salt)
         self.full_attention_only = windows == [None]
-        # prefix reuse needs every block of the prefix; sliding groups drop them, so it is full-attention only
-        self.enable_prefix_caching = enable_prefix_caching and self.full_attention_only
+        # a full-attention group anchors the chain (models with sliding layers only run without prefix caching)
+        self.enable_prefix_caching = enable_prefix_caching and windows[0] is None
         self.groups = [
             KVGroup(w, [i for i, lw in enumerate(layer_windows) if lw == w],
                     BlockPool(n))
@@ -199,17 +204,46 @@ class KVCacheManager:
             return 0
         # at least one token must be computed to produce logits
         ids = self._update_hashes(seq, seq.num_tokens - 1)
-        pool, table = self.groups[0].pool, seq.kv.block_tables[0]
-        for i, h in enumerate(seq.kv.block_hashes[:(seq.num_tokens - 1) // self.block_size]):
-            block = pool.lookup(h, self._preimage(seq, ids, i), table[-1] if table else None)
+        hashes = seq.kv.block_hashes[:(seq.num_tokens - 1) // self.block_size]
+        pool = self.groups[0].pool
+        matched: list[int] = []
+        preimages: list[bytes] = []
+        for i, h in enumerate(hashes):
+            preimages.append(self._preimage(seq, ids, i))
+            block = pool.lookup(h, preimages[i], matched[-1] if matched else None)
             if block is None:
                 break
+            matched.append(block)
+        n, windows = len(matched), None
+        while n and (windows := self._window_hits(hashes, preimages, n)) is None:
+            n -= 1  # a sliding group lost a block of that window: a shorter prefix may still be whole
+        for block in matched[:n]:
             pool.touch(block)
-            table.append(block)
-        seq.kv.num_registered = len(table)  # published already
-        seq.num_computed_tokens = len(table) * self.block_size
+        seq.kv.block_tables[0] = matched[:n]
+        for gi, blocks in enumerate(windows or [], start=1):
+            for block in blocks:
+                if block != NULL_BLOCK:
+                    self.groups[gi].pool.touch(block)
+            seq.kv.block_tables[gi] = blocks
+        seq.kv.num_registered = n  # published already
+        seq.num_computed_tokens = n * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def _window_hits(self, hashes: list[bytes], preimages: list[bytes], n: int) -> list[list[int]] | None:
+        """Each sliding group's table for a hit of n blocks (null blocks, then the cached blocks the first
+        uncached token's window reaches), or None when a group lacks one of them."""
+        tables = []
+        for g in self.groups[1:]:
+            keep_from = max(0, n * self.block_size - g.window + 1) // self.block_size
+            table = [NULL_BLOCK] * keep_from
+            for i in range(keep_from, n):
+                block = g.pool.lookup(hashes[i], preimages[i])  # the chain was checked in the first group
+                if block is None:
+                    return None
+                table.append(block)
+            tables.append(table)
+        return tables
 
     def count_admission(self, seq: Sequence) -> None:
         """Prefix-cache statistics for a sequence admitted after match_prefix: counted once per admission, not
@@ -272,6 +306,9 @@ class KVCacheManager:
                 parent = (holder, pool.generation[holder])
             prev = self._preimage(seq, ids, i)
             pool.register(table[i], seq.kv.block_hashes[i], prev, parent)
+            for g, own in zip(self.groups[1:], seq.kv.block_tables[1:]):
+                if own[i] != NULL_BLOCK:  # (a block already out of its window was released unpublished)
+                    g.pool.register(own[i], seq.kv.block_hashes[i], prev)
         seq.kv.num_registered = upto
 
     def free(self, seq: Sequence) -> None:
