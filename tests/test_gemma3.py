@@ -104,22 +104,14 @@ def _write_gguf(model_dir: Path, out: Path) -> Path:
 
     from hearthlm.loader.gguf import _GEMMA2_LAYER_NAMES, _TOP_NAMES
     from hearthlm.loader.safetensors import read_hf_config
+    from hearthlm.quant.sources import write_shape_metadata
     from hearthlm.quant.vocab import write_hf_tokenizer
 
     cfg = read_hf_config(model_dir)
     w = gguf.GGUFWriter(str(out), "gemma3")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
+    write_shape_metadata(w, cfg)
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_sliding_window(24)
     w.add_array("gemma3.attention.sliding_window_pattern", [wd is not None for wd in cfg.layer_windows])
     write_hf_tokenizer(w, model_dir, cfg.vocab_size)

@@ -93,16 +93,7 @@ class HFSource:
 
         cfg = self.cfg
         w.add_name(cfg.name)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_heads)
-        w.add_head_count_kv(cfg.num_kv_heads)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        write_shape_metadata(w, cfg)
         if self.arch == "llama":
             w.add_rope_dimension_count(cfg.head_dim)
             w.add_vocab_size(cfg.vocab_size)
@@ -120,6 +111,20 @@ class HFSource:
                                             f"({self.family} with max_window_layers); quantize is not possible")
             w.add_sliding_window(windows.pop())
         write_hf_tokenizer(w, self.dir, cfg.vocab_size)
+
+
+def write_shape_metadata(w: Any, cfg: ModelConfig) -> None:
+    """The llama.cpp keys every decoder has: lengths, counts, head sizes, RoPE base, norm epsilon."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
 
 
 class GGUFSource:
