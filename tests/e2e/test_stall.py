@@ -1,6 +1,6 @@
 """Big bodies never stall the server: 8 streams keep flowing (no gap of 1 s or more between chunks) and /health
 answers within 1 s while other clients post a 20 MB body, a chat body just under 4 MiB whose prompt cannot fit,
-and a ~3.9 MB TGI input with truncate=16 that must be tokenized whole (a short prefill: the test measures the
+and a 1 MiB TGI input with truncate=16 that must be tokenized whole (a short prefill: the test measures the
 event loop and the engine thread, not how long a full-context prefill pauses decoding)."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_big_bodies_never_stall_streams_or_health(server):
     chat = json.dumps({"messages": [{"role": "user", "content": word * ((4 * 2**20 - 4096) // len(word))}],
                        "max_tokens": 4}).encode()
     assert 3.9 * 2**20 < len(chat) < 4 * 2**20
-    left = json.dumps({"inputs": word * ((4 * 2**20 - 65536) // len(word)),
+    left = json.dumps({"inputs": word * (2**20 // len(word)),
                        "parameters": {"max_new_tokens": 2, "truncate": 16}}).encode()
     stop, health = threading.Event(), []
     watcher = threading.Thread(target=_watch_health, args=(server.url, stop, health))
@@ -68,7 +68,7 @@ def test_big_bodies_never_stall_streams_or_health(server):
     assert r_huge.status_code in (400, 413), r_huge.text[:300]
     assert r_chat.status_code == 400 and "max_model_len" in r_chat.text, r_chat.text[:300]
     assert r_left.status_code == 200, r_left.text[:300]
-    assert int(r_left.headers["X-Truncated-Tokens"]) > 500_000
+    assert int(r_left.headers["X-Truncated-Tokens"]) > 150_000
     inside = lambda t0, t1: t1 > t_begin and t0 < t_end  # noqa: E731
     gaps = []
     for r in results:
