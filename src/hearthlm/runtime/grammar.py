@@ -37,20 +37,17 @@ def _xgr():
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("matcher", "failed")
+    __slots__ = ("matcher",)
 
     def __init__(self, matcher: Any):
         self.matcher = matcher
-        self.failed = False
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
         """Advance by one sampled token; False when the grammar cannot take it (the request then fails)."""
-        ok = bool(self.matcher.accept_token(int(token)))
-        self.failed |= not ok
-        return ok
+        return bool(self.matcher.accept_token(int(token)))
 
     @property
     def terminated(self) -> bool:
