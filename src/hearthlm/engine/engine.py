@@ -328,14 +328,14 @@ class LLMEngine:
                 f"{self.kv_capacity_tokens:,}: lower max_tokens or the prompt, or give the cache more memory "
                 "(--kv-cache-memory / --gpu-memory-utilization)", param="max_tokens")
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        if params.structured is not None:  # compiled (or a 400) before anything is queued
-            self.grammars.compile(params.structured)
+        # compiled (or a 400) before anything is queued
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_ids), params, seed=hash((base_seed, i)),
                            parent=seqs[0] if seqs else None)
-            if params.structured is not None:
-                seq.grammar = self.grammars.state(params.structured, self._stop_ids(params))
+            if grammar is not None:
+                seq.grammar = self.grammars.state(grammar, self._stop_ids(params))
             seqs.append(seq)
             self.scheduler.add(seq)
         if needs_host_sampling(params):

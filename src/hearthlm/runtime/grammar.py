@@ -120,11 +120,11 @@ class Grammars:
         return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
                                                                  for c in spec.choice))
 
-    def state(self, spec: StructuredOutput, stop_ids: list[int]) -> GrammarState:
-        """A fresh matcher for one sequence; stop_ids end the output once the grammar is complete."""
-        xgr = _xgr()
+    def state(self, compiled: Any, stop_ids: list[int]) -> GrammarState:
+        """A fresh matcher over a compiled grammar (compile's) for one sequence; stop_ids end the output once the
+        grammar is complete."""
         stops = [t for t in stop_ids if 0 <= t < self.vocab_size] or None
-        return GrammarState(xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops))
+        return GrammarState(_xgr().GrammarMatcher(compiled, override_stop_tokens=stops))
 
 
 def grammar_bitmask(states: list[GrammarState | None], vocab: int) -> torch.Tensor | None:
