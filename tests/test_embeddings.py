@@ -83,9 +83,11 @@ def _write_st_config(d: Path, mode: str, normalize: bool) -> None:
                                                              f"pooling_mode_{mode}": True}))
 
 
-def test_decoder_embedding_model(tmp_path, default_tokenizer):
-    """A Qwen3-Embedding-shaped model (bare Qwen3Model names, last-token pooling, Normalize, Matryoshka) against
-    transformers with the same pooling by hand."""
+@pytest.mark.parametrize("mode", ["lasttoken", "mean"])
+def test_decoder_embedding_model(mode, tmp_path, default_tokenizer):
+    """A Qwen3-Embedding-shaped model (bare Qwen3Model names, Normalize, Matryoshka) against transformers with the
+    same pooling by hand; the inputs are pooling requests the scheduler chunks (a 64-token budget) and batches,
+    and, served, batches beside a running generation."""
     import transformers
 
     from hearthlm import LLM, SamplingParams
@@ -98,15 +100,17 @@ def test_decoder_embedding_model(tmp_path, default_tokenizer):
     ref = transformers.Qwen3Model(cfg).eval()
     ref.save_pretrained(tmp_path)
     default_tokenizer.save(tmp_path)
-    _write_st_config(tmp_path, "lasttoken", normalize=True)
+    _write_st_config(tmp_path, mode, normalize=True)
     hf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**hf, "matryoshka_dimensions": [16, 32, 64]}))
     llm = LLM(model=str(tmp_path), device="cpu", dtype="float32", max_model_len=256, max_num_batched_tokens=64)
-    texts = ["hello world", "the quick brown fox jumps over the lazy dog " * 4, "a", "b c"]
-    got = torch.tensor(llm.embed(texts))  # 4 rows over a 64-token budget: several forwards
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog " * 15, "a", "b c"]
+    got = torch.tensor(llm.embed(texts))  # the long row is 3 chunks of a 64-token budget
     rows = [llm.tokenizer.encode(t) for t in texts]
+    assert len(rows[1]) > 128
     with torch.no_grad():
-        want = torch.stack([ref(torch.tensor([r])).last_hidden_state[0, -1] for r in rows])
+        states = [ref(torch.tensor([r])).last_hidden_state[0] for r in rows]
+    want = torch.stack([s[-1] if mode == "lasttoken" else s.mean(0) for s in states])
     want = F.normalize(want, dim=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     short = torch.tensor(llm.embed(texts, dimensions=16))
@@ -121,36 +125,38 @@ def test_decoder_embedding_model(tmp_path, default_tokenizer):
 
 
 def _served_beside_generation(llm, texts, want, tokens, params):
-    """As the server runs it: embeddings on the engine thread (AsyncEngine.run) between the steps of a running
-    generation, through the batcher; both give what they give alone."""
+    """As the server runs it: each input a pooling request (AsyncEngine.pool) scheduled beside a running
+    generation, concurrent requests together; both give what they give alone, and the steps mixed them."""
     from hearthlm.embed import embedder_of
     from hearthlm.engine.async_engine import AsyncEngine
-    from hearthlm.serve.embeddings import EmbedBatcher
 
     aengine = AsyncEngine(llm.engine)
     emb = embedder_of(llm.engine)
+    mixed = []
+    real_launch = llm.engine.runner.launch
 
-    class Model:
-        pass
-
-    Model.aengine = aengine
+    def launch(batch):
+        mixed.append(any(batch.hidden) and any(s is not None for s in batch.sample))
+        return real_launch(batch)
 
     async def main():
         stream = await aengine.submit(llm.tokenizer.encode("hello"), params)
-        b = EmbedBatcher(Model(), emb)
         rows = emb.tokenize(texts).rows
-        vecs = await asyncio.gather(*(b.embed([r]) for r in rows))
+        vecs = await asyncio.gather(*(emb.embed_async(aengine, [r]) for r in rows))
         last = None
         async for out in stream:
             last = out
         return torch.cat(vecs), last.outputs[0].token_ids
 
+    llm.engine.runner.launch = launch
     try:
         vecs, got_tokens = asyncio.run(main())
     finally:
         aengine.shutdown()
+        del llm.engine.runner.launch
     torch.testing.assert_close(vecs, want, rtol=1e-4, atol=1e-5)
     assert got_tokens == tokens
+    assert any(mixed), "no step carried pooling rows beside a sampled one"
     assert llm.engine.kv.all_free()
 
 

@@ -346,9 +346,10 @@ class EncoderEmbedder(Embedder):
 # ---- decoders served by an LLMEngine ----
 
 class DecoderEmbedder(Embedder):
-    """A decoder embedding model loaded by the engine: its forward over fresh KV blocks (freed after, like
-    perplexity's windows), pooled from the final-norm hidden states. Call embed_ids on the engine's thread
-    (AsyncEngine.run): it uses the runner's step buffers and the KV pool."""
+    """A decoder embedding model loaded by the engine: each input is a pooling request that the engine's
+    scheduler batches beside generation (chunked prefill, prefix cache for last-token pooling, preemption), pooled
+    from the final-norm hidden states it returns. embed_ids steps an idle engine itself (LLM.embed);
+    embed_async goes through a running AsyncEngine (the server)."""
 
     def __init__(self, engine, spec: PoolingSpec):
         cfg = engine.model_config
@@ -356,6 +357,7 @@ class DecoderEmbedder(Embedder):
         super().__init__(engine.tokenizer, spec, cfg.vocab_size, limit, engine.loaded.path.name)
         self.engine = engine
         self.dimension = cfg.hidden_size * len(spec.modes)
+        self.all_rows = any(m != "lasttoken" for m in spec.modes)  # else the engine returns last rows only
 
     @classmethod
     def for_engine(cls, engine, name: str) -> DecoderEmbedder:
@@ -369,36 +371,35 @@ class DecoderEmbedder(Embedder):
                 "all-MiniLM-L6-v2, ...)", param="model")
         return cls(engine, spec)
 
-    @torch.inference_mode()
-    def forward_pooled(self, rows: list[list[int]]) -> torch.Tensor:
-        from .runtime.runner import Batch
+    def pool_states(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """The engine's hidden states per input ([tokens or 1, H]) -> normalized vectors [B, dimension] (CPU)."""
+        v = pool(torch.cat(states), [s.shape[0] for s in states], self.spec.modes)
+        return F.normalize(v, p=2, dim=1) if self.spec.normalize else v
 
+    @torch.inference_mode()
+    def embed_ids(self, rows: list[list[int]]) -> torch.Tensor:
         eng = self.engine
-        bs = eng.kv.block_size
-        pools = [g.pool for g in eng.kv.groups]
-        budget = max(eng.config.scheduler.max_num_batched_tokens, max(len(r) for r in rows))
-        out = []
-        for group in batches(rows, len(rows), budget, padded=False):  # order kept: the caller's order below
-            chunk = [rows[i] for i in sorted(group)]
-            need = sum(-(-len(r) // bs) for r in chunk)
-            if any(p.num_free < need for p in pools):
-                raise UnavailableError("the KV cache is full with running requests: retry the embeddings request "
-                                       "shortly", retry_after=1)
-            tables = [[[p.allocate() for _ in range(-(-len(r) // bs))] for p in pools] for r in chunk]
-            try:
-                input_ids, positions, meta, _ = eng.runner.prepare(Batch(chunk, [0] * len(chunk), tables,
-                                                                         [None] * len(chunk)))
-                hidden = eng.runner.model.forward(input_ids, positions, meta, eng.runner.kv_caches)
-                out.append((sorted(group), pool(hidden, [len(r) for r in chunk], self.spec.modes)))
-            finally:
-                for seq in tables:
-                    for p, table in zip(pools, seq):
-                        for block in table:
-                            p.release(block)
-        result = torch.empty(len(rows), self.dimension)
-        for idx, vecs in out:
-            result[idx] = vecs.cpu()
-        return result
+        ids = [eng.add_pooling_request(r, self.all_rows) for r in rows]
+        done: dict[str, torch.Tensor] = {}
+        try:
+            while len(done) < len(ids):
+                if not eng.has_unfinished():
+                    raise UnavailableError("the engine stopped before the embeddings were computed", retry_after=1)
+                for out in eng.step(emit_unfinished=False):
+                    if out.error is not None:
+                        raise out.error
+                    if out.hidden_states is not None:
+                        done[out.request_id] = out.hidden_states
+        finally:
+            for rid in ids:
+                if rid not in done:
+                    eng.abort_request(rid)
+        return self.pool_states([done[r] for r in ids])
+
+    async def embed_async(self, aengine, rows: list[list[int]]) -> torch.Tensor:
+        """The vectors of rows through a running AsyncEngine: one pooling request each, batched by its scheduler
+        with whatever else runs."""
+        return self.pool_states(await aengine.pool(rows, self.all_rows))
 
 
 def embedder_of(engine, name: str = "") -> Embedder:

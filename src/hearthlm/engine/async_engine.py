@@ -186,6 +186,50 @@ class AsyncEngine:
             raise
         return RequestStream(self, rid, stream)
 
+    async def pool(self, rows: list[list[int]], all_rows: bool) -> list:
+        """Final hidden states of each row's prompt (LLMEngine.add_pooling_request: every token's, or the last
+        one's), computed by the scheduler beside whatever else runs. The rows are queued at once; the call counts
+        once against the queue limit. Cancelling it aborts the rows not yet done."""
+        self._check_capacity()
+        loop = asyncio.get_running_loop()
+        ids = [f"embd-{uuid.uuid4().hex[:16]}" for _ in rows]
+        streams = [_Stream(loop, asyncio.Queue()) for _ in rows]
+        accepted: asyncio.Future = loop.create_future()
+
+        def add() -> None:
+            with self._cv:
+                self._pending -= 1
+            try:
+                for rid, row, stream in zip(ids, rows, streams):
+                    self.engine.add_pooling_request(row, all_rows, rid)
+                    self._streams[rid] = stream
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, with the rows already queued undone
+                for rid in ids:
+                    if rid in self._streams:
+                        self._abort(rid)
+                loop.call_soon_threadsafe(_resolve, accepted, e)
+                return
+            loop.call_soon_threadsafe(_resolve, accepted, None)
+
+        self._call(add, pending=True)
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        handles = [RequestStream(self, rid, stream) for rid, stream in zip(ids, streams)]
+        try:
+            out = []
+            for h in handles:
+                async for item in h:
+                    if item.finished:
+                        out.append(item.hidden_states)
+            return out
+        finally:
+            for h in handles:
+                await h.aclose()
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        keep_prefix: int = 0, truncated: int = 0) -> AsyncIterator[RequestOutput]:
         stream = await self.submit(prompt, params, request_id, keep_prefix, truncated)

@@ -15,14 +15,14 @@ from ..config import EngineConfig
 from ..errors import CapacityError, ContextLengthError, HearthError, InvalidRequestError
 from ..loader import LoadedModel, load_model
 from ..runtime.grammar import Grammars
-from ..runtime.runner import Batch, ModelRunner, StepHandle
+from ..runtime.runner import HIDDEN_ALL, HIDDEN_LAST, HIDDEN_NONE, Batch, ModelRunner, StepHandle
 from ..runtime.sampler import SampleRequest, needs_host_sampling
 from ..sampling import SamplingParams
 from .detokenizer import TextState
 from .kv_cache import KVCacheManager, kv_group_windows
 from .metrics import EngineStats
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, Sequence
+from .sequence import CompletionOutput, PoolingTask, RequestOutput, Sequence
 
 log = logging.getLogger("hearthlm")
 
@@ -345,6 +345,33 @@ class LLMEngine:
                                                  truncated_tokens=truncated + dropped)
         return request_id
 
+    def add_pooling_request(self, prompt_ids: list[int], all_rows: bool, request_id: str | None = None) -> str:
+        """Queue an embeddings request: its prompt is computed beside generation (chunked, batched and preempted
+        like a prefill) and its finished RequestOutput carries hidden_states: the final hidden states of every
+        prompt token (all_rows) or of the last one. Overlapped steps are off while it runs."""
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        ids = list(prompt_ids)
+        if not ids:
+            raise InvalidRequestError("an input to embed has no tokens", param="input")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(f"an input of {len(ids):,} tokens is longer than the model's limit of "
+                                      f"{self.max_model_len:,}: shorten it or ask for truncation", param="input")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param="input")
+        if not self.kv.fits_ever(len(ids), self.config.scheduler.max_num_batched_tokens):
+            raise CapacityError(f"an input of {len(ids):,} tokens needs more KV cache than the pool holds "
+                                f"({self.kv_capacity_tokens:,} tokens): shorten it or give the cache more memory",
+                                param="input")
+        params = SamplingParams(temperature=0.0, max_tokens=1)  # never sampled: accounting only
+        seq = Sequence(request_id, 0, ids, params, seed=0, pooling=PoolingTask(all_rows))
+        self.scheduler.add(seq)
+        self._host_sampled.add(request_id)  # its rows are read on the host each step: no overlap
+        self.requests[request_id] = RequestState(request_id, None, ids, params, [seq], [TextState()])
+        return request_id
+
     def _stop_ids(self, p: SamplingParams) -> list[int]:
         """The tokens that end a sequence: eos (unless ignore_eos) and stop_token_ids."""
         return ([] if p.ignore_eos else self.tokenizer.eos_token_ids) + p.stop_token_ids
@@ -415,7 +442,12 @@ class LLMEngine:
             batch.start_positions.append(start)
             batch.block_tables.append(seq.kv.block_tables)
             batch.seq_keys.append((seq.seq_id, seq.num_preemptions))
-            if start + n == seq.num_tokens:
+            if seq.pooling is not None:
+                batch.hidden += [HIDDEN_NONE] * (len(batch.token_ids) - 1 - len(batch.hidden))
+                batch.hidden.append(HIDDEN_ALL if seq.pooling.all_rows else
+                                    HIDDEN_LAST if start + n == seq.num_tokens else HIDDEN_NONE)
+                batch.sample.append(None)
+            elif start + n == seq.num_tokens:
                 p = seq.params
                 key = id(p)
                 if key not in stop_ids_cache:
@@ -424,6 +456,8 @@ class LLMEngine:
                                                   seq.pending.count, grammar=seq.grammar))
             else:
                 batch.sample.append(None)
+        if batch.hidden:
+            batch.hidden += [HIDDEN_NONE] * (len(batch.token_ids) - len(batch.hidden))
         t0 = time.perf_counter()
         handle = self.runner.launch(batch)
         self.stats.step(sched, time.perf_counter() - t0)
@@ -441,9 +475,16 @@ class LLMEngine:
         results = iter(zip(result.token_ids, result.logprobs))
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for seq, req in zip(step.seqs, step.sample):
+        hidden = step.handle.hidden or [None] * len(step.seqs)
+        for seq, req, rows in zip(step.seqs, step.sample, hidden):
             token, logprobs = next(results) if req is not None else (None, None)
             if seq.is_finished:  # stopped, aborted or failed while this step was in flight: its token is dropped
+                continue
+            if seq.pooling is not None:
+                self.kv.commit(seq)
+                out = self._pooled(seq, rows)
+                if out is not None:
+                    outputs.append(out)
                 continue
             if req is not None:
                 seq.pending.count -= 1
@@ -485,6 +526,25 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - detokenization: this request fails alone
                     outputs.append(self._fail(state, e, "detokenization"))
         return outputs
+
+    def _pooled(self, seq: Sequence, rows: torch.Tensor | None) -> RequestOutput | None:
+        """Collect a pooling sequence's rows of this step; its output once the whole prompt is computed."""
+        if rows is not None:
+            seq.pooling.chunks.append(rows)
+        if seq.num_computed_tokens < seq.num_tokens:
+            return None
+        state = self.requests.pop(seq.request_id)
+        seq.result.finish_reason = "stop"
+        self.scheduler.finish(seq)
+        state.finished = True
+        state.first_token_time = time.monotonic()
+        self._host_sampled.discard(seq.request_id)
+        self.stats.finished(state)
+        hidden = torch.cat(seq.pooling.chunks) if len(seq.pooling.chunks) > 1 else seq.pooling.chunks[0]
+        seq.pooling.chunks = []
+        return RequestOutput(state.request_id, None, state.prompt_ids, [], finished=True,
+                             num_cached_tokens=seq.num_cached_tokens, hidden_states=hidden,
+                             metrics={"ttft_s": state.first_token_time - state.arrival, "arrival": state.arrival})
 
     def _fail(self, state: RequestState, exc: BaseException, during: str) -> RequestOutput:
         """Stop one request whose sampling or output handling raised; its output carries the typed error."""

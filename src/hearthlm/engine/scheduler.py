@@ -40,6 +40,8 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        if seq.pooling is not None:
+            seq.pooling.reset()
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -76,7 +78,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             matched = seq.num_computed_tokens == 0
-            if matched:
+            if matched and (seq.pooling is None or not seq.pooling.all_rows):  # all rows: no state is cached
                 self.kv.match_prefix(seq)
             num_new = self._num_new(seq, budget)
             if num_new == 0 or not self.kv.allocate(seq, num_new):

@@ -44,6 +44,19 @@ class SeqResult:
     logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
+@dataclass
+class PoolingTask:
+    """A sequence that only computes its prompt's hidden states (embeddings): the scheduler batches it with
+    generation; the runner returns its rows of each step's final hidden states, collected here in order."""
+
+    all_rows: bool  # the pooling reads every token's state (mean, cls, max); else only the last token's
+    chunks: list = field(default_factory=list)  # [n, hidden] float32 host tensors, one per step
+
+    def reset(self) -> None:
+        """Recompute preemption: the prompt is computed again from its first token."""
+        self.chunks.clear()
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generated continuation. A request with n > 1 owns n sequences sharing its prompt. The scheduler owns
@@ -65,6 +78,7 @@ class Sequence:
     pending: SeqPending = field(default_factory=SeqPending)
     result: SeqResult = field(default_factory=SeqResult)
     grammar: object = None  # structured output: a runtime.grammar.GrammarState, advanced by the engine
+    pooling: PoolingTask | None = None  # an embeddings request: prompt only, no sampling
 
     @property
     def num_tokens(self) -> int:
@@ -119,3 +133,4 @@ class RequestOutput:
     truncated_tokens: int = 0  # tokens dropped by truncate="left"
     metrics: dict = field(default_factory=dict)
     error: Exception | None = None  # set when this request alone failed (finished; its stream raises it)
+    hidden_states: object = None  # pooling requests: [prompt tokens or 1, hidden] float32 final hidden states

@@ -29,13 +29,20 @@ class Batch:
     # per sequence: row of the previous step's sampled tokens that is this decode's input (its id is still on
     # the device), or -1 when token_ids holds it
     prev_rows: list[int] = field(default_factory=list)
+    # per sequence (or empty: none): which rows of the final hidden states the step returns (pooling requests)
+    hidden: list[int] = field(default_factory=list)  # HIDDEN_NONE | HIDDEN_LAST | HIDDEN_ALL
+
+
+HIDDEN_NONE, HIDDEN_LAST, HIDDEN_ALL = 0, 1, 2
 
 
 class StepHandle:
     """The sampled tokens of a launched step; result() waits for the device only when called."""
 
-    def __init__(self, result: SampleResult | None = None, host: torch.Tensor | None = None, event=None):
+    def __init__(self, result: SampleResult | None = None, host: torch.Tensor | None = None, event=None,
+                 hidden: list[torch.Tensor | None] | None = None):
         self._result, self._host, self._event = result, host, event
+        self.hidden = hidden  # per sequence: its requested hidden rows (float32, host), else None
 
     def result(self) -> SampleResult:
         if self._result is None:
@@ -172,7 +179,7 @@ class ModelRunner:
     # ---- execution ----
     def _graph_decode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits, greedy tokens) via a captured CUDA graph when every sequence decodes one token."""
-        if self.graphs is None or any(len(t) != 1 for t in batch.token_ids):
+        if self.graphs is None or any(batch.hidden) or any(len(t) != 1 for t in batch.token_ids):
             return None
         width = max(len(bt[g]) for bt in batch.block_tables for g in range(len(self.windows)))
         if not self.graphs.can_run(len(batch.token_ids), width) or len(batch.seq_keys) != len(batch.token_ids):
@@ -183,9 +190,11 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: Batch) -> StepHandle:
         """Run one step. On CUDA the sampled tokens stay on the device (they feed the next step through
-        Batch.prev_rows) and are copied to the host asynchronously; the handle waits for them."""
+        Batch.prev_rows) and are copied to the host asynchronously; the handle waits for them. Rows asked for in
+        Batch.hidden come back in StepHandle.hidden (the engine runs such steps without overlap)."""
         reqs = [s for s in batch.sample if s is not None]
         greedy = None
+        rows = None
         graph_out = self._graph_decode(batch)
         if graph_out is not None:
             logits, greedy = graph_out
@@ -194,11 +203,13 @@ class ModelRunner:
         else:
             input_ids, positions, meta, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
+            if any(batch.hidden):
+                rows = _hidden_rows(hidden, batch)
             if not reqs:
-                return StepHandle(SampleResult([], []))
+                return StepHandle(SampleResult([], []), hidden=rows)
             logits = self.model.compute_logits(hidden[sample_rows])
-        if any(needs_host_sampling(r.params) for r in reqs):
-            return StepHandle(sample(logits, reqs))
+        if rows is not None or any(needs_host_sampling(r.params) for r in reqs):
+            return StepHandle(sample(logits, reqs), hidden=rows)
         tokens = sample_tokens(logits, reqs, greedy)
         n = len(reqs)
         if not self.can_overlap:
@@ -219,3 +230,15 @@ class ModelRunner:
         """Logits of every token of the batch (used by perplexity and tests)."""
         input_ids, positions, meta, _ = self.prepare(batch)
         return self.model.compute_logits(self.model.forward(input_ids, positions, meta, self.kv_caches))
+
+
+def _hidden_rows(hidden: torch.Tensor, batch: Batch) -> list[torch.Tensor | None]:
+    """Each sequence's requested rows of the step's final hidden states [T, H], as float32 host tensors."""
+    out: list[torch.Tensor | None] = []
+    end = 0
+    for ids, kind in zip(batch.token_ids, batch.hidden):
+        start, end = end, end + len(ids)
+        if kind == HIDDEN_LAST:
+            start = end - 1
+        out.append(None if kind == HIDDEN_NONE else hidden[start:end].float().cpu())
+    return out

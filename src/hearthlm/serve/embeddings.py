@@ -1,8 +1,8 @@
 """Embeddings endpoints: OpenAI /v1/embeddings, Ollama /api/embed and the legacy /api/embeddings.
 
-Rows of concurrent requests are gathered into shared forwards (EmbedBatcher): length-sorted groups within a row
-and token budget, run off the event loop -- on the engine thread between steps for a decoder (AsyncEngine.run),
-on the encoder's own worker thread for a BERT-family model. What each field does: README, "Embeddings"."""
+A decoder's inputs are pooling requests that its engine's scheduler batches beside generation (AsyncEngine.pool).
+A BERT-family encoder has no scheduler: rows of concurrent requests are gathered into shared forwards
+(EmbedBatcher), length-sorted groups within a row and token budget, run on the encoder's own worker thread. What each field does: README, "Embeddings"."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from ..embed import Embedder, Inputs, batches, embedder_of
+from ..embed import DecoderEmbedder, Embedder, Inputs, batches, embedder_of
 from ..errors import InvalidRequestError
 from .common import Server, off_loop, parse, server
 from .models import Loaded, parse_keep_alive
@@ -180,7 +180,8 @@ async def run_embed(request: Request, model: str | None, items: list[str] | list
                     truncate: bool | int = False, dimensions: int | None = None,
                     keep_alive: float | None | str = "default", limit: int | None = None, param: str = "input"
                     ) -> tuple[Loaded, torch.Tensor, Inputs, float]:
-    """Acquire the model, tokenize off the loop, embed through the model's batcher: (model, vectors, inputs,
+    """Acquire the model, tokenize off the loop, embed (an encoder through the model's batcher, a decoder through
+    the engine's scheduler): (model, vectors, inputs,
     load seconds). limit: a token cap that errors like the model's own unless truncating."""
     srv: Server = server(request)
     m, load_s = await srv.manager.acquire(model, keep_alive, purpose="embed")
@@ -202,7 +203,12 @@ async def run_embed(request: Request, model: str | None, items: list[str] | list
             return emb, dims, emb.tokenize(items, cap, param)
 
         emb, dims, inputs = await off_loop(prepare)
-        vectors = emb.cut(await _batcher(m, emb).embed(inputs.rows), dims) if inputs.rows else torch.empty(0, 0)
+        if not inputs.rows:
+            vectors = torch.empty(0, 0)
+        elif isinstance(emb, DecoderEmbedder):  # the engine's scheduler batches it beside generation
+            vectors = emb.cut(await emb.embed_async(m.aengine, inputs.rows), dims)
+        else:
+            vectors = emb.cut(await _batcher(m, emb).embed(inputs.rows), dims)
     finally:
         srv.manager.release(m)
     srv.metrics.requests.labels(dialect, "200").inc()
