@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from hearthlm.config import SchedulerConfig
 from hearthlm.engine.kv_cache import NULL_BLOCK, KVCacheManager, block_preimage
 from hearthlm.engine.scheduler import ScheduledBatch, Scheduler
-from hearthlm.engine.sequence import Sequence, SeqStatus
+from hearthlm.engine.sequence import PoolingTask, Sequence, SeqStatus
 from hearthlm.sampling import SamplingParams
 
 
@@ -66,6 +66,12 @@ def kv_key(kv: KVCacheManager, seq: Sequence, i: int) -> bytes:
     return _digest(block_preimage(parent, seq.all_ids[i * bs:(i + 1) * bs]))
 
 
+def make_pooling_seq(prompt: list[int], all_rows: bool, request_id: str = "e") -> Sequence:
+    """A Sequence as LLMEngine.add_pooling_request builds one."""
+    return Sequence(request_id, 0, list(prompt), SamplingParams(max_tokens=1, temperature=0.0), seed=0,
+                    pooling=PoolingTask(all_rows))
+
+
 @dataclass
 class SimSeq:
     seq: Sequence
@@ -94,7 +100,7 @@ class Sim:
             unchecked: bool = False) -> Sequence:
         stream = stream if stream is not None else [1000 + seq.seq_id * 7 + k for k in range(seq.params.max_tokens)]
         # LLMEngine.add_request refuses what the pool could never hold (it would preempt itself forever)
-        total = seq.num_tokens + seq.params.max_tokens
+        total = seq.num_tokens + (0 if seq.pooling is not None else seq.params.max_tokens)
         assert unchecked or self.kv.fits_ever(total, self.config.max_num_batched_tokens)
         self.seqs[seq.seq_id] = SimSeq(seq, stream, stop_at)
         self.sched.add(seq)
@@ -117,7 +123,10 @@ class Sim:
 
     def step(self) -> ScheduledBatch:
         previous, self.inflight = self.inflight, None
-        if previous is not None and not self.overlap:
+        # LLMEngine: no overlap while a pooling request is unfinished (its rows are read on the host)
+        overlap = self.overlap and not any(s.seq.pooling is not None and not s.seq.is_finished
+                                           for s in self.seqs.values())
+        if previous is not None and not overlap:
             self._finish(previous)
             previous = None
         before_running = list(self.sched.running)
@@ -128,7 +137,7 @@ class Sim:
         if previous is not None:
             self._finish(previous)
         if launched is not None:
-            if self.overlap:
+            if overlap:
                 self.inflight = launched
             else:
                 self._finish(launched)
@@ -159,7 +168,10 @@ class Sim:
                         assert block != NULL_BLOCK, f"query {q} reads released block of position {pos}"
                         got = self.store[gi].get(block * bs + pos % bs)
                         assert got == self._prefix(seq, pos), f"seq {seq.seq_id} pos {pos}: wrong KV in block {block}"
-            samples = start + n == seq.num_tokens
+            samples = start + n == seq.num_tokens and seq.pooling is None
+            if seq.pooling is not None and (seq.pooling.all_rows or start + n == seq.num_tokens):
+                # the rows the runner hands back: every new token's, or the prompt's last
+                seq.pooling.chunks.append(list(range(start, start + n)) if seq.pooling.all_rows else [start + n - 1])
             seq.num_computed_tokens += n
             if samples:
                 seq.pending.count += 1
@@ -177,6 +189,13 @@ class Sim:
                 seq.pending.count -= 1
                 seq.output_ids.append(self.seqs[seq.seq_id].stream[len(seq.output_ids)])
             self.kv.commit(seq)
+            if seq.pooling is not None and seq.num_computed_tokens == seq.num_tokens:
+                rows = [r for c in seq.pooling.chunks for r in c]
+                n = len(seq.prompt_ids)
+                assert rows == (list(range(n)) if seq.pooling.all_rows else [n - 1]), f"pooled rows {rows}"
+                seq.result.finish_reason = "stop"
+                self.sched.finish(seq)
+                self.finished.append(seq)
             if not samples:
                 continue
             s = self.seqs[seq.seq_id]

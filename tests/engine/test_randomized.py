@@ -2,7 +2,8 @@
 
 Each seed draws a pool (block size, blocks, sliding windows, prefix caching), a scheduler config (budget,
 max_num_seqs, chunking, overlapped steps) and a stream of requests (shared prefixes from a tiny vocabulary so
-prefix-cache hits and key chains collide, n > 1 siblings, stop tokens, aborts at random steps). After every step
+prefix-cache hits and key chains collide, n > 1 siblings, stop tokens, aborts at random steps, embeddings
+requests that must get every prompt row, or the last, exactly once after their final preemption). After every step
 sim.check_kv and Sim.check_batch assert the invariants (no block both free and held, ref counts equal holders,
 budgets, preemption order, every query reads the KV of its own prefix); at the end every request must be done
 with the tokens the "model" produced and the pool must be whole again.
@@ -16,7 +17,7 @@ import pytest
 from hearthlm.config import SchedulerConfig
 from hearthlm.engine.kv_cache import KVCacheManager
 
-from .sim import Sim, check_kv, make_seq
+from .sim import Sim, check_kv, make_pooling_seq, make_seq
 
 
 def scenario(seed: int) -> tuple[Sim, random.Random, dict]:
@@ -36,15 +37,20 @@ def scenario(seed: int) -> tuple[Sim, random.Random, dict]:
                           enable_chunked_prefill=chunked)
     sim = Sim(kv, cfg, overlap=rng.random() < 0.5)
     knobs = dict(num_requests=rng.randint(1, 14), abort_p=rng.choice([0.0, 0.0, 0.05, 0.2]),
-                 siblings=rng.random() < 0.3, arrive_p=rng.choice([0.3, 1.0]))
+                 siblings=rng.random() < 0.3, arrive_p=rng.choice([0.3, 1.0]),
+                 pooling_p=rng.choice([0.0, 0.3]))
     return sim, rng, knobs
 
 
-def request(sim: Sim, rng: random.Random, rid: str, siblings: bool) -> list:
+def request(sim: Sim, rng: random.Random, rid: str, siblings: bool, pooling_p: float = 0.0) -> list:
     vocab = 3  # tiny: equal blocks and equal keys across requests are common
     prefixes = [[7] * 5, [1, 2, 3, 4, 5, 6, 7, 8, 9], []]
     max_len = sim.config.max_model_len
     p = (rng.choice(prefixes) + [rng.randrange(vocab) for _ in range(rng.randint(0, 12))])[:max_len - 1] or [0]
+    if rng.random() < pooling_p:  # an embeddings request: the prompt only
+        if not sim.kv.fits_ever(len(p), sim.config.max_num_batched_tokens):
+            return []
+        return [sim.add(make_pooling_seq(p, rng.random() < 0.5, rid), [])]
     max_tokens = rng.randint(1, max(1, min(12, max_len - len(p))))
     if not sim.kv.fits_ever(len(p) + max_tokens, sim.config.max_num_batched_tokens):
         return []  # LLMEngine.add_request raises CapacityError
@@ -84,7 +90,7 @@ def run_workload(seed: int) -> None:
     all_seqs = []
     for step in range(5000):
         while pending and (rng.random() < knobs["arrive_p"] or not sim.sched.has_unfinished()):
-            all_seqs += request(sim, rng, f"r{pending}", knobs["siblings"])
+            all_seqs += request(sim, rng, f"r{pending}", knobs["siblings"], knobs["pooling_p"])
             pending -= 1
         if not (pending or sim.sched.has_unfinished() or sim.inflight):
             break
@@ -106,7 +112,9 @@ def run_workload(seed: int) -> None:
         s = sim.seqs[q.seq_id]
         assert q.is_finished  # num_pending may stay set: a finished sequence's in-flight token is dropped
         assert q.output_ids == s.stream[:len(q.output_ids)]
-        if q.result.finish_reason == "length":
+        if q.pooling is not None:
+            assert not q.output_ids and q.result.finish_reason in ("stop", "abort")
+        elif q.result.finish_reason == "length":
             assert len(q.output_ids) == q.params.max_tokens or q.num_known_tokens >= sim.config.max_model_len
         elif q.result.finish_reason == "stop":
             assert len(q.output_ids) == s.stop_at
