@@ -289,3 +289,25 @@ def test_fused_layer_path_matches_the_generic_one(tiny, family, monkeypatch):
             assert a.token_ids[k] in lb and abs(lb[a.token_ids[k]] - lb[b.token_ids[k]]) < 1e-2, (k, lb)
         for la, lb in zip(a.logprobs[:k], b.logprobs[:k]):  # (the runner-up may swap at a near-tie)
             assert all(abs(la[t] - lb[t]) < 5e-3 for t in la.keys() & lb.keys()), (la, lb)
+
+
+@needs_native
+def test_row_attention_with_sinks_matches_the_reference(lib):
+    """Attention sinks (gpt-oss) in the native kernel: each head's sink logit joins every row's softmax."""
+    from hearthlm.kernels.paged_attention import attend_ref
+
+    gen = torch.Generator().manual_seed(2)
+    h, kvh, d, n = 6, 2, 64, 20
+    qkv = torch.randn(n, (h + 2 * kvh) * d, generator=gen)
+    cos, sin = Rotary(d, 10000.0, None, torch.device("cpu")).cos_sin(torch.arange(n), torch.float32)
+    slots = torch.arange(n)
+    sinks = torch.randn(h, generator=gen) * 2
+    att = cq.RowAttention(cos, sin, slots, slots, torch.zeros(n, dtype=torch.long), slots + 1, h, kvh, d,
+                          d ** -0.5, None, lib=lib)
+    kp, vp = torch.zeros(n, 1, kvh, d), torch.zeros(n, 1, kvh, d)
+    got = att(qkv, kp, vp, sinks).view(n, h, d)
+    q = apply_rotary(qkv[:, :h * d].reshape(n, h, d), cos, sin)
+    want = attend_ref(q, kp[:, 0], vp[:, 0], torch.arange(n), d ** -0.5, None, None, sinks)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    plain = att(qkv, torch.zeros_like(kp), torch.zeros_like(vp)).view(n, h, d)
+    assert not torch.allclose(plain, got, atol=1e-3)

@@ -78,6 +78,22 @@ def test_mixed_step_split_between_the_decode_and_prefill_kernels(prefill_case):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_and_prefill_with_sinks(decode_case, prefill_case, num_splits):
+    """gpt-oss attention sinks: one more logit per head in the softmax, added once (in the reduce when split)."""
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0, -0.5])
+    pb, q = decode_case([1, 30, 75], num_heads=6, num_kv_heads=2, block_size=12)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, pb.seq_lens, 0.2, None, None)
+    want = pa.paged_decode_attention_ref(*args, sinks=sinks)
+    torch.testing.assert_close(pa.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=16,
+                                                                sinks=sinks), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, pa.paged_decode_attention_ref(*args), atol=1e-3)
+    pb, q, cu = prefill_case([21, 30, 45], [21, 1, 13], num_heads=6, num_kv_heads=2, block_size=12)
+    args = (q, pb.k_cache, pb.v_cache, pb.block_tables, cu, pb.seq_lens, 0.2, None, 9 if num_splits > 1 else None)
+    torch.testing.assert_close(pf.paged_prefill_attention_triton(*args, block_m=16, block_n=16, sinks=sinks),
+                               pf.paged_prefill_attention_ref(*args, sinks=sinks), atol=1e-5, rtol=1e-5)
+
+
 def test_cache_write():
     k_cache, v_cache = torch.zeros(2, 4, 4, 2, 8).unbind(0)
     kv = torch.randn(5, 3, 2, 8)

@@ -153,7 +153,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.hl_qmatmul.argtypes = [p, i64, i64, i64, p, p, p, i64, c_int, p, i64, c_int, p, ctypes.c_float, c_int, c_int]
     lib.hl_qmatmul.restype = ctypes.c_int
     lib.hl_attention.argtypes = [p, i64, p, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float,
-                                 ctypes.c_float, p]
+                                 ctypes.c_float, p, p]
     lib.hl_attention.restype = ctypes.c_int
     lib.hl_simd.restype = ctypes.c_int
     lib.hl_prepare_rows.argtypes = [c_int, p, i64, i64, i64, p, ctypes.c_float, p]
@@ -375,12 +375,14 @@ class RowAttention:
         self._args = (*(k.data_ptr() for k in keep[2:]), t, num_heads, kv_heads, head_dim, scale, softcap or 0.0)
         self._rope = (keep[0].data_ptr(), keep[1].data_ptr())
 
-    def __call__(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+    def __call__(self, qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
         """qkv: [T, (heads + 2 kv_heads) * head_dim] float32 rows (unit column stride) from the fused projection;
-        pools: [blocks, block_size, kv_heads, head_dim] float32, contiguous. -> [T, heads * head_dim]."""
+        pools: [blocks, block_size, kv_heads, head_dim] float32, contiguous; sinks: [heads] float32 contiguous or
+        None (attention sinks: one more softmax logit per head, with a zero value). -> [T, heads * head_dim]."""
         out = torch.empty(self.rows, self.width, dtype=torch.float32)
         if self._call(qkv.data_ptr(), qkv.stride(0), *self._rope, k_pool.data_ptr(), v_pool.data_ptr(), *self._args,
-                      out.data_ptr()):
+                      None if sinks is None else sinks.data_ptr(), out.data_ptr()):
             raise MemoryError("native CPU attention: out of memory")
         return out
 
@@ -393,7 +395,7 @@ class RowAttention:
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                      v_pool: torch.Tensor, slot_mapping: torch.Tensor, key_slots: torch.Tensor,
                      mask: torch.Tensor | None, num_heads: int, scale: float, softcap: float | None,
-                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
+                     lib: ctypes.CDLL | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """RowAttention for one layer, one query per sequence: key_slots [B, L], mask [B, L] additive (each row's
     0 entries one run) or None -> [B, heads * head_dim]."""
     b, length = key_slots.shape
@@ -404,7 +406,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     att = RowAttention(cos, sin, slot_mapping, key_slots, first + torch.arange(b) * length, count, num_heads,
                        k_pool.shape[2], k_pool.shape[3], scale, softcap, lib)
     assert att.accepts(qkv, k_pool, v_pool)
-    return att(qkv, k_pool, v_pool)
+    return att(qkv, k_pool, v_pool, sinks)
 
 
 def prepare_rows(x: torch.Tensor, k: int, norm: tuple[torch.Tensor, float] | None = None, silu_mul: bool = False,

@@ -87,7 +87,7 @@ if HAS_TRITON:
     def _decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
         out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-        k_scale_ptr, v_scale_ptr,
+        k_scale_ptr, v_scale_ptr, sinks_ptr,
         scale, softcap, window,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -96,7 +96,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HAS_ORDER: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, HAS_ORDER: tl.constexpr, USE_SINKS: tl.constexpr,
     ):
         kvh = tl.program_id(0)  # the kv heads of one sequence run side by side: they share its blocks' DRAM rows
         seq = tl.program_id(1)
@@ -139,7 +139,10 @@ if HAS_TRITON:
                                              v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb,
                                              stride_vst, FP32_DOT, KV_QUANT, KV_SCALED)
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        denom = l_i
+        if USE_SINKS and not WRITE_PARTIAL:  # the sink joins the softmax once: here, or in the reduce
+            denom += tl.exp2(tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634 - m_i)
+        out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
         out_mask = g_mask[:, None] & d_mask[None, :]
         if not WRITE_PARTIAL:
             tl.store(out_ptr + seq64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
@@ -152,8 +155,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_kernel(
-        out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, stride_os, stride_oh, num_splits,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, sinks_ptr, stride_os, stride_oh, num_splits,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_SINKS: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -171,6 +174,8 @@ if HAS_TRITON:
         o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)
         denom = tl.sum(w, 0)
+        if USE_SINKS:
+            denom += tl.exp2(tl.load(sinks_ptr + head) * 1.4426950408889634 - m_max)
         out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
         tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d,
                  out.to(out_ptr.dtype.element_ty), mask=d_mask)
@@ -192,7 +197,7 @@ def gather_kv(cache: KVPool, block_table: torch.Tensor, seq_len: int) -> torch.T
 
 
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
-               softcap: float | None, window: int | None) -> torch.Tensor:
+               softcap: float | None, window: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Dense masked attention of one sequence in fp32; key i sits at position i.
 
     q: [num_q, num_heads, head_dim]; k, v: [num_keys, num_kv_heads, head_dim]; q_pos: [num_q]
@@ -215,7 +220,11 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         if window is not None:
             mask &= k_pos[None, :] > pc[:, None] - window
         s = s.masked_fill(~mask, float("-inf"))
+        if sinks is not None:  # [heads] -> [kv, g, 1, 1]: one more logit per head, with a zero value
+            s = torch.cat([s, sinks.float().view(num_kv_heads, group, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows without keys -> zeros
+        if sinks is not None:
+            p = p[..., :-1]
         o = torch.einsum("kgqt,tkd->qkgd", p, vf)
         out[c0:c0 + chunk] = o.reshape(-1, num_heads, v.shape[-1]).to(q.dtype)
     return out
@@ -223,7 +232,8 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                               softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+                               softcap: float | None = None, window: int | None = None,
+                               sinks: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     # block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 -> [num_seqs, num_heads, head_dim]
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -233,7 +243,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool
         k = gather_kv(k_cache, block_tables[i], seq_len)
         v = gather_kv(v_cache, block_tables[i], seq_len)
         pos = torch.tensor([seq_len - 1], device=q.device)
-        out[i:i + 1] = attend_ref(q[i:i + 1], k, v, pos, scale, softcap, window)
+        out[i:i + 1] = attend_ref(q[i:i + 1], k, v, pos, scale, softcap, window, sinks)
     return out
 
 
@@ -260,10 +270,12 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
                                   out: torch.Tensor | None = None,
-                                  seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                                  seq_order: torch.Tensor | None = None,
+                                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     # q: [num_seqs, num_heads, head_dim] -> out: [num_seqs, num_heads, head_dim] (q.dtype)
     # max_seq_len: optional upper bound on seq_lens (only steers the split count; never read from GPU).
     # seq_order: [num_seqs] int32, a permutation, longest context first: the order programs take sequences in
+    # sinks: [num_heads] float32 attention sinks or None
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     k_cache, k_scales, v_cache, v_scales, kv_quant, kv_scaled = attention_pools(k_cache, v_cache)
@@ -292,7 +304,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
     grid = (num_kv_heads, num_seqs, num_splits)
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, seq_order if seq_order is not None else seq_lens, out,
-        part_out, part_m, part_l, k_scales, v_scales,
+        part_out, part_m, part_l, k_scales, v_scales, sinks if sinks is not None else seq_lens,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -304,12 +316,13 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
         BLOCK_N=block_n, WRITE_PARTIAL=num_splits > 1,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None,
         FP32_DOT=q.dtype == torch.float32, KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
-        HAS_ORDER=seq_order is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_ORDER=seq_order is not None, USE_SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_m, part_l, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits),
+            out, part_out, part_m, part_l, sinks if sinks is not None else part_m, out.stride(0), out.stride(1),
+            num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits),
+            USE_SINKS=sinks is not None,
             num_warps=1 if block_d <= 64 else 2,
         )
     return out
@@ -318,7 +331,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KVP
 def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            softcap: float | None = None, window: int | None = None,
-                           out: torch.Tensor | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, seq_order: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each sequence's single new token (position seq_len - 1) over its cached context.
 
     q: [num_seqs, num_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -328,11 +342,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     returns [num_seqs, num_heads, head_dim] in q.dtype (zeros for seq_len == 0), in `out` when given.
     seq_order: optional [num_seqs] int32 permutation, longest context first (decode_order_of): only the order the
     kernel's programs take sequences in (and its split rule); results are the same.
+    sinks: [num_heads] float32 (gpt-oss attention sinks: one more logit per head in the softmax, with a zero value).
     """
     if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window,
-                                             out=out, seq_order=seq_order)
-    res = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window)
+                                             out=out, seq_order=seq_order, sinks=sinks)
+    res = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window, sinks)
     return res if out is None else out.copy_(res)
 
 

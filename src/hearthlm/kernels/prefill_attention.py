@@ -24,7 +24,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["first_seq"])
     def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-        k_scale_ptr, v_scale_ptr, first_seq,
+        k_scale_ptr, v_scale_ptr, sinks_ptr, first_seq,
         scale, softcap, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -33,7 +33,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, FP32_DOT: tl.constexpr,
-        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr,
+        KV_QUANT: tl.constexpr, KV_SCALED: tl.constexpr, USE_SINKS: tl.constexpr,
     ):
         q_tile = tl.program_id(0)
         seq = tl.program_id(1) + first_seq
@@ -84,7 +84,10 @@ if HAS_TRITON:
                                              v_cache_ptr, stride_vb, stride_vt, stride_vh, v_scale_ptr, stride_vsb,
                                              stride_vst, FP32_DOT, KV_QUANT, KV_SCALED)
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        denom = l_i
+        if USE_SINKS:  # one more logit per head, with a zero value
+            denom += tl.exp2(tl.load(sinks_ptr + heads) * 1.4426950408889634 - m_i)
+        out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
         tl.store(out_ptr + tok64[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -97,7 +100,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPoo
                                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 scale: float, softcap: float | None = None, window: int | None = None,
                                 max_seqlen_q: int | None = None, first_seq: int = 0,
-                                out: torch.Tensor | None = None) -> torch.Tensor:
+                                out: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+                                ) -> torch.Tensor:
     # q: [num_tokens, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1] int32; seq_lens: [num_seqs] int32
     # -> [num_tokens, num_heads, head_dim]
     if out is None:
@@ -112,7 +116,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPoo
         k = gather_kv(k_cache, block_tables[i], seq_len)
         v = gather_kv(v_cache, block_tables[i], seq_len)
         pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        out[cu[i]:cu[i + 1]] = attend_ref(q[cu[i]:cu[i + 1]], k, v, pos, scale, softcap, window)
+        out[cu[i]:cu[i + 1]] = attend_ref(q[cu[i]:cu[i + 1]], k, v, pos, scale, softcap, window, sinks)
     return out
 
 
@@ -122,7 +126,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
                                    max_seqlen_q: int | None = None, block_m: int | None = None,
                                    block_n: int | None = None, num_warps: int = 4,
                                    num_stages: int = 2, first_seq: int = 0,
-                                   out: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
+                                   out: torch.Tensor | None = None, invariant: bool = False,
+                                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     # invariant: one tiling (INVARIANT_TILES) whatever the step holds, so each row's arithmetic is fixed
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -150,7 +155,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
     block_q = block_m // group
     grid = (-(-max_seqlen_q // block_q), num_seqs - first_seq, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, k_scales, v_scales, first_seq,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, k_scales, v_scales,
+        sinks if sinks is not None else seq_lens, first_seq,
         float(scale), float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -160,7 +166,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: KVPool, v_cache: KV
         block_tables.stride(0), block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, FP32_DOT=q.dtype == torch.float32,
-        KV_QUANT=kv_quant, KV_SCALED=kv_scaled,
+        KV_QUANT=kv_quant, KV_SCALED=kv_scaled, USE_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -170,7 +176,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, softcap: float | None = None, window: int | None = None,
                             max_seqlen_q: int | None = None, first_seq: int = 0,
-                            out: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
+                            out: torch.Tensor | None = None, invariant: bool = False,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for a ragged batch of new tokens (any q_len >= 1 per sequence).
 
     q: [num_tokens, num_heads, head_dim], packed by sequence; cu_seqlens_q: [num_seqs + 1] int32
@@ -180,10 +187,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     Token i of sequence b sits at position seq_len_b - q_len_b + i. returns [num_tokens, num_heads, head_dim].
     first_seq: attend only sequences first_seq.. (their rows of `out`, which is returned; others untouched).
     invariant: one fixed tiling for every call (--batch-invariant), decode rows included.
+    sinks: [num_heads] float32 attention sinks (gpt-oss) or None.
     """
     if use_triton(q):
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                               scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out,
-                                              invariant=invariant)
+                                              invariant=invariant, sinks=sinks)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                       scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out)
+                                       scale, softcap, window, max_seqlen_q, first_seq=first_seq, out=out,
+                                       sinks=sinks)

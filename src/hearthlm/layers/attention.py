@@ -85,8 +85,9 @@ def cpu_plan(sb: SubBatch, num_tokens: int, dtype: torch.dtype, num_heads: int, 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_rows: torch.Tensor,
                       mask: torch.Tensor | None, bag_rows: torch.Tensor | None, bag_offsets: torch.Tensor | None,
-                      scale: float, softcap: float | None) -> torch.Tensor:
-    """One query per sequence. q: [B, heads, head_dim] -> [B, heads, head_dim]; mask: [B, 1, 1, L] additive.
+                      scale: float, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence. q: [B, heads, head_dim] -> [B, heads, head_dim]; mask: [B, 1, 1, L] additive;
+    sinks: [heads] (softmax_with_sinks) or None.
 
     The G = heads / kv_heads query heads of a kv head share its gathered keys: scores are one batched matmul
     [B * kv_heads, G, head_dim] x [B * kv_heads, head_dim, L] of the scaled queries (the scale folded into q's
@@ -103,7 +104,11 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_row
         scores = scores.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
         scores.view(b, kv_heads, h // kv_heads, -1).add_(mask)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)  # [B * kv_heads, G, L]
+    if sinks is None:
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)  # [B * kv_heads, G, L]
+    else:
+        probs = softmax_with_sinks(scores.view(b, kv_heads, h // kv_heads, -1), sinks.view(kv_heads, -1)[None])
+        probs = probs.to(q.dtype).contiguous().view(scores.shape)
     if bag_rows is not None:
         return F.embedding_bag(bag_rows, v_cache.view(-1, d), bag_offsets, mode="sum",
                                per_sample_weights=probs.view(-1)).view(b, h, d)
@@ -139,8 +144,18 @@ def native_rows(sub_batches: list[SubBatch], num_tokens: int
     return torch.cat(slots), start, count
 
 
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """softmax over [scores, sink] with the sink's column dropped (gpt-oss's attention sinks: a learned logit per
+    head that takes probability from the keys, with a zero value), in float32 as HF's eager attention.
+    scores: [..., heads..., L]; sinks broadcastable to scores[..., :1] without its last dim."""
+    s = scores.float()
+    combined = torch.cat([s, sinks.float()[..., None].expand(*s.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_batches: list[SubBatch],
-                        scale: float, softcap: float | None) -> torch.Tensor:
+                        scale: float, softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the step's queries over the pools, one SDPA (or decode attention) per sub-batch, each through
     its plan (cpu_plan). q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]"""
     num_heads = q.shape[1]
@@ -150,7 +165,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_b
         plan = sb.plan
         if plan.key_rows is not None:  # decode sub-batch
             rows = None if plan.whole else sb.token_index[:, 0]
-            args = (plan.key_rows, plan.mask, plan.bag_rows, plan.bag_offsets, scale, softcap)
+            args = (plan.key_rows, plan.mask, plan.bag_rows, plan.bag_offsets, scale, softcap, sinks)
             if torch.compiler.is_compiling():  # opaque to inductor: the eager path's bits (models/cpu_compile.py)
                 op = _decode_attention_op(q if rows is None else q[rows], k_cache, v_cache, *args)
             else:
@@ -164,11 +179,11 @@ def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_b
         qp = q.unsqueeze(2) if plan.whole else q[sb.token_index].transpose(1, 2)  # [B, H, Qmax, D]
         kp = _gather(k_cache, plan.slots, sb.key_slots.shape, q.dtype).transpose(1, 2)  # [B, KVH, L, D]
         vp = _gather(v_cache, plan.slots, sb.key_slots.shape, q.dtype).transpose(1, 2)
-        if softcap is None:
+        if softcap is None and sinks is None:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale,
                                                 enable_gqa=num_heads != kv_heads)
         else:
-            op = _softcapped_attention(qp, kp, vp, sb.mask, scale, softcap)
+            op = _manual_attention(qp, kp, vp, sb.mask, scale, softcap, sinks)
         if plan.whole:
             return op.squeeze(2)
         op = op.transpose(1, 2)  # [B, Qmax, H, D]
@@ -182,13 +197,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_b
 # mask and softmax into its own loops, which sum in another order than ATen's softmax.
 _lib = torch.library.Library("hearthlm", "FRAGMENT")
 _lib.define("decode_attention(Tensor q, Tensor k, Tensor? k_scales, Tensor v, Tensor? v_scales, Tensor key_rows, "
-            "Tensor? mask, Tensor? bag_rows, Tensor? bag_offsets, float scale, float? softcap) -> Tensor")
+            "Tensor? mask, Tensor? bag_rows, Tensor? bag_offsets, float scale, float? softcap, Tensor? sinks) -> Tensor")
 
 
-def _decode_attention_impl(q, k, k_scales, v, v_scales, key_rows, mask, bag_rows, bag_offsets, scale, softcap):
+def _decode_attention_impl(q, k, k_scales, v, v_scales, key_rows, mask, bag_rows, bag_offsets, scale, softcap,
+                           sinks):
     k_cache = k if k_scales is None else QuantizedKVCache(k, k_scales)
     v_cache = v if v_scales is None else QuantizedKVCache(v, v_scales)
-    return _decode_attention(q, k_cache, v_cache, key_rows, mask, bag_rows, bag_offsets, scale, softcap)
+    return _decode_attention(q, k_cache, v_cache, key_rows, mask, bag_rows, bag_offsets, scale, softcap, sinks)
 
 
 _lib.impl("decode_attention", _decode_attention_impl, "CompositeExplicitAutograd")
@@ -203,23 +219,31 @@ def _decode_attention_op(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, *arg
     return torch.ops.hearthlm.decode_attention(q, *parts(k_cache), *parts(v_cache), *args)
 
 
-def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                          scale: float, softcap: float) -> torch.Tensor:
-    # q: [B, H, Q, D], k/v: [B, KVH, L, D]
+def _manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Masked attention with a softcap and/or sinks (which SDPA lacks). q: [B, H, Q, D], k/v: [B, KVH, L, D]."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    else:
+        probs = softmax_with_sinks(scores, sinks[:, None])
+    return torch.matmul(probs.to(q.dtype), v)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool], meta,
-                    layer: int, scale: float, softcap: float | None, kv_written: bool = False) -> torch.Tensor:
+                    layer: int, scale: float, softcap: float | None, kv_written: bool = False,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Store this step's K/V (unless the caller already did: kv_written) and attend over each sequence's cached
     context, through the step's backend (meta: its metadata, runtime/backends/).
-    q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]"""
-    return meta.attend(q, k, v, kv_cache, layer, scale, softcap, kv_written)
+    q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim];
+    sinks: [heads] float32 attention sinks (gpt-oss) or None."""
+    if sinks is None:
+        return meta.attend(q, k, v, kv_cache, layer, scale, softcap, kv_written)
+    return meta.attend(q, k, v, kv_cache, layer, scale, softcap, kv_written, sinks)

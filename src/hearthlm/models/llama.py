@@ -47,6 +47,7 @@ class LlamaLayer:
     native_cls: type[LlamaLayer] | None = None  # set below
     fused_cls: type[LlamaLayer] | None = None
     compiles = True  # --compile may trace the reference forward (models/cpu_compile.py)
+    sinks: torch.Tensor | None = None  # [heads] float32 attention sinks of families that have them (gpt-oss)
 
     def __init__(self, cfg: ModelConfig, idx: int, get: WeightGetter):
         p = f"model.layers.{idx}."
@@ -115,7 +116,8 @@ class LlamaLayer:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta,
                 kv_cache: tuple[KVPool, KVPool]) -> torch.Tensor:
         cfg = self.cfg
-        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping)
+        o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
+                            sinks=self.sinks)
         return o.reshape(q.shape[0], self.q_size)
 
     def fused_attention(self, x: torch.Tensor, xa: QuantizedX | None, meta, kv_cache: tuple[KVPool, KVPool]
@@ -130,7 +132,7 @@ class LlamaLayer:
         K.apply_rope_(q, k, meta.positions, meta.cos_sin,
                       None if self.q_norm is None else (self.q_norm, self.k_norm, cfg.rms_norm_eps), write)
         o = paged_attention(q, k, v, kv_cache, meta, self.idx, cfg.attn_scale, cfg.attn_logit_softcapping,
-                            kv_written=write is not None)
+                            kv_written=write is not None, sinks=self.sinks)
         return o.reshape(x.shape[0], self.q_size)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -179,7 +181,7 @@ class NativeLlamaLayer(LlamaLayer):
             k.copy_(self.norm(k, self.k_norm))
         # RoPE, K/V writes and attention in one native call (runtime/backends/native.py), else the torch reference
         native = meta.groups[meta.layer_group[self.idx]].row_attention
-        o = native(qkv, *kv_cache) if native is not None else self.attend_qkv(qkv, meta, kv_cache)
+        o = native(qkv, *kv_cache, self.sinks) if native is not None else self.attend_qkv(qkv, meta, kv_cache)
         self.o.native.run(o, out=h, accumulate=True)
         if self.o.bias is not None:
             h += self.o.bias

@@ -598,7 +598,8 @@ int hl_qmatmul(const float *x, int64_t M, int64_t ldx, int64_t K, const uint8_t 
  * v heads (q, k rotated here: x * cos + roll(x, D/2) * sin, sin's first half negated as Rotary.cos_sin gives it;
  * cos/sin: [T, D]). k/v pools: rows [slot * KVH + h] of D floats; slot_mapping [T]: where each row's k, v go;
  * row t attends the key_count[t] slots key_slots[key_start[t] ..] (its valid keys in position order, its own
- * included; all rows' K/V are written first); out: [T, H D]. softcap <= 0: none. */
+ * included; all rows' K/V are written first); out: [T, H D]. softcap <= 0: none. sinks: [H] or NULL: a learned
+ * logit per head that joins each row's softmax as one more key with a zero value (gpt-oss). */
 /* 8 running sums in a fixed order (not `omp simd reduction`, whose order follows the vector width: the AVX2 and
  * AVX-512 builds would differ) */
 static float dot(const float *a, const float *b, int64_t n) {
@@ -664,9 +665,11 @@ static float exp_shifted(float *p, int64_t n, float mx) {
 }
 
 /* The G query heads q [G, D] (scaled) of kv head kh against one row's L keys: scores into p [G, L], then
- * o [G, D] = softmax(p) V. Each sum runs in an order fixed by D and L alone. */
+ * o [G, D] = softmax(p) V, the softmax over the sink too where sink (the G heads' [G]) is given. Each sum runs in
+ * an order fixed by D and L alone. */
 static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, const float *v_pool,
-                   const int64_t *slots, int64_t L, int64_t KVH, int64_t kh, float softcap, float *p, float *o) {
+                   const int64_t *slots, int64_t L, int64_t KVH, int64_t kh, float softcap, const float *sink,
+                   float *p, float *o) {
 #if HL_VNNI
     if (D % 16 == 0 && D <= 256 && G <= 8) {
         const int64_t DC = D / 16;
@@ -722,7 +725,8 @@ static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, co
             pg[l] = sc;
             mx = sc > mx ? sc : mx;
         }
-        float inv = 1.f / exp_shifted(pg, L, mx);
+        if (sink && sink[g] > mx) mx = sink[g];
+        float inv = 1.f / (exp_shifted(pg, L, mx) + (sink ? expf(sink[g] - mx) : 0.f));
         for (int64_t l = 0; l < L; l++) pg[l] *= inv;
     }
     memset(o, 0, sizeof(float) * G * D);
@@ -779,7 +783,7 @@ static void attend(const float *q, int64_t G, int64_t D, const float *k_pool, co
 int hl_attention(float *qkv, int64_t ldq, const float *cos, const float *sin, float *k_pool, float *v_pool,
                  const int64_t *slot_mapping, const int64_t *key_slots, const int64_t *key_start,
                  const int64_t *key_count, int64_t T, int64_t H, int64_t KVH, int64_t D, float scale, float softcap,
-                 float *out) {
+                 const float *sinks, float *out) {
     const int64_t G = H / KVH;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(T ? T : 1) * H * D);
     if (!buf) return -1;
@@ -809,7 +813,7 @@ int hl_attention(float *qkv, int64_t ldq, const float *cos, const float *sin, fl
             float stack_p[4096], *p = G * L <= 4096 ? stack_p : (float *)malloc(sizeof(float) * (size_t)G * L);
             if (!p) { failed = 1; continue; }
             attend(buf + (t * H + kh * G) * D, G, D, k_pool, v_pool, key_slots + key_start[t], L, KVH, kh, softcap,
-                   p, out + (t * H + kh * G) * D);
+                   sinks ? sinks + kh * G : NULL, p, out + (t * H + kh * G) * D);
             if (p != stack_p) free(p);
         }
     }

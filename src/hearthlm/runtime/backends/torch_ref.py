@@ -38,12 +38,13 @@ class TorchMetadata:
     use_kernels: ClassVar[bool] = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-               layer: int, scale: float, softcap: float | None, kv_written: bool = False) -> torch.Tensor:
+               layer: int, scale: float, softcap: float | None, kv_written: bool = False,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         gm = self.groups[self.layer_group[layer]]
         k_cache, v_cache = kv_cache
         if not kv_written:
             ref.write_kv(k, v, k_cache, v_cache, gm.slot_mapping)
-        return ref.paged_attention_ref(q, k_cache, v_cache, gm.sub_batches, scale, softcap)
+        return ref.paged_attention_ref(q, k_cache, v_cache, gm.sub_batches, scale, softcap, sinks)
 
 
 class TorchBackend:

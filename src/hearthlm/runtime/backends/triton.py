@@ -49,7 +49,8 @@ class TritonMetadata:
     use_kernels: ClassVar[bool] = True
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[KVPool, KVPool],
-               layer: int, scale: float, softcap: float | None, kv_written: bool = False) -> torch.Tensor:
+               layer: int, scale: float, softcap: float | None, kv_written: bool = False,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         from ...kernels import paged_decode_attention, paged_prefill_attention, reshape_and_cache
 
         gm = self.groups[self.layer_group[layer]]
@@ -58,19 +59,20 @@ class TritonMetadata:
             reshape_and_cache(k, v, k_cache, v_cache, gm.slot_mapping)
         if self.batch_invariant:
             return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, self.cu_seqlens_q, self.seq_lens,
-                                           scale, softcap=softcap, window=gm.window,
+                                           scale, softcap=softcap, window=gm.window, sinks=sinks,
                                            max_seqlen_q=self.max_query_len, invariant=True)
         if self.max_query_len == 1:
             return paged_decode_attention(q, k_cache, v_cache, gm.block_tables, self.seq_lens, scale,
-                                          softcap=softcap, window=gm.window, seq_order=self.decode_order)
+                                          softcap=softcap, window=gm.window, seq_order=self.decode_order, sinks=sinks)
         d, out = self.num_decodes, None
         if d:  # the prefill kernel would pad each decode row to a whole query tile and never split its context
             out = torch.empty_like(q)
             paged_decode_attention(q[:d], k_cache, v_cache, gm.block_tables[:d], self.seq_lens[:d], scale,
-                                   softcap=softcap, window=gm.window, out=out[:d], seq_order=self.decode_order)
+                                   softcap=softcap, window=gm.window, out=out[:d], seq_order=self.decode_order,
+                                   sinks=sinks)
         return paged_prefill_attention(q, k_cache, v_cache, gm.block_tables, self.cu_seqlens_q, self.seq_lens,
-                                       scale, softcap=softcap, window=gm.window, max_seqlen_q=self.max_query_len,
-                                       first_seq=d, out=out)
+                                       scale, softcap=softcap, window=gm.window, sinks=sinks,
+                                       max_seqlen_q=self.max_query_len, first_seq=d, out=out)
 
 
 class TritonBackend:
