@@ -387,7 +387,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         state.finished = True
         self._host_sampled.discard(request_id)
-        self.stats.finished(state, aborted=True)
+        self.stats.finished(state, aborted=True, log_line=state.seqs[0].pooling is None)
         return self._output(state)
 
     def has_unfinished(self) -> bool:
@@ -539,7 +539,7 @@ class LLMEngine:
         state.finished = True
         state.first_token_time = time.monotonic()
         self._host_sampled.discard(seq.request_id)
-        self.stats.finished(state)
+        self.stats.finished(state, log_line=False)  # the endpoint logs one line per HTTP request
         hidden = torch.cat(seq.pooling.chunks) if len(seq.pooling.chunks) > 1 else seq.pooling.chunks[0]
         seq.pooling.chunks = []
         return RequestOutput(state.request_id, None, state.prompt_ids, [], finished=True,
@@ -556,7 +556,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         if not state.finished:
             state.finished = True
-            self.stats.finished(state, aborted=True)
+            self.stats.finished(state, aborted=True, log_line=state.seqs[0].pooling is None)
         self.requests.pop(state.request_id, None)
         self._host_sampled.discard(state.request_id)
         outs = [CompletionOutput(index=seq.index, text=text.text, token_ids=list(seq.output_ids),

@@ -31,11 +31,14 @@ class EngineStats:
             else:
                 self.prompt_tokens += n
 
-    def finished(self, state, aborted: bool = False) -> None:
+    def finished(self, state, aborted: bool = False, log_line: bool = True) -> None:
+        """Count a finished request; log its line unless the caller logs one for a group (embeddings inputs)."""
         if aborted:
             self.requests_aborted += 1
         else:
             self.requests_finished += 1
+        if not log_line:
+            return
         now = time.monotonic()
         completion = sum(len(s.output_ids) for s in state.seqs)
         ttft = (state.first_token_time - state.arrival) if state.first_token_time else None
