@@ -214,10 +214,41 @@ def test_forced_calls_stream_as_written():
     assert final == [] and deltas == [] and content == '[{"na'  # nothing sent as a call: content
 
 
-def test_parsed_calls_stream_at_the_end():
-    content, deltas, final = _stream(ToolStream(HermesParser(NAMES)), f"Hi <tool_call>{W}</tool_call>", 5)
-    assert content == "Hi " and len(deltas) == 1 and deltas[0]["id"] == final[0].id
-    assert json.loads(deltas[0]["function"]["arguments"]) == {"city": "Paris"}
+A = '{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "}\\"x"}]}}'
+
+
+@pytest.mark.parametrize("parser,text,content", [
+    (HermesParser(NAMES), f"Hi <tool_call>{W}</tool_call>\n<tool_call>{A}</tool_call>", "Hi "),
+    (Llama3Parser(NAMES), W.replace("arguments", "parameters") + "; " + A.replace("arguments", "parameters"), ""),
+    (Llama3Parser(NAMES), "<|python_tag|>" + W.replace("arguments", "parameters") + "; " + A, ""),
+    (MistralParser(NAMES), f"Sure.[TOOL_CALLS][{W}, {A}]", "Sure."),
+    (GenericParser(NAMES), f"[{W}, {A}]", ""),
+])
+def test_parsed_calls_stream_as_written(parser, text, content):
+    """Calls parsed from free text (tool_choice auto) stream as the model writes them: a header once the name is
+    complete, then the arguments in chunks; ids and text agree with the final parse."""
+    for step in (1, 5, 500):
+        got, deltas, final = _stream(ToolStream(parser), text, step)
+        merged = _merge(deltas)
+        assert got == content and [c.name for c in final] == ["get_weather", "add"], (step, got, final)
+        assert [merged[k]["name"] for k in (0, 1)] == ["get_weather", "add"]
+        assert [json.loads(merged[k]["arguments"]) for k in (0, 1)] == [c.arguments for c in final]
+        assert [merged[k]["id"] for k in (0, 1)] == [c.id for c in final]
+        if step == 1:
+            assert sum(1 for d in deltas if d["index"] == 0) > 3  # the arguments came in chunks
+        assert len([d for d in deltas if "id" in d]) == 2  # one header each
+
+
+def test_parsed_streaming_never_streams_an_undeclared_or_broken_call():
+    answer = '{"name": "Bob", "arguments": {"age": 3}}'  # JSON that is no declared tool: content
+    got, deltas, final = _stream(ToolStream(GenericParser(NAMES)), answer, 3)
+    assert (got, deltas, final) == (answer, [], [])
+    got, deltas, final = _stream(ToolStream(HermesParser(NAMES)), "x <tool_call>{\"na", 2)  # cut before a name
+    assert (got, deltas, final) == ("x <tool_call>{\"na", [], [])
+    got, deltas, final = _stream(ToolStream(HermesParser(NAMES)), 'x <tool_call>{"name": "add", "argu', 2)
+    assert final == [] and got == "x " and _merge(deltas)[0]["name"] == "add"  # the header went out: no content
+    got, deltas, final = _stream(ToolStream(HermesParser(NAMES)), f"<tool_call>{W}</tool_call>", 4, limit=1)
+    assert len(final) == 1 and _merge(deltas)[0]["id"] == final[0].id
 
 
 TOOL_TEMPLATE = (  # Qwen2.5's shape, shortened: tools in the system turn, calls as <tool_call> blocks

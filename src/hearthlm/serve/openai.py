@@ -344,7 +344,7 @@ async def chat_completions(request: Request):
 
     def entries(d: Delta) -> list[dict[str, Any]]:
         """A delta's choice entries, in order: content (held back while it may start a call), tool_calls deltas
-        (a forced call as it is written, others once the output is complete), the finish reason."""
+        (each call as it is written: its header, then argument chunks), the finish reason."""
         ts = streams.get(d.index)
         if ts is None:
             return [_chat_delta(tok, d, top_n)]

@@ -493,16 +493,22 @@ class _Partial:
     args_sent: int = 0
 
 
-class _ForcedScanner:
-    """Reads a grammar-shaped output as it grows: `[{"name": "f", "parameters": {...}}, ...]` (tool_choice
-    required) or the named function's arguments object, so calls stream as they are written (the argument text in
-    chunks). Tracks JSON nesting and strings character by character; only the items' own keys are looked at."""
+_ARG_KEYS = ("parameters", "arguments")
 
-    def __init__(self, named: str | None):
-        self.named = named
+
+class _CallScanner:
+    """Reads calls as JSON while the output grows, so they stream as they are written (the argument text in
+    chunks): `[{"name": "f", "parameters": {...}}, ...]` (tool_choice required; Mistral's list), bare call objects
+    one after another (Hermes blocks, Llama 3 JSON), or the named function's arguments object. Tracks JSON nesting
+    and strings character by character; only the call objects' own keys are looked at. names: the declared tools
+    (a call with another name is never streamed; None: any)."""
+
+    def __init__(self, named: str | None, names: set[str] | None = None):
+        self.named, self.names = named, names
         self.calls: list[_Partial] = [_Partial(_new_id(), named)] if named else []
         self.text = ""
         self.depth = 0
+        self.item = 0  # the nesting inside a call object: 1 (bare objects) or 2 (in a list), set by the first bracket
         self.in_str = self.esc = False
         self.key: str | None = None  # the item key whose value is being read
         self.expect = ""  # at item level: "key", ":", "value", "," (after a value)
@@ -516,7 +522,7 @@ class _ForcedScanner:
             return
         for j, ch in enumerate(text, base):
             self._char(ch, j)
-        if self.calls and self.key == "parameters" and self.start >= 0 and self.expect == "in-value":
+        if self.calls and self.key in _ARG_KEYS and self.start >= 0 and self.expect == "in-value":
             self.calls[-1].args = self.text[self.start:]
 
     def _char(self, ch: str, j: int) -> None:
@@ -527,29 +533,32 @@ class _ForcedScanner:
                 self.esc = True
             elif ch == '"':
                 self.in_str = False
-                if self.depth == 2:
+                if self.depth == self.item:
                     self._string_end(j)
             return
         if ch.isspace():
             return
-        if self.depth == 2 and self.expect == "value":
+        item = self.item
+        if self.depth == item and self.expect == "value":
             self.start, self.expect = j, "in-value"
         if ch == '"':
             self.in_str = True
-            if self.depth == 2 and self.expect == "key":
+            if self.depth == item and self.expect == "key":
                 self.start = j
         elif ch in "{[":
+            if self.depth == 0 and not self.item:
+                self.item = item = 1 if ch == "{" else 2
             self.depth += 1
-            if self.depth == 2 and ch == "{":
+            if self.depth == item and ch == "{":
                 self.calls.append(_Partial(_new_id()))
                 self.expect = "key"
         elif ch in "}]":
-            if self.depth == 2 and self.expect == "in-value":  # a scalar value ends at the item's end
+            if self.depth == item and self.expect == "in-value":  # a scalar value ends at the item's end
                 self._value_end(j)
-            self.depth -= 1
-            if self.depth == 2 and self.expect == "in-value":  # an object or array value closed
+            self.depth = max(0, self.depth - 1)
+            if self.depth == item and self.expect == "in-value":  # an object or array value closed
                 self._value_end(j + 1)
-        elif self.depth == 2:
+        elif self.depth == item:
             if ch == ":" and self.expect == ":":
                 self.expect = "value"
             elif ch == ",":
@@ -569,8 +578,9 @@ class _ForcedScanner:
         raw = self.text[self.start:end]
         if self.calls and self.key == "name":
             name = _loads(raw)
-            self.calls[-1].name = name if isinstance(name, str) else None
-        elif self.calls and self.key == "parameters":
+            ok = isinstance(name, str) and (self.names is None or name in self.names)
+            self.calls[-1].name = name if ok else None
+        elif self.calls and self.key in _ARG_KEYS:
             self.calls[-1].args = raw
         self.expect, self.key, self.start = ",", None, -1
 
@@ -588,23 +598,33 @@ def _new_id() -> str:
 
 class ToolStream:
     """One output's text, fed delta by delta. feed() returns the content that is safe to send now (text known not
-    to start a call); call_deltas() the OpenAI tool_calls deltas due (a forced call streams as it is written,
-    others once the output is complete); finish() returns (the rest of the content, the calls). Without calls,
-    all text comes out as content, in order."""
+    to start a call); call_deltas() the OpenAI tool_calls deltas due: a call streams as it is written (its header
+    once the name is complete and declared, then the argument text in chunks), forced or parsed; finish() returns
+    (the rest of the content, the calls), the parser's reading of the whole output deciding. Without calls, all
+    text comes out as content, in order."""
 
     def __init__(self, parser: ToolParser | None, forced: ToolChoice | None = None):
         self.parser, self.forced = parser, forced
         self.pending = ""  # text not sent yet
         self.holding = forced is not None  # a (possible) call has begun: hold everything until finish
         self.sent_any = False
-        self.scanner = _ForcedScanner(forced.name if forced.mode == "named" else None) if forced else None
+        self.scanner = _CallScanner(forced.name if forced.mode == "named" else None) if forced else None
         self.partials: list[_Partial] = []
+
+    def _scan(self, text: str) -> None:
+        self.scanner.feed(text)
+        self.partials = self.scanner.calls
+
+    def _hold(self, call_text: str) -> None:
+        """A parsed call begins: hold from here on, and read the call's JSON as it comes."""
+        self.holding = True
+        self.scanner = _CallScanner(None, self.parser.names)
+        self._scan(call_text)
 
     def feed(self, text: str) -> str:
         self.pending += text
         if self.scanner is not None:
-            self.scanner.feed(text)
-            self.partials = self.scanner.calls
+            self._scan(text)
             return ""
         if self.holding:
             return ""
@@ -616,14 +636,19 @@ class ToolStream:
             head = self.pending.lstrip()
             if not head:
                 return ""
-            if head[0] in "{[" or head.startswith("```"):  # a JSON call, maybe in a code fence
+            if head[0] in "{[":  # a JSON call
+                self._hold(head)
+                return ""
+            if head.startswith("```"):  # maybe one in a code fence: parsed at the end
                 self.holding = True
                 return ""
             if "```".startswith(head):
                 return ""
-        cut = min((i for i in (self.pending.find(m) for m in p.markers) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.holding = self.pending[:cut], self.pending[cut:], True
+        found = [(i, m) for m in p.markers if (i := self.pending.find(m)) >= 0]
+        if found:
+            cut, marker = min(found)
+            out, self.pending = self.pending[:cut], self.pending[cut:]
+            self._hold(self.pending[len(marker):])
         else:
             keep = max((k for m in p.markers for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
             out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
@@ -635,23 +660,29 @@ class ToolStream:
         text, self.pending = self.pending, ""
         if self.forced is not None:
             calls = parse_forced(text, self.forced) or []
-            for call, part in zip(calls, self.partials):  # keep the ids (and argument text) already streamed
-                if part.name == call.name and _loads(part.args) == call.arguments:
-                    call.id = part.id
-                else:
-                    break
-            else:
-                if calls:
-                    return "", calls
-            if not calls:  # no valid call (cut by max_tokens): content, unless part of a call went out already
-                return ("" if any(p.header_sent for p in self.partials) else text), []
-            self.partials = [_Partial(c.id, c.name, c.arguments_json) for c in calls]
-            return "", calls
-        if self.parser is None or not self.holding:
+        elif self.parser is None or not self.holding:
             return text, []
-        content, calls = self.parser.parse(text)
-        self.partials = [_Partial(c.id, c.name, c.arguments_json) for c in calls]
-        return (content or ""), calls
+        else:
+            content, calls = self.parser.parse(text)
+            if not calls:
+                calls, text = [], content or ""
+        streamed = any(p.header_sent for p in self.partials)
+        for call, part in zip(calls, self.partials):  # keep the ids (and argument text) already streamed
+            if part.name == call.name and _loads(part.args) == call.arguments:
+                call.id = part.id
+            else:
+                break
+        else:
+            if calls and len(self.partials) >= len(calls):
+                return ("" if self.forced is not None else content or ""), calls
+        if not calls:  # no valid call (cut by max_tokens): content, unless part of a call went out already
+            return ("" if streamed else text), []
+        if not streamed:
+            self.partials = [_Partial(c.id, c.name, c.arguments_json) for c in calls]
+        else:  # the streamed calls that match stay; those after them come whole
+            self.partials = self.partials[:sum(p.header_sent for p in self.partials)] + \
+                [_Partial(c.id, c.name, c.arguments_json) for c in calls[sum(p.header_sent for p in self.partials):]]
+        return ("" if self.forced is not None else content or ""), calls
 
     def call_deltas(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The OpenAI tool_calls delta entries due since the last call (at most `limit` calls)."""
