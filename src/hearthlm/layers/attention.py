@@ -116,34 +116,6 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, key_row
     return torch.bmm(probs, v).view(b, h, d)
 
 
-def native_rows(sub_batches: list[SubBatch], num_tokens: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The step's rows as the native kernel takes them: (key_slots flat, key_start [T], key_count [T]), each token
-    attending its valid keys (one run in position order) of its sub-batch row; None when the rows' keys are not
-    runs or the sub-batches do not cover the step's tokens."""
-    from ..kernels.cpu_quant import key_ranges
-
-    start = torch.full((num_tokens,), -1, dtype=torch.long)
-    count = torch.zeros(num_tokens, dtype=torch.long)
-    slots, base = [], 0
-    for sb in sub_batches:
-        b, qmax = sb.token_index.shape
-        length = sb.key_slots.shape[1]
-        tok = sb.token_index[sb.valid_q]
-        try:
-            first, n = key_ranges(sb.mask[:, 0][sb.valid_q])
-        except ValueError:
-            return None
-        row = torch.arange(b)[:, None].expand(b, qmax)[sb.valid_q]
-        start[tok] = base + row * length + first
-        count[tok] = n
-        slots.append(sb.key_slots.reshape(-1))
-        base += b * length
-    if not slots or bool((start < 0).any()):
-        return None
-    return torch.cat(slots), start, count
-
-
 def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """softmax over [scores, sink] with the sink's column dropped (gpt-oss's attention sinks: a learned logit per
     head that takes probability from the keys, with a zero value), in float32 as HF's eager attention.

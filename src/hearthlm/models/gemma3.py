@@ -17,7 +17,7 @@ from .. import kernels as K
 from ..config import ModelConfig
 from ..kernels.kv_quant import KVPool
 from ..layers.activation import gated_act
-from ..layers.attention import native_rows, paged_attention
+from ..layers.attention import paged_attention
 from ..layers.rotary import Rotary, apply_rotary
 from .gemma2 import FusedGemma2Layer, Gemma2Layer, Gemma2Model
 from .llama import WeightGetter
@@ -79,8 +79,8 @@ class NativeGemma3Layer(Gemma3Layer):
         return (1.0 + self.input_norm.float()).contiguous(), (1.0 + self.pre_ffn_norm.float()).contiguous()
 
     def row_attention(self, meta):
-        """The native attention of this layer's KV group for the step with this layer's RoPE, None where the
-        group's rows are not runs (the reference attention then, whose plans the backend built)."""
+        """The native attention of this layer's KV group for the step with this layer's RoPE (None: the step runs
+        the reference attention)."""
         g = meta.layer_group[self.idx]
         gm = meta.groups[g]
         if not self.local or gm.row_attention is None:
@@ -92,8 +92,7 @@ class NativeGemma3Layer(Gemma3Layer):
 
             cfg = self.cfg
             cos, sin = self.cos_sin(meta)
-            rows = native_rows(gm.sub_batches, meta.positions.shape[0])
-            att = RowAttention(cos, sin, gm.slot_mapping, *rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            att = RowAttention(cos, sin, gm.slot_mapping, *gm.rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                cfg.attn_scale, cfg.attn_logit_softcapping, lib=self.qkv.native.lib)
             setattr(meta, key, att)
         return att

@@ -24,6 +24,7 @@ class RefGroup:
     window: int | None
     sub_batches: list[SubBatch] = field(default_factory=list)
     row_attention: object = None  # native backend: kernels/cpu_quant.RowAttention of the step, else None
+    rows: tuple | None = None  # native backend: (key_slots, key_start, key_count), native.key_rows
 
 
 @dataclass
