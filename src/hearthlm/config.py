@@ -104,6 +104,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     embedding_scale: float | None = None
     post_norms: bool = False
+    # mixture of experts (Qwen3-MoE, Mixtral): 0 experts = a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    dense_layers: list[int] = field(default_factory=list)  # MoE models' layers with a dense MLP
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
@@ -124,10 +130,23 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
-        mlp = 3 * h * self.intermediate_size
         norms = (4 if self.post_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + norms) + emb + h
+        return self.num_layers * (attn + norms) + self._mlp_params(self.num_experts) + emb + h
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token computes with: num_params with only num_experts_per_tok experts per MoE layer."""
+        return self.num_params - self._mlp_params(self.num_experts) + self._mlp_params(self.num_experts_per_tok)
+
+    def _mlp_params(self, experts: int) -> int:
+        """All layers' MLP parameters, with `experts` experts (and the router) in each MoE layer."""
+        h = self.hidden_size
+        if not self.num_experts:
+            return self.num_layers * 3 * h * self.intermediate_size
+        sparse = self.num_layers - len(self.dense_layers)
+        return len(self.dense_layers) * 3 * h * self.intermediate_size + \
+            sparse * (experts * 3 * h * self.moe_intermediate_size + self.num_experts * h)
 
 
 @dataclass

@@ -15,9 +15,12 @@ HF_FAMILIES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-               "gemma3_text": "gemma3"}
+               "gemma3_text": "gemma3",
+               "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 
 
 def _eos_list(value: Any) -> list[int]:
@@ -41,13 +44,14 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     head_dim = int(d.get("head_dim") or hidden // n_heads)
     windows: list[int | None] = [None] * n_layers
     sw = d.get("sliding_window")
-    if family in ("mistral", "qwen2", "qwen3") and sw and (family == "mistral" or d.get("use_sliding_window")):
-        max_window_layers = d.get("max_window_layers", n_layers) if family != "mistral" else 0
+    if family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe") and sw and \
+            (family in ("mistral", "mixtral") or d.get("use_sliding_window")):
+        max_window_layers = d.get("max_window_layers", n_layers) if family not in ("mistral", "mixtral") else 0
         layer_types = d.get("layer_types")
         for i in range(n_layers):
             if layer_types:
                 windows[i] = int(sw) if layer_types[i] == "sliding_attention" else None
-            elif i >= max_window_layers or family == "mistral":
+            elif i >= max_window_layers or family in ("mistral", "mixtral"):
                 windows[i] = int(sw)
     cfg = ModelConfig(
         architecture=family,
@@ -64,7 +68,7 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", family in ("gemma2", "gemma3"))),
         attention_bias=bool(d.get("attention_bias", family == "qwen2")),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
         layer_windows=windows,
         bos_token_id=d.get("bos_token_id"),
@@ -86,7 +90,29 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         cfg.hidden_act = d.get("hidden_activation") or "gelu_pytorch_tanh"
     elif family == "gemma3":
         return _gemma3_from_hf(cfg, d)
+    elif family in ("qwen3_moe", "mixtral"):
+        _moe_from_hf(cfg, d)
     return cfg
+
+
+def _moe_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
+    """Qwen3-MoE: num_experts, moe_intermediate_size, norm_topk_prob, dense layers (mlp_only_layers, and those off
+    decoder_sparse_step); Mixtral: num_local_experts, the top-k weights always renormalized."""
+    n = cfg.num_layers
+    if cfg.architecture == "mixtral":
+        cfg.num_experts = int(d["num_local_experts"])
+        cfg.moe_intermediate_size = cfg.intermediate_size
+        cfg.norm_topk_prob = True
+    else:
+        cfg.num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)  # the Hub's / transformers 5's
+        cfg.moe_intermediate_size = int(d["moe_intermediate_size"])
+        cfg.norm_topk_prob = bool(d.get("norm_topk_prob", False))
+        step = int(d.get("decoder_sparse_step") or 1)
+        only = set(int(i) for i in d.get("mlp_only_layers") or [])
+        cfg.dense_layers = [i for i in range(n) if i in only or cfg.num_experts == 0 or (i + 1) % step != 0]
+    cfg.num_experts_per_tok = int(d["num_experts_per_tok"])
+    if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+        raise UnsupportedModelError(f"num_experts_per_tok {cfg.num_experts_per_tok} must lie in 1..{cfg.num_experts}")
 
 
 def _rope_scaling(d: dict[str, Any]) -> dict | None:
@@ -143,7 +169,7 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings=not md.get("_has_output_weight", True),  # set by the reader from the tensor list
         attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_list(eos),
         name=name or str(md.get("general.name", "")),

@@ -60,10 +60,14 @@ class LlamaLayer:
         self.o = Linear(require(get, att + "o_proj.weight"), get(att + "o_proj.bias"))
         self.q_norm = get(att + "q_norm.weight") if cfg.qk_norm else None
         self.k_norm = get(att + "k_norm.weight") if cfg.qk_norm else None
-        self.gate_up = Linear.fused([require(get, p + "mlp.gate_proj.weight"), require(get, p + "mlp.up_proj.weight")])
-        self.down = Linear(require(get, p + "mlp.down_proj.weight"))
+        self.init_mlp(get, p)
         self.input_norm = require(get, p + "input_layernorm.weight")
         self.post_attn_norm = require(get, p + "post_attention_layernorm.weight")
+
+    def init_mlp(self, get: WeightGetter, p: str) -> None:
+        """The block's MLP weights (p: the block's name prefix); mixture-of-experts blocks override it."""
+        self.gate_up = Linear.fused([require(get, p + "mlp.gate_proj.weight"), require(get, p + "mlp.up_proj.weight")])
+        self.down = Linear(require(get, p + "mlp.down_proj.weight"))
 
     @classmethod
     def fusable(cls, cfg: ModelConfig) -> bool:

@@ -5,9 +5,10 @@ from ..errors import UnsupportedModelError
 from .gemma2 import Gemma2Model
 from .gemma3 import Gemma3Model
 from .llama import LlamaModel
+from .moe import MoeModel
 
 MODEL_CLASSES = {"llama": LlamaModel, "mistral": LlamaModel, "qwen2": LlamaModel, "qwen3": LlamaModel,
-                 "gemma2": Gemma2Model, "gemma3": Gemma3Model}
+                 "gemma2": Gemma2Model, "gemma3": Gemma3Model, "qwen3_moe": MoeModel, "mixtral": MoeModel}
 
 
 def model_class(family: str) -> type[LlamaModel]:
