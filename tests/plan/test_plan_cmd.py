@@ -226,3 +226,20 @@ def test_engine_refuses_to_start_when_the_model_cannot_fit(monkeypatch):
         LLM(device="cpu", max_model_len=4096)
     msg = str(e.value)
     assert "does not fit" in msg and "GiB" in msg and "--" in msg
+
+
+def test_moe_plan_counts_every_expert_and_the_active_ones(capsys, tmp_path):
+    """Qwen3-30B-A3B's config (no weights: an estimate): all 128 experts of every layer in memory, 3.3 B params
+    active per token."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
+    rc, plan = plan_json(capsys, str(tmp_path), "--device", "h100", "--ctx", "4096", "--quant", "q4_k_m")
+    assert rc == 0 and plan["num_experts"] == 128
+    assert 30.0e9 < plan["num_params"] < 31.0e9 and 3.2e9 < plan["active_params"] < 3.4e9
+    assert 16e9 < plan["weights_bytes"] < 20e9  # ~4.9 bits for each of the 30.5 B weights
+    rc, out, _ = hearth_plan(capsys, str(tmp_path), "--device", "h100", "--ctx", "4096", "--quant", "q4_k_m")
+    assert "128 experts," in out and "active, all" in out  # (the table wraps the line)

@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     advice = advise(src.cfg, plan)
     if getattr(args, "json", False):
         out = {**plan.to_dict(), "source": {"kind": src.kind, "path": src.path}, "num_params": src.cfg.num_params,
+               "active_params": src.cfg.active_params, "num_experts": src.cfg.num_experts,
                "advice": [asdict(a) for a in advice]}
         print(json.dumps(out, indent=2))
     else:
@@ -164,6 +165,9 @@ def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
     cfg = src.cfg
     how_w = (f"exact, from the {src.kind.upper()} tensor headers" if plan.weights_exact
              else f"{cfg.num_params / 1e9:.2f} B params at {plan.quant} (estimate)")
+    if cfg.num_experts:
+        how_w += (f"; {cfg.num_experts} experts, {cfg.num_experts_per_tok} per token: "
+                  f"{cfg.active_params / 1e9:.2f} B of {cfg.num_params / 1e9:.2f} B params active, all in memory")
     windows = sorted({w for w in cfg.layer_windows if w is not None})
     kv_how = (f"{plan.kv_bytes_per_token + plan.kv_scale_bytes_per_token:,} B/token x {plan.ctx:,} tokens x "
               f"{plan.concurrency} seq ({plan.kv_dtype}: {KV_DTYPE_BYTES[plan.kv_dtype]} B/elem)")

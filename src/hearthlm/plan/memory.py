@@ -124,8 +124,8 @@ def _quant_bytes(n_weights: int, quant: str) -> int:
 def weights_bytes(cfg: ModelConfig, quant: str) -> WeightBytes:
     """Estimate weight bytes from the config's shapes at `quant` (``int(result)`` is the total).
 
-    Per block: matrices (q, k, v, o, gate, up, down: h*q + 2*h*kv + q*h + 3*h*I weights) at the quant's
-    bits per weight; norms (2 per block, 4 with Gemma-2 post-norms, + 2*head_dim with QK-norm) and
+    Per block: matrices (q, k, v, o, gate, up, down: h*q + 2*h*kv + q*h + 3*h*I weights; a mixture-of-experts
+    block holds all its experts' gate/up/down and the router instead) at the quant's bits per weight; norms (2 per block, 4 with Gemma-2 post-norms, + 2*head_dim with QK-norm) and
     attention biases stay f32 (4 B). Embeddings: the token embedding (V*h) is counted once; an untied
     lm_head adds another V*h; both at the quant, except that for the pure ggml formats q4_0, q4_1, q5_0,
     q5_1 and q2_k the output matrix (lm_head, or the embedding when tied) is counted at Q6_K (Q8_0 when
@@ -134,17 +134,20 @@ def weights_bytes(cfg: ModelConfig, quant: str) -> WeightBytes:
     """
     q = normalize_quant(quant)
     h, qd, kvd, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    matrices = h * qd + 2 * h * kvd + qd * h + 3 * h * inter
+    attn = h * qd + 2 * h * kvd + qd * h
     f32_params = (4 if cfg.post_norms else 2) * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
     f32_params += (qd + 2 * kvd) if cfg.attention_bias else 0
-    layer = _quant_bytes(matrices, q) + 4 * f32_params
+    dense = _quant_bytes(attn + 3 * h * inter, q) + 4 * f32_params
+    # mixture of experts: every expert's matrices (and the router) stay in memory, whichever a token uses
+    sparse = _quant_bytes(attn + cfg.num_experts * (3 * h * cfg.moe_intermediate_size + h), q) + 4 * f32_params
+    layers = [dense if not cfg.num_experts or i in cfg.dense_layers else sparse for i in range(cfg.num_layers)]
     head_q = ("q6_k" if h % 256 == 0 else "q8_0") if q in _HEAD_UPGRADED else q
     emb_n = cfg.vocab_size * h
     if cfg.tie_word_embeddings:
         embedding, head = _quant_bytes(emb_n, head_q), 0
     else:
         embedding, head = _quant_bytes(emb_n, q), _quant_bytes(emb_n, head_q)
-    return WeightBytes(embedding, head, [layer] * cfg.num_layers, 4 * h, exact=False)
+    return WeightBytes(embedding, head, layers, 4 * h, exact=False)
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blk|layers|h|block)\.(\d+)\.")
