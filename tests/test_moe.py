@@ -24,7 +24,7 @@ def _tiny(kind: str, root, tokenizer):
                                           mlp_only_layers=[1], norm_topk_prob=True)
         cls = transformers.Qwen3MoeForCausalLM
     else:
-        cfg = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+        cfg = transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
         cls = transformers.MixtralForCausalLM
     torch.manual_seed(0)
     model = cls(cfg).eval()
@@ -73,3 +73,91 @@ def test_moe_param_counts():
     assert 30.0e9 < cfg.num_params < 31.0e9 and 3.2e9 < cfg.active_params < 3.4e9
     with pytest.raises(Exception, match="num_experts_per_tok"):
         config_from_hf_dict({**d, "num_experts_per_tok": 200})
+
+
+def _write_gguf(kind: str, model_dir, out):
+    """The tiny model as llama.cpp's converter lays it out: `qwen3moe`, or `llama` with experts (Mixtral); the
+    router as ffn_gate_inp, each expert matrix stacked in one 3-D ffn_*_exps tensor (down's as Q8_0), llama's
+    q/k rows permuted for its interleaved RoPE."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from hearthlm.loader.gguf import _LAYER_NAMES, _TOP_NAMES
+    from hearthlm.loader.safetensors import read_hf_config
+    from hearthlm.quant.sources import write_shape_metadata
+    from hearthlm.quant.vocab import write_hf_tokenizer
+
+    cfg = read_hf_config(model_dir)
+    arch = "qwen3moe" if kind == "qwen3_moe" else "llama"
+    w = gguf.GGUFWriter(str(out), arch)
+    write_shape_metadata(w, cfg)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if kind == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    write_hf_tokenizer(w, model_dir, cfg.vocab_size)
+    layer = {hf: g for g, hf in _LAYER_NAMES.items()}
+    top = {hf: g for g, hf in _TOP_NAMES.items()}
+    experts: dict = {}
+    for name, t in load_file(str(model_dir / "model.safetensors")).items():
+        t = t.float()
+        if not name.startswith("model.layers."):
+            base, _, suffix = name.rpartition(".")
+            w.add_tensor(f"{top[base]}.{suffix}", t.numpy())
+            continue
+        _, _, i, rest = name.split(".", 3)
+        rest = rest.replace("block_sparse_moe.", "mlp.").replace(".w1.", ".gate_proj.").replace(
+            ".w3.", ".up_proj.").replace(".w2.", ".down_proj.")
+        if ".experts." in rest:
+            _, _, e, proj, _ = rest.split(".")
+            experts.setdefault((int(i), proj), {})[int(e)] = t
+            continue
+        base, _, suffix = rest.rpartition(".")
+        if base == "mlp.gate":
+            gname = f"blk.{i}.ffn_gate_inp.{suffix}"
+        else:
+            gname = f"blk.{i}.{layer[base]}.{suffix}"
+        if arch == "llama" and base in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's row order
+            heads = cfg.num_heads if "q_proj" in base else cfg.num_kv_heads
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).transpose(1, 2).reshape(t.shape)
+        w.add_tensor(gname, t.numpy())
+    names = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+    for (i, proj), per in sorted(experts.items()):
+        stacked = torch.stack([per[e] for e in sorted(per)]).numpy()
+        if proj == "down_proj":
+            q = gguf.quants.quantize(stacked, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blk.{i}.{names[proj]}.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(f"blk.{i}.{names[proj]}.weight", stacked)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_moe_gguf_matches_its_weights(kind, tmp_path, default_tokenizer):
+    """The GGUF layout (3-D expert tensors, a Q8_0 one among them) gives the safetensors model's tokens and
+    logits, that model's down_proj experts replaced by their Q8_0 values."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    _, path = _tiny(kind, tmp_path, default_tokenizer)
+    gguf_path = _write_gguf(kind, path, tmp_path / f"{kind}.gguf")
+    st = load_file(str(path / "model.safetensors"))
+    for name, t in st.items():  # what the GGUF holds: down experts through Q8_0
+        if ".experts." in name and (name.endswith("down_proj.weight") or name.endswith("w2.weight")):
+            q = gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+            st[name] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).reshape(t.shape)
+    save_file(st, str(path / "model.safetensors"))
+    a = LLM(model=str(gguf_path), dtype="float32", device="cpu", max_model_len=128)
+    b = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128)
+    assert a.engine.model_config.architecture == kind and a.engine.model_config.num_experts > 0
+    prompts = prompts_of(2, [21, 9], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    for x, y in zip(a.generate(prompts, params, use_tqdm=False), b.generate(prompts, params, use_tqdm=False)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        lx = [next(iter(d.values())) for d in x.outputs[0].logprobs]
+        ly = [next(iter(d.values())) for d in y.outputs[0].logprobs]
+        torch.testing.assert_close(torch.tensor(lx), torch.tensor(ly), atol=1e-4, rtol=1e-4)

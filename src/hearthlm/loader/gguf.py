@@ -29,6 +29,9 @@ _LAYER_NAMES = {
 _GEMMA2_LAYER_NAMES = dict(_LAYER_NAMES, post_attention_norm="post_attention_layernorm",
                            ffn_norm="pre_feedforward_layernorm", post_ffw_norm="post_feedforward_layernorm")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# mixture of experts: the router, and 3-D tensors [experts, ...] holding every expert's matrix
+_MOE_NAMES = {"ffn_gate_inp": "mlp.gate"}
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -74,10 +77,18 @@ class GGUFWeights:
                                             f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
         layer_names = _GEMMA2_LAYER_NAMES if self.arch in ("gemma2", "gemma3") else _LAYER_NAMES
         self.name_map: dict[str, str] = {}
+        self.expert_map: dict[str, tuple[str, int]] = {}  # HF per-expert name -> (3-D tensor, expert)
+        self._experts: dict[str, torch.Tensor] = {}  # the decoded 3-D tensors of the layer being read
         for name in self.tensors:
             m = _BLK.match(name)
             if m and m.group(2) in layer_names:
                 self.name_map[f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"] = name
+            elif m and m.group(2) in _MOE_NAMES:
+                self.name_map[f"model.layers.{m.group(1)}.{_MOE_NAMES[m.group(2)]}.{m.group(3)}"] = name
+            elif m and m.group(2) in _EXPERT_NAMES:
+                for e in range(self.tensors[name].shape[0]):
+                    hf = f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_NAMES[m.group(2)]}.{m.group(3)}"
+                    self.expert_map[hf] = (name, e)
             else:
                 base, _, suffix = name.rpartition(".")
                 if base in _TOP_NAMES:
@@ -111,6 +122,8 @@ class GGUFWeights:
         return self.dequantize("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
 
     def get(self, hf_name: str, cfg: ModelConfig) -> torch.Tensor | None:
+        if hf_name in self.expert_map:
+            return self._expert(*self.expert_map[hf_name])
         name = self.name_map.get(hf_name)
         if name is None:
             return None
@@ -124,6 +137,14 @@ class GGUFWeights:
         if self.arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1 itself
         return w
+
+    def _expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's matrix of a 3-D expert tensor, decoded whole once while its layer is read."""
+        if name not in self._experts:
+            layer = name.split(".")[1]
+            self._experts = {k: v for k, v in self._experts.items() if k.split(".")[1] == layer}
+            self._experts[name] = self.dequantize(name)
+        return self._experts[name][e]
 
     def _qk_rows(self, hf_name: str, rows: int, cfg: ModelConfig) -> torch.Tensor:
         """llama.cpp permutes q/k rows for its interleaved rope; this row order undoes it (HF rotate_half)."""

@@ -129,7 +129,7 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
 
 # GGUF general.architecture -> family
 GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
-                 "mistral": "llama"}
+                 "mistral": "llama", "qwen3moe": "qwen3_moe"}
 
 
 def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig:
@@ -189,6 +189,12 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         return _gemma3_from_gguf(cfg, get, md)
     elif sw:
         cfg.layer_windows = [int(sw)] * n_layers
+    if get("expert_count"):  # qwen3moe, or llama with experts (Mixtral); llama.cpp renormalizes their top k
+        if family == "llama":
+            cfg.architecture = "mixtral"
+        cfg.num_experts, cfg.num_experts_per_tok = int(get("expert_count")), int(get("expert_used_count"))
+        cfg.moe_intermediate_size = int(get("expert_feed_forward_length") or cfg.intermediate_size)
+        cfg.norm_topk_prob = True
     return cfg
 
 

@@ -34,16 +34,17 @@ class MoeLayer(LlamaLayer):
     def init_mlp(self, get: WeightGetter, p: str) -> None:
         cfg = self.cfg
         self.router = None
-        if self.idx in cfg.dense_layers:
+        router, base, names = None, p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+        if self.idx not in cfg.dense_layers:
+            router = get(p + "block_sparse_moe.gate.weight")
+            if router is not None:  # Mixtral names: w1 gate, w3 up, w2 down
+                base, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
+            else:
+                router = get(base + "gate.weight")
+        if router is None:  # a dense block (mlp_only_layers; a GGUF block without a router)
             super().init_mlp(get, p)
             return
         self.gate_up = self.down = None
-        router = get(p + "block_sparse_moe.gate.weight")
-        if router is not None:  # Mixtral names: w1 gate, w3 up, w2 down
-            base, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
-        else:
-            base, names = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
-            router = require(get, base + "gate.weight")
         dtype = router.dtype
         self.router = _dense(router, dtype)
         ex = [[_dense(require(get, f"{base}experts.{e}.{n}.weight"), dtype) for n in names]
