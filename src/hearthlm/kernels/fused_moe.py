@@ -128,7 +128,7 @@ if HAS_TRITON:
             return tl.dot(a, w, acc, input_precision="ieee")
         return tl.dot(a, w, acc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_pairs"])  # one compiled variant for every T
     def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, m_ptr, out_ptr, tw_ptr, sorted_ptr, bexp_ptr,
                          N, K, n_pairs, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                          A_DIV: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr, T: tl.constexpr,
