@@ -84,7 +84,8 @@ if HAS_TRITON:
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
                   inv_freq_divisors: torch.Tensor | None = None) -> torch.Tensor:
-    """inv_freq [head_dim // 2] fp32, exactly as HF computes it (default, linear, llama3).
+    """inv_freq [head_dim // 2] fp32, exactly as HF computes it (default, linear, llama3, yarn; yarn's cos/sin
+    scale: rope_attention_factor).
 
     inv_freq_divisors: GGUF `rope_freqs` tensor (llama.cpp's form of Llama-3 scaling): inv_freq / divisors,
     applied instead of rope_scaling.
@@ -110,9 +111,45 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
         smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    if rope_type == "yarn":  # mirrors transformers' _compute_yarn_parameters
+        factor = rope_scaling["factor"]
+        original = rope_scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = rope_scaling.get("beta_fast") or 32, rope_scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rope_scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        extrapolation = 1 - ramp
+        return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     raise NotImplementedError(
-        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3); "
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn); "
         "use a model without it or add it to hearthlm/kernels/rope.py")
+
+
+def rope_attention_factor(rope_scaling: dict | None) -> float:
+    """The factor YaRN scales cos and sin by (HF's attention_scaling): attention_factor, else from factor and
+    mscale / mscale_all_dim; 1.0 for every other kind."""
+    rs = rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = rs["factor"]
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return float(mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"]))
+    return mscale(factor)
 
 
 def build_cos_sin_cache(head_dim: int, max_pos: int, theta: float, rope_scaling: dict | None = None,
@@ -121,7 +158,9 @@ def build_cos_sin_cache(head_dim: int, max_pos: int, theta: float, rope_scaling:
     """-> [max_pos, head_dim] fp32: cos(p * inv_freq) in the first half, sin in the second (HF values)."""
     inv_freq = rope_inv_freq(head_dim, theta, rope_scaling, inv_freq_divisors)
     freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [max_pos, head_dim/2]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    factor = rope_attention_factor(rope_scaling)
+    return (cache if factor == 1.0 else cache * factor).to(device)
 
 
 QKNorm = tuple  # (q_norm weight, k_norm weight, eps)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.rope import rope_inv_freq
+from ..kernels.rope import rope_attention_factor, rope_inv_freq
 
 
 class Rotary:
@@ -12,15 +12,18 @@ class Rotary:
     def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None, device: torch.device,
                  freq_factors: torch.Tensor | None = None):
         self.inv_freq = rope_inv_freq(head_dim, theta, rope_scaling, freq_factors).to(device)
+        self.factor = rope_attention_factor(rope_scaling)  # YaRN scales cos and sin (HF's attention_scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim]; sin carries rotate_half's sign (its
         first half negated), as apply_rotary expects. Computed once per step for all layers."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        sin = emb.sin()
+        cos, sin = emb.cos(), emb.sin()
+        if self.factor != 1.0:
+            cos, sin = cos * self.factor, sin * self.factor
         sin[:, :freqs.shape[1]].neg_()
-        return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -122,9 +122,16 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in (None, "default"):
         return None
-    if kind not in ("llama3", "linear"):
-        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3, linear)")
-    return dict(rs, rope_type=kind)
+    if kind not in ("llama3", "linear", "yarn"):
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3, linear, "
+                                    "yarn)")
+    out = dict(rs, rope_type=kind)
+    if kind == "yarn":
+        out.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings")
+                       or d.get("max_position_embeddings"))
+        if out.get("factor") is None:  # HF: the ratio of the context lengths
+            out["factor"] = d["max_position_embeddings"] / out["original_max_position_embeddings"]
+    return out
 
 
 # GGUF general.architecture -> family

@@ -1,0 +1,55 @@
+"""RoPE scaling types against HF transformers on tiny random float32 models: YaRN (inverse frequencies and the
+cos/sin attention factor), through the engine's prefill chunks and decode rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hearthlm import LLM, SamplingParams
+from hearthlm.kernels.rope import rope_attention_factor, rope_inv_freq
+
+from .conftest import prompts_of
+
+
+@pytest.mark.parametrize("rs", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 0.7, "mscale_all_dim": 1.0},
+    {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "truncate": False,
+     "attention_factor": 1.2},
+])
+def test_yarn_tables_match_hf(rs):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.Qwen2Config(hidden_size=128, num_attention_heads=2, max_position_embeddings=1024,
+                                   rope_theta=150000.0, rope_scaling=dict(rs))
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    assert torch.equal(rope_inv_freq(64, 150000.0, rs), want)
+    assert rope_attention_factor(rs) == pytest.approx(factor, rel=1e-12)
+
+
+def test_yarn_model_matches_hf(tmp_path, default_tokenizer):
+    import transformers
+
+    rs = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = transformers.Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rope_scaling=rs, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False, initializer_range=0.25)  # peaked: RoPE matters
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    default_tokenizer.save(tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=32)
+    assert llm.engine.model_config.rope_scaling["rope_type"] == "yarn"
+    prompts = prompts_of(3, [70, 9, 40], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            lp = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+        assert o.outputs[0].token_ids == want
+        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
+        torch.testing.assert_close(got, lp[torch.arange(8), torch.tensor(want)], atol=1e-4, rtol=1e-4)
