@@ -251,6 +251,14 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
         st = SafetensorsWeights(path)
         tokenizer = _in_background(tokenizer_from_dir, path, cfg.eos_token_ids)
         quant = str(dt).replace("torch.", "") if quantization == "none" else quantization
+        from .quantized_checkpoint import keep_quantized_checkpoint, quantized_checkpoint
+
+        qck = quantized_checkpoint(path, st)  # AWQ / GPTQ / FP8 checkpoints (None: a float checkpoint)
+        if qck is not None:
+            if quantization != "none":
+                raise InvalidRequestError(f"{path.name} is already quantized ({qck.name}): drop --quantization",
+                                          param="quantization")
+            quant, qck_keep = qck.name, keep_quantized_checkpoint(weights, dtype, device)
         place = _placement(cfg, device, gpu_layers, "lm_head.weight" in st.where, quantization)
         quantize = weight_quantizer(quantization, device)
         # a bare decoder (sentence-transformers embedding models such as Qwen3-Embedding, saved from Qwen3Model):
@@ -258,6 +266,8 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
         bare = "model.embed_tokens.weight" not in st.where and "embed_tokens.weight" in st.where
 
         def get_st(n: str):
+            if qck is not None and (w := qck.get(n, place.weight_device(n), dt, qck_keep)) is not None:
+                return w
             t = convert(st.get(n.removeprefix("model.") if bare else n), place.weight_device(n))
             return t if quantize is None or t is None else quantize(n, t)
 
