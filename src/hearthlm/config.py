@@ -200,9 +200,15 @@ class EngineConfig:
     gemv: str = "auto"  # --gemv: GEMVS
     # --cpu-dense-memory: bytes of 16-bit weight copies kept for multi-row CPU matmuls of int4 weights (0 = none)
     cpu_dense_memory: int = 1 << 30
+    # --cpu-moe N (llama.cpp's --n-cpu-moe): the experts of the first N mixture-of-experts blocks stay on the CPU
+    # while the rest of the model is on the GPU (models/llama.py Placement); 0 = none
+    cpu_moe: int = 0
 
     def __post_init__(self) -> None:
         self.gpu_layers = normalize_gpu_layers(self.gpu_layers)
+        if isinstance(self.cpu_moe, bool) or int(self.cpu_moe) < 0:
+            raise InvalidRequestError(f"cpu_moe must be a block count >= 0, got {self.cpu_moe!r}", param="cpu_moe")
+        self.cpu_moe = int(self.cpu_moe)
         self.cpu_kernel = normalize_cpu_kernel(self.cpu_kernel)
         self.weights = normalize_choice(self.weights, WEIGHTS, "weights")
         self.kernels = normalize_choice(self.kernels, KERNELS, "kernels")
