@@ -221,6 +221,7 @@ LlamaLayer.native_cls, LlamaLayer.fused_cls = NativeLlamaLayer, FusedLlamaLayer
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.")
 
 
 @dataclass
@@ -239,6 +240,7 @@ class Placement:
     gpu_layers: int | None = None
     host: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tied_embedding: bool = True  # the output head is the token embedding
+    cpu_moe: int = 0  # --cpu-moe N: the experts of blocks [0, N) on `host` whatever side their block is on
 
     def __post_init__(self) -> None:
         self.device, self.host = torch.device(self.device), torch.device(self.host)
@@ -267,7 +269,10 @@ class Placement:
         return self.host if self.offloaded and not self.tied_embedding else self.device
 
     def weight_device(self, name: str) -> torch.device:
-        """Device of the weight with this HF name (model.layers.{i}. -> block i)."""
+        """Device of the weight with this HF name (model.layers.{i}. -> block i; --cpu-moe: experts of the first
+        N blocks -> host)."""
+        if self.cpu_moe and (m := _EXPERT_NAME.match(name)) and int(m.group(1)) < self.cpu_moe:
+            return self.host
         if m := _LAYER_NAME.match(name):
             return self.host if self.on_host(int(m.group(1))) else self.device
         return self.embed_device if name.startswith("model.embed_tokens.") else self.device
