@@ -173,7 +173,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
                device: str | torch.device = "cpu", weights: str | None = None,
                quantization: str | None = None, gpu_layers: int | None = None,
                progress: bool | None = None, pack_cache: bool = True, kernels: str = "auto", gemv: str = "auto",
-               cpu_dense_memory: int | None = None) -> LoadedModel:
+               cpu_dense_memory: int | None = None, cpu_moe: int = 0) -> LoadedModel:
     """quantization (HF safetensors models only): none | int8 | int4 | fp8, see `weight_quantizer`.
     weights, kernels, gemv, cpu_dense_memory: EngineConfig's fields of those names (None: their defaults), bound
     to this model's weight kernels (layers/weight_kernel.WeightOptions).
@@ -182,6 +182,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
     gpu_layers: the last N blocks on `device`, the others on the CPU (models/llama.py Placement); None = all.
     Offloaded blocks take the same dtype and quantized/dequantized form as the device's (GGUF: dense on CUDA
     unless weights='quantized'), so they compute what the device would, up to rounding.
+    cpu_moe: the experts of the first N mixture-of-experts blocks on the CPU (llama.cpp's --n-cpu-moe).
     pack_cache: GGUF weights packed for the native CPU kernel are saved once and mapped by later loads
     (loader/pack_cache.py)."""
     from ..layers.weight_kernel import DenseBudget, WeightOptions, bound
@@ -190,7 +191,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
     dense_memory = EngineConfig.cpu_dense_memory if cpu_dense_memory is None else cpu_dense_memory
     with bound(WeightOptions(gemv, kernels, DenseBudget(dense_memory))):
         net, cfg, tokenizer, path, quant = _load(model, dtype, device, weights, quantization, gpu_layers, progress,
-                                                 pack_cache)
+                                                 pack_cache, cpu_moe=cpu_moe)
     weights_s = time.perf_counter() - start
     tokenizer = tokenizer.result()
     cfg.eos_token_ids = tokenizer.eos_token_ids
@@ -200,7 +201,7 @@ def load_model(model: str | os.PathLike | None, dtype: str | torch.dtype = "auto
 
 def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str | torch.device,
           weights: str | None, quantization: str | None, gpu_layers: int | None, progress: bool | None,
-          pack_cache: bool) -> tuple[LlamaModel, ModelConfig, Future, Path, str]:
+          pack_cache: bool, cpu_moe: int = 0) -> tuple[LlamaModel, ModelConfig, Future, Path, str]:
     """load_model's work within its weight options: (model, config, tokenizer future, path, quantization name)."""
     path = resolve_model_path(model)
     device = torch.device(device)
@@ -224,7 +225,7 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
         freq = gw.freq_factors()
         dense = sum(math.prod(t.shape) for t in gw.tensors.values()) * torch.empty((), dtype=dt).element_size()
         quantized = keep_quantized(weights, dtype, device, dense)
-        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in gw.name_map, quantization)
+        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in gw.name_map, quantization, cpu_moe)
         if quantized and pack_cache and (device.type == "cpu" or place.offloaded):
             from .pack_cache import PackCache
 
@@ -259,7 +260,7 @@ def _load(model: str | os.PathLike | None, dtype: str | torch.dtype, device: str
                 raise InvalidRequestError(f"{path.name} is already quantized ({qck.name}): drop --quantization",
                                           param="quantization")
             quant, qck_keep = qck.name, keep_quantized_checkpoint(weights, dtype, device)
-        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in st.where, quantization)
+        place = _placement(cfg, device, gpu_layers, "lm_head.weight" in st.where, quantization, cpu_moe)
         quantize = weight_quantizer(quantization, device)
         # a bare decoder (sentence-transformers embedding models such as Qwen3-Embedding, saved from Qwen3Model):
         # its names lack the `model.` prefix
@@ -303,10 +304,12 @@ class _LoadBar:
 
 
 def _placement(cfg: ModelConfig, device: torch.device, gpu_layers: int | None, has_lm_head: bool,
-               quantization: str) -> Placement:
-    """Which device each weight goes to (--gpu-layers); the head is tied when the config says so or it is absent."""
+               quantization: str, cpu_moe: int = 0) -> Placement:
+    """Which device each weight goes to (--gpu-layers, --cpu-moe); the head is tied when the config says so or it
+    is absent."""
     place = Placement(device, cfg.num_layers, gpu_layers,
-                      tied_embedding=cfg.tie_word_embeddings or not has_lm_head)
+                      tied_embedding=cfg.tie_word_embeddings or not has_lm_head,
+                      cpu_moe=min(int(cpu_moe), cfg.num_layers) if cfg.num_experts else 0)
     if place.offloaded and quantization == "fp8":
         raise InvalidRequestError(f"--quantization fp8 runs on CUDA only, and --gpu-layers {gpu_layers} leaves "
                                   f"{place.num_host_layers} blocks on the CPU: use --quantization int8, or drop "
