@@ -53,3 +53,30 @@ def test_yarn_model_matches_hf(tmp_path, default_tokenizer):
         assert o.outputs[0].token_ids == want
         got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
         torch.testing.assert_close(got, lp[torch.arange(8), torch.tensor(want)], atol=1e-4, rtol=1e-4)
+
+
+def test_yarn_survives_a_gguf_round_trip(tmp_path):
+    """llama.cpp's YaRN keys (what hearth quantize writes) read back as the same scaling."""
+    import gguf
+
+    from hearthlm.config import ModelConfig
+    from hearthlm.loader.gguf_header import GGUFFile
+    from hearthlm.loader.hf_config import config_from_gguf_metadata
+    from hearthlm.quant.sources import write_shape_metadata
+
+    rs = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0,
+          "beta_slow": 1.0}
+    cfg = ModelConfig("qwen3", 16, 8, 16, 1, 2, 2, 4, rope_scaling=rs, max_position_embeddings=131072)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "qwen3")
+    write_shape_metadata(w, cfg)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(32768)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(16)])
+    w.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = config_from_gguf_metadata(dict(GGUFFile(tmp_path / "m.gguf").metadata))
+    assert got.rope_scaling == rs

@@ -181,6 +181,11 @@ def config_from_gguf_metadata(md: dict[str, Any], name: str = "") -> ModelConfig
         eos_token_ids=_eos_list(eos),
         name=name or str(md.get("general.name", "")),
     )
+    if get("rope.scaling.type") == "yarn":
+        cfg.rope_scaling = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor")),
+                            "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
+                            "beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                            "beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0))}
     sw = get("attention.sliding_window")
     if family == "gemma2":
         sw = int(sw or 4096)

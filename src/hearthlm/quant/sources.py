@@ -97,9 +97,19 @@ class HFSource:
         if self.arch == "llama":
             w.add_rope_dimension_count(cfg.head_dim)
             w.add_vocab_size(cfg.vocab_size)
-        if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+        rs = cfg.rope_scaling or {}
+        if rs.get("rope_type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+            w.add_rope_scaling_factor(float(rs["factor"]))
+        elif rs.get("rope_type") == "yarn":
+            if rs.get("attention_factor") is not None or rs.get("mscale") or rs.get("truncate") is False:
+                raise UnsupportedModelError("GGUF has no keys for this YaRN variant (attention_factor, mscale or "
+                                            "truncate=false): serve the safetensors model instead")
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rs["original_max_position_embeddings"]))
+            w.add_rope_scaling_yarn_beta_fast(float(rs.get("beta_fast") or 32))
+            w.add_rope_scaling_yarn_beta_slow(float(rs.get("beta_slow") or 1))
         windows = {x for x in cfg.layer_windows if x is not None}
         if self.family == "gemma2":
             w.add_sliding_window(max(windows))
