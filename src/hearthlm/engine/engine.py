@@ -129,7 +129,7 @@ class LLMEngine:
                 loaded = load_model(path, config.dtype, self.device, quantization=quantization,
                                     gpu_layers=offloaded_layers(plan),
                                     weights="dequantize" if invariant_gpu else config.weights, kernels=config.kernels,
-                                    gemv=config.gemv, cpu_dense_memory=config.cpu_dense_memory)
+                                    gemv=config.gemv, cpu_dense_memory=config.cpu_dense_memory, cpu_moe=config.cpu_moe)
         self.loaded = loaded
         self.model_config = cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
