@@ -12,7 +12,13 @@ import torch
 QK_K = 256
 # type -> (weights per block, bytes per block)
 BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+# IQ types the loader reads: every one gguf-py's numpy dequantizer decodes (IQ4_NL/IQ4_XS also ported here); none of
+# them maps to linear group codes, so they are always dequantized
+IQ_TYPES = frozenset({"IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"})
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL's codebook
+# the nearest type the loader reads, for a GGUF type it does not (`nearest_supported`)
+_NEAREST = {"TQ1_0": "IQ1_M", "TQ2_0": "IQ2_XXS", "Q8_1": "Q8_0", "Q8_K": "Q8_0", "MXFP4": "IQ4_XS"}
 # rows decoded at once: bounds the float32 temporaries to about this many weights
 CHUNK_WEIGHTS = 1 << 27
 
@@ -80,7 +86,22 @@ def _blocks(b: torch.Tensor, kind: str) -> torch.Tensor:
         q = (ql | (qh.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
         scale = (_f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).to(torch.float32))
         return (scale.unsqueeze(-1) * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
+    if kind in ("IQ4_NL", "IQ4_XS"):
+        kv = torch.tensor(IQ4_VALUES, device=b.device, dtype=torch.float32)
+        if kind == "IQ4_NL":
+            return _f16(b[:, :2]) * kv[_nibbles(b[:, 2:], 16).reshape(n, 32).long()]
+        sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # [n, 1]
+        sl = _nibbles(b[:, 4:8], 1).reshape(n, 8).to(torch.int32)  # byte i: sub-blocks 2 i (low), 2 i + 1
+        sh = (sh >> (2 * torch.arange(8, device=b.device, dtype=torch.int32))) & 3
+        dl = _f16(b[:, :2]) * ((sl | (sh << 4)) - 32).to(torch.float32)  # [n, 8]
+        q = _nibbles(b[:, 8:], 16).reshape(n, 8, 32)
+        return (dl.unsqueeze(-1) * kv[q.long()]).reshape(n, QK_K)
     raise KeyError(kind)
+
+
+def nearest_supported(type_name: str) -> str:
+    """The nearest GGUF type the loader reads, for one it does not (an error names it)."""
+    return _NEAREST.get(type_name, "IQ4_XS" if type_name.startswith("IQ4") else "Q4_K")
 
 
 def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, int],
