@@ -12,13 +12,14 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_header import GGUFFile
+from .gguf_dequant import IQ_TYPES, nearest_supported
 from .hf_config import config_from_gguf_metadata
 
 if TYPE_CHECKING:
     from ..quant.group_quant import GroupQuant
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
-                   "Q5_K", "Q6_K"}
+                   "Q5_K", "Q6_K"} | IQ_TYPES  # IQ types: dequantized (loader/gguf_dequant.py)
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -74,7 +75,8 @@ class GGUFWeights:
             type_name = gguf.GGMLQuantizationType(t.ggml_type).name
             if type_name not in SUPPORTED_TYPES:
                 raise UnsupportedModelError(f"{path.name}: tensor {t.name} uses {type_name}, which is not "
-                                            f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+                                            f"supported (supported: {', '.join(sorted(SUPPORTED_TYPES))}): the "
+                                            f"nearest supported type is {nearest_supported(type_name)}")
         layer_names = _GEMMA2_LAYER_NAMES if self.arch in ("gemma2", "gemma3") else _LAYER_NAMES
         self.name_map: dict[str, str] = {}
         self.expert_map: dict[str, tuple[str, int]] = {}  # HF per-expert name -> (3-D tensor, expert)
