@@ -34,7 +34,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, cpu_compile: bool = False,
                  batch_invariant: bool = False, threads: int | None = None, cpu_kernel: str = "auto",
                  weights: str = "auto", kernels: str = "auto", gemv: str = "auto", cpu_dense_memory: int = 1 << 30,
-                 loaded=None):
+                 cpu_moe: int = 0, loaded=None):
         """gpu_layers (CUDA): the last N blocks on the GPU, the others on the CPU (llama.cpp's -ngl); "auto" = the
         most that fit; None = all on the GPU. With `loaded`, the loaded model's placement applies.
         cpu_compile (CPU): decode steps run a torch.compile'd layer stack (each graph compiles on first use, then
@@ -42,7 +42,7 @@ class LLM:
         batch_invariant (CUDA): a request's tokens do not depend on the rest of the batch (EngineConfig).
         threads (CPU): torch and native-kernel threads; None = the physical cores.
         cpu_kernel (CPU): the native kernel's ISA, auto | avx512vnni | avx2 | torch (PyTorch's int4 kernel).
-        weights, kernels, gemv, cpu_dense_memory: EngineConfig's fields of those names (config.py)."""
+        weights, kernels, gemv, cpu_dense_memory, cpu_moe: EngineConfig's fields of those names (config.py)."""
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len or 1 << 30,  # None: clamped to the model's context
                                 enable_chunked_prefill=enable_chunked_prefill,
@@ -54,7 +54,7 @@ class LLM:
         config = EngineConfig(model=model, dtype=dtype, device=device, seed=seed, cache=cache, scheduler=sched,
                               quantization=quantization, gpu_layers=gpu_layers, batch_invariant=batch_invariant,
                               threads=threads, cpu_kernel=cpu_kernel, weights=weights, kernels=kernels, gemv=gemv,
-                              cpu_dense_memory=cpu_dense_memory)
+                              cpu_dense_memory=cpu_dense_memory, cpu_moe=cpu_moe)
         encoder = loaded is None and encoder_engine(config)  # a BERT-family model: it only embeds
         self.engine = encoder or LLMEngine(config, loaded=loaded)
         self.tokenizer = self.engine.tokenizer
