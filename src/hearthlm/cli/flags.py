@@ -196,6 +196,11 @@ ENGINE_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]
         type=parse_size, default=1 << 30, metavar="SIZE",
         help="CPU: memory for 16-bit copies of int4 weights that multi-row steps (prefill, many streams) run "
              "through the dense GEMM, e.g. 512M; 0 = none (default 1G)")),
+    "cpu_moe": (("--cpu-moe", "--n-cpu-moe", "-ncmoe"), (), dict(
+        type=int, default=0, metavar="N",
+        help="mixture-of-experts models on a GPU: keep the experts of the first N blocks on the CPU, the rest of the "
+             "model on the GPU (llama.cpp's --n-cpu-moe; `hearth plan --cpu-moe N` shows the memory it moves); "
+             "default 0")),
 }
 
 # engine flag dest -> hearthlm.LLM keyword
@@ -235,6 +240,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dest in ENGINE_FLAGS:
         if hasattr(args, dest):
+            if dest == "cpu_moe" and not getattr(args, dest):
+                continue  # only when given: not every engine front takes it yet
             out[_LLM_KWARG.get(dest, dest)] = getattr(args, dest)
     return out
 
