@@ -153,6 +153,17 @@ def weights_bytes(cfg: ModelConfig, quant: str) -> WeightBytes:
 _LAYER_RE = re.compile(r"(?:^|\.)(?:blk|layers|h|block)\.(\d+)\.")
 
 
+def expert_bytes(cfg: ModelConfig, w: WeightBytes) -> list[int]:
+    """Per block, the bytes of its experts' matrices (routers excluded; 0 for dense blocks and dense models): the
+    block's bytes shared in proportion to its weights, exact when the block has one format, else an estimate."""
+    if not cfg.num_experts:
+        return [0] * len(w.layer_bytes)
+    h, qd, kvd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    experts = cfg.num_experts * 3 * h * cfg.moe_intermediate_size
+    rest = h * qd + 2 * h * kvd + qd * h + cfg.num_experts * h
+    return [0 if i in cfg.dense_layers else b * experts // (experts + rest) for i, b in enumerate(w.layer_bytes)]
+
+
 def weights_bytes_from_tensors(tensors: Iterable[tuple[str, int]]) -> WeightBytes:
     """Exact weight bytes from (tensor name, nbytes) pairs -- a GGUF tensor list or safetensors headers.
 
