@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         + ", ".join(HELP_PRESETS))
     # the engine's flags and aliases; values are checked by build_plan (bad input exits 1, not argparse's 2)
     add_engine_args(p, only=("max_model_len", "max_num_seqs", "quantization", "kv_cache_dtype", "gpu_layers",
-                             "gpu_memory_utilization", "max_num_batched_tokens", "device"),
+                             "gpu_memory_utilization", "max_num_batched_tokens", "device", "cpu_moe"),
                     defaults=dict(max_model_len=None, max_num_seqs="1", quantization=None, kv_cache_dtype="auto",
                                   gpu_memory_utilization="0.9", max_num_batched_tokens="2048", device="auto"),
                     kwargs={d: {"type": str} for d in ("max_model_len", "max_num_seqs", "quantization",
@@ -149,17 +149,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"hearth plan: error: {e}", file=sys.stderr)
         return 1
     advice = advise(src.cfg, plan)
+    cpu_moe = int(getattr(args, "cpu_moe", 0) or 0)
+    if cpu_moe < 0:
+        print(f"hearth plan: error: --cpu-moe must be a block count >= 0, got {cpu_moe}", file=sys.stderr)
+        return 1
     if getattr(args, "json", False):
         out = {**plan.to_dict(), "source": {"kind": src.kind, "path": src.path}, "num_params": src.cfg.num_params,
                "active_params": src.cfg.active_params, "num_experts": src.cfg.num_experts,
                "advice": [asdict(a) for a in advice]}
+        if src.cfg.num_experts and plan.weights_detail is not None:
+            from ..plan.memory import expert_bytes
+
+            per_block = expert_bytes(src.cfg, plan.weights_detail)
+            out.update(expert_bytes=sum(per_block), cpu_moe=cpu_moe, cpu_moe_bytes=sum(per_block[:cpu_moe]))
         print(json.dumps(out, indent=2))
     else:
-        _print_human(src, plan, advice)
+        _print_human(src, plan, advice, cpu_moe)
     return 0 if plan.ok else 2
 
 
-def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
+def _experts_row(src: ModelSource, plan: MemoryPlan, cpu_moe: int) -> tuple[str, str, str]:
+    """The experts' share of the weights, what a token reads of them, and what --cpu-moe N moves to RAM."""
+    from ..plan.memory import expert_bytes, gib
+
+    cfg = src.cfg
+    per_block = expert_bytes(cfg, plan.weights_detail)
+    total = sum(per_block)
+    how = (f"{cfg.num_experts} per MoE block x {sum(b > 0 for b in per_block)} blocks; a token reads "
+           f"{cfg.num_experts_per_tok} per block: {gib(total * cfg.num_experts_per_tok / cfg.num_experts)}")
+    if cpu_moe:
+        how += (f"; --cpu-moe {cpu_moe}: {gib(sum(per_block[:cpu_moe]))} of them in RAM instead of on the device "
+                "(the verdict does not deduct them)")
+    return "  experts (in weights)", gib(total), how
+
+
+def _rows(src: ModelSource, plan: MemoryPlan, cpu_moe: int = 0) -> list[tuple[str, str, str]]:
     from ..plan.memory import KV_DTYPE_BYTES, gib
 
     cfg = src.cfg
@@ -183,6 +207,8 @@ def _rows(src: ModelSource, plan: MemoryPlan) -> list[tuple[str, str, str]]:
         ("usable", gib(plan.usable_bytes),
          f"{plan.device.name}: {gib(plan.device.memory_bytes)} x {plan.gpu_memory_utilization:g}"),
     ]
+    if cfg.num_experts and plan.weights_detail is not None:
+        rows.insert(1, _experts_row(src, plan, cpu_moe))
     if plan.verdict == "partial_offload":
         rows += [(f"on device ({plan.gpu_layers}/{plan.num_layers} blocks)", gib(plan.device_total_bytes),
                   f"weights {gib(plan.device_weights_bytes)} + KV {gib(plan.device_kv_bytes)} + act + overhead"),
@@ -221,11 +247,11 @@ def _advice_lines(plan: MemoryPlan, advice: list[Advice]) -> list[str]:
     return lines
 
 
-def _print_human(src: ModelSource, plan: MemoryPlan, advice: list[Advice]) -> None:
+def _print_human(src: ModelSource, plan: MemoryPlan, advice: list[Advice], cpu_moe: int = 0) -> None:
     title = (f"hearth plan: {src.cfg.name or src.path} ({src.kind}), {plan.quant} weights, "
              f"{plan.num_layers} blocks, device {plan.device.name} "
              f"({plan.device.bandwidth_bytes_per_s / 1e12:.2f} TB/s)")
-    rows = _rows(src, plan)
+    rows = _rows(src, plan, cpu_moe)
     tail = [_verdict_line(plan), f"memory: {plan.figures().line()}"] + [f"warning: {w}" for w in plan.warnings] \
         + _advice_lines(plan, advice)
     try:
