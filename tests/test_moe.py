@@ -161,3 +161,90 @@ def test_moe_gguf_matches_its_weights(kind, tmp_path, default_tokenizer):
         lx = [next(iter(d.values())) for d in x.outputs[0].logprobs]
         ly = [next(iter(d.values())) for d in y.outputs[0].logprobs]
         torch.testing.assert_close(torch.tensor(lx), torch.tensor(ly), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, norm", [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", True)])
+def test_moe_block_matches_hf_in_every_layout(kind, norm):
+    """layers/moe.MoE against HF's sparse block, bit for bit, loaded from the fused 3-D names (transformers 5 in
+    memory), the per-expert names (its save_pretrained, Qwen3-MoE on the Hub) or Mixtral's block_sparse_moe w1/w3/w2;
+    a token's result alone equals its row in a batch (up to the GEMM's rounding for another row count)."""
+    import transformers
+
+    from hearthlm.layers.moe import MoE
+
+    torch.manual_seed(1)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=5,
+                                          num_experts_per_tok=2, norm_topk_prob=norm)
+        block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg)
+    else:
+        cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=5,
+                                         num_experts_per_tok=2)
+        block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+        x = torch.randn(1, 24, 32)
+        want = block(x)[0]
+    sd = {f"model.layers.0.mlp.{k}": v.detach() for k, v in block.state_dict().items()}
+    per_expert, mixtral = {"model.layers.0.mlp.gate.weight": sd["model.layers.0.mlp.gate.weight"]}, {}
+    for e in range(5):
+        g, u = sd["model.layers.0.mlp.experts.gate_up_proj"][e].chunk(2)
+        d = sd["model.layers.0.mlp.experts.down_proj"][e]
+        for n, t in (("gate_proj", g), ("up_proj", u), ("down_proj", d)):
+            per_expert[f"model.layers.0.mlp.experts.{e}.{n}.weight"] = t
+        for n, t in (("w1", g), ("w3", u), ("w2", d)):
+            mixtral[f"model.layers.0.block_sparse_moe.experts.{e}.{n}.weight"] = t
+    mixtral["model.layers.0.block_sparse_moe.gate.weight"] = sd["model.layers.0.mlp.gate.weight"]
+    for names in (sd, per_expert, mixtral):
+        moe = MoE.load(names.get, "model.layers.0.", 5, 2, norm, round_weights=kind == "qwen3_moe")
+        assert moe.w13.shape == (5, 32, 32) and moe.w2.shape == (5, 32, 16)
+        got = moe(x[0])
+        assert torch.equal(got, want)
+    torch.testing.assert_close(torch.cat([moe(x[0, i:i + 1]) for i in range(24)]), want, atol=1e-3, rtol=1e-5)
+    assert MoE.load({}.get, "model.layers.0.", 5, 2, norm) is None  # no router: a dense block
+
+
+def test_cpu_moe_placement_flag_and_plan(tmp_path, capsys):
+    """--cpu-moe N: the experts of the first N blocks go to the CPU beside a GPU device (a placement decision,
+    computed here without a GPU), the flag reaches LLM's keywords, and hearth plan reports the bytes it moves."""
+    import argparse
+    import json
+
+    from hearthlm.cli import flags, plan_cmd
+    from hearthlm.config import EngineConfig
+    from hearthlm.errors import InvalidRequestError
+    from hearthlm.loader.hf_config import config_from_hf_dict
+    from hearthlm.loader.load import _placement
+
+    d = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 1024,
+         "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 8,
+         "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [3]}
+    place = _placement(config_from_hf_dict(d), torch.device("cuda"), None, True, "none", cpu_moe=2)
+    dev = place.weight_device
+    assert dev("model.layers.1.mlp.experts.7.down_proj.weight").type == "cpu"
+    assert dev("model.layers.0.block_sparse_moe.experts.0.w1.weight").type == "cpu"
+    assert dev("model.layers.1.mlp.experts.gate_up_proj").type == "cpu"
+    for name in ("model.layers.2.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        assert dev(name).type == "cuda", name
+    dense = dict(d, architectures=["Qwen3ForCausalLM"], model_type="qwen3", num_experts=0)
+    assert _placement(config_from_hf_dict(dense), torch.device("cuda"), None, True, "none", 2).cpu_moe == 0
+    assert EngineConfig(cpu_moe=3).cpu_moe == 3
+    with pytest.raises(InvalidRequestError, match="cpu_moe"):
+        EngineConfig(cpu_moe=-1)
+    p = argparse.ArgumentParser()
+    flags.add_engine_args(p)
+    assert flags.engine_kwargs(p.parse_args(["--n-cpu-moe", "5"]))["cpu_moe"] == 5
+    assert "cpu_moe" not in flags.engine_kwargs(p.parse_args([]))
+
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    parser = argparse.ArgumentParser()
+    plan_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["plan", str(tmp_path), "--device", "h100", "--cpu-moe", "2", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_experts"] == 8 and out["active_params"] < out["num_params"]
+    assert 0 < out["cpu_moe_bytes"] < out["expert_bytes"] < out["weights_bytes"]
+    assert out["cpu_moe_bytes"] * 3 == out["expert_bytes"] * 2  # 2 of the 3 MoE blocks (block 3 is dense)

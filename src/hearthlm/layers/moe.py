@@ -108,7 +108,7 @@ class MoE:
         w = weights.to(x.dtype) if self.round_weights else weights
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
-            tok, rank = torch.where(ids == e)
+            rank, tok = torch.where(ids.t() == e)  # HF's row order: by rank, then token
             y = F.linear(gated_act(F.linear(x[tok], self.w13[e]), self.act), self.w2[e])
             out.index_add_(0, tok, (y * w[tok, rank, None]).to(out.dtype))
         return out
