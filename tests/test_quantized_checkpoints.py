@@ -74,9 +74,9 @@ def checkpoints(tmp_path_factory, default_tokenizer):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("quantized")
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
+                                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=True)
     out = {}
     for i, kind in enumerate(_CONFIGS):
         torch.manual_seed(i)
@@ -85,6 +85,8 @@ def checkpoints(tmp_path_factory, default_tokenizer):
         g = torch.Generator().manual_seed(100 + i)
         tensors = {}
         for name in list(sd):
+            if name == "lm_head.weight":  # tied to the embeddings
+                continue
             base = name.removesuffix(".weight")
             if not base.endswith(_PROJ):
                 tensors[name] = sd[name]
@@ -138,6 +140,12 @@ def test_quantized_checkpoint_matches_hf(kind, checkpoints):
         assert native == (cpu_quant.library() is not None)
         # symmetric (min = -8 s, exact in fp16): 4-bit codes; asymmetric: the lossless 8-bit re-pack
         assert not native or layer.qkv.kernel.bits == (4 if kind == "gptq_sym" else 8)
+    if kind == "gptq_act":  # act order: the inputs sorted by group at load, gathered on each call
+        from hearthlm.loader.quantized_checkpoint import InputPermuted
+
+        assert all(isinstance(p, InputPermuted) for p in layer.qkv.parts) and isinstance(layer.o.kernel,
+                                                                                          InputPermuted)
+        native = isinstance(layer.o.kernel.inner, NativeWeight)
     _check(llm, hf, 2e-3 if native else 1e-4)
     if kind == "awq":  # explicit float32 and weights auto: dequantized, the HF-exact path
         _check(LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128), hf, 1e-4)

@@ -19,9 +19,9 @@ Where each goes (`QuantizedCheckpoint.get`):
           where every min is exact in fp16 (symmetric GPTQ), else the lossless re-pack as 8-bit signed codes
           q - z with scale s (the kernel's fp16 scale and min then stand for the file's values exactly; a byte a
           weight, as Q8_0). Explicit float32 on CPU (the HF-exact path) or weights='dequantize': dequantized.
-  GPTQ desc_act with a g_idx that is not in input order, and 8-bit GPTQ: dequantized to the compute dtype
-    (exact in float32): the kernels take groups of consecutive inputs, and an act-order weight would need its
-    input features gathered on every call.
+  GPTQ desc_act (a g_idx not in input order): the input features sorted by group once at load (the codes' columns
+    permuted), then as above behind InputPermuted, which gathers x to that order on each call.
+  8-bit GPTQ, or groups that do not split into 32s: dequantized to the compute dtype (exact in float32).
   FP8: CUDA Fp8Weight (the per-tensor scale repeated per channel); CPU dequantized to the compute dtype.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError
+from ..layers.weight_kernel import WeightKernel
 
 SUPPORTED = "awq (version gemm, 4-bit), gptq (4- or 8-bit), fp8 (per-tensor or per-channel weight_scale)"
 _AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # output column c of an 8-column chunk sits in nibble _AWQ_REVERSE[c]
@@ -110,12 +111,20 @@ class QuantizedCheckpoint:
         q, z, s, g_idx = self.codes(base)
         k = q.shape[1]
         group = self.group if self.group > 0 else k
-        in_order = g_idx is None or bool((g_idx == torch.arange(k) // group).all())
-        if not (quantized and in_order and self.bits == 4 and device.type in ("cpu", "cuda")):
+        perm = None
+        if g_idx is not None and not bool((g_idx == torch.arange(k) // group).all()):
+            # act order: inputs sorted by group make groups of consecutive inputs (each must have `group` inputs)
+            perm = torch.argsort(g_idx, stable=True)
+            if not bool((torch.bincount(g_idx, minlength=z.shape[1]) == group).all()):
+                quantized = False
+        if not (quantized and self.bits == 4 and device.type in ("cpu", "cuda")):
             return dequantize(q, z, s, group, g_idx).to(device=device, dtype=dtype)
+        qp = q if perm is None else q[:, perm]
         if device.type == "cuda":
-            return _gpu_weight(q, z, s, group, device, dtype)
-        return _cpu_weight(q, z, s, group, dtype)
+            w = _gpu_weight(qp, z, s, group, device, dtype)
+        else:
+            w = _cpu_weight(qp, z, s, group, dtype)
+        return w if perm is None else InputPermuted.of(w, perm.to(device))
 
     def codes(self, base: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """AWQ/GPTQ tensors of one weight -> (codes [N, K], zeros [N, G], scales [N, G] float32, g_idx [K] or None),
@@ -153,6 +162,39 @@ class QuantizedCheckpoint:
             if fp8_supported(device) is None:
                 return Fp8Weight(w8.to(device).contiguous(), scale.to(device), dtype)
         return (w8.float() * scale[:, None]).to(device=device, dtype=dtype)
+
+
+class InputPermuted(WeightKernel):
+    """y = x[:, perm] @ W'^T: a GPTQ act-order weight whose input features were sorted by group at load (W' =
+    W[:, perm], groups of consecutive inputs for the kernels), x gathered to that order on each call (as
+    vLLM's GPTQ kernels do). The producer of x never pre-quantizes it for this kernel (a8_bits None)."""
+
+    def __init__(self, inner: WeightKernel, perm: torch.Tensor):
+        self.inner, self.perm = inner, perm  # perm: [K] int64 on the weight's device
+
+    @staticmethod
+    def of(weight: object, perm: torch.Tensor) -> InputPermuted:
+        """The kernel for `weight` (a GroupQuant, tensor or kernel) behind the gather, each one an instance of its own
+        subclass: Linear.fused fuses only kernels of one type it knows, so it keeps these as separate parts
+        (PartsKernel) instead of recursing on them."""
+        from ..layers.linear import make_kernel
+
+        return type("InputPermuted", (InputPermuted,), {})(make_kernel(weight), perm)
+
+    def forward(self, x: torch.Tensor, xa: object = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.forward(x.index_select(-1, self.perm), None, bias)
+
+    def forward_native(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.forward_native(x.index_select(-1, self.perm), bias)
+
+    def mm(self, x: torch.Tensor, xa: object = None) -> torch.Tensor:
+        return self.inner.mm(x.index_select(1, self.perm))
+
+    def set_invariant(self, on: bool) -> None:
+        self.inner.set_invariant(on)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.inner.tensors() + [self.perm]
 
 
 def _ct_fp8(qc: dict) -> bool:
