@@ -131,7 +131,7 @@ def test_quantized_checkpoint_matches_hf(kind, checkpoints):
     path, hf = checkpoints[kind]
     # the kernels' path (weights kept quantized where a kernel takes them exactly)
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, weights="quantized")
-    assert llm.engine.loaded.quantization == {"awq": "int4-awq-g128", "fp8": "fp8"}.get(kind, "int4-gptq-g128")
+    assert llm.engine.loaded.quantization == ("fp8" if kind == "fp8" else "int4-awq-g128")
     layer = llm.engine.loaded.model.layers[0]
     native = isinstance(layer.qkv.kernel, NativeWeight)
     if kind in ("awq", "gptq", "gptq_sym"):

@@ -86,11 +86,12 @@ class QuantizedCheckpoint:
 
     @property
     def name(self) -> str:
-        """The format's name as `hearth plan` gives it."""
+        """The format's name as `hearth plan` gives it (plan/memory.py: one name per storage format, so a 4-bit
+        GPTQ checkpoint is int4-awq-g128 too)."""
         if self.method == "fp8":
             return "fp8"
-        g = f"-g{self.group}" if self.group > 0 else ""
-        return f"int{self.bits}-{self.method}{g}"
+        g = f"-g{self.group}" if self.group > 0 else "-per-channel"
+        return f"int4-awq{g}" if self.bits == 4 else f"int8-gptq{g}"
 
     def owns(self, name: str) -> bool:
         """Whether `name` (an HF weight name) is stored quantized here."""
