@@ -184,6 +184,17 @@ class GGUFWeights:
 
         from .gguf_unpack import GPU_QUANT_TYPES, QUANT_TYPES, unpack_gguf
 
+        if hf_name in self.expert_map:  # one expert of a 3-D expert tensor: kept quantized for the CPU only
+            name, e = self.expert_map[hf_name]
+            t = self.tensors[name]
+            kind = gguf.GGMLQuantizationType(t.ggml_type).name
+            if gpu or kind not in QUANT_TYPES:  # CUDA: dense experts for kernels/fused_moe.py
+                return None
+            rows = t.shape[1]
+            g = unpack_gguf(self.file.raw(name)[e * rows:(e + 1) * rows], kind, tuple(t.shape[1:]))
+            g.dtype = dtype
+            g.name, g.packed_cache = hf_name, self.packed_cache
+            return g
         name = self.name_map.get(hf_name)
         t = self.tensors.get(name) if name else None
         types = GPU_QUANT_TYPES if gpu else QUANT_TYPES
