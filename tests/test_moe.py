@@ -37,9 +37,21 @@ def _tiny(kind: str, root, tokenizer):
     return model, path
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory, default_tokenizer):
+    """kind -> (HF model, its directory), each built once a session (tests copy the directory to change it)."""
+    built: dict = {}
+
+    def get(kind: str):
+        if kind not in built:
+            built[kind] = _tiny(kind, tmp_path_factory.mktemp("moe"), default_tokenizer)
+        return built[kind]
+    return get
+
+
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_moe_matches_hf(kind, tmp_path, default_tokenizer):
-    hf, path = _tiny(kind, tmp_path, default_tokenizer)
+def test_moe_matches_hf(kind, tiny_moe):
+    hf, path = tiny_moe(kind)
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=32)
     cfg = llm.engine.model_config
     assert cfg.num_experts == (6 if kind == "qwen3_moe" else 4) and cfg.num_experts_per_tok == 2
@@ -75,7 +87,7 @@ def test_moe_param_counts():
         config_from_hf_dict({**d, "num_experts_per_tok": 200})
 
 
-def _write_gguf(kind: str, model_dir, out):
+def _write_gguf(kind: str, model_dir, out, q8_experts=("down_proj",)):
     """The tiny model as llama.cpp's converter lays it out: `qwen3moe`, or `llama` with experts (Mixtral); the
     router as ffn_gate_inp, each expert matrix stacked in one 3-D ffn_*_exps tensor (down's as Q8_0), llama's
     q/k rows permuted for its interleaved RoPE."""
@@ -124,7 +136,7 @@ def _write_gguf(kind: str, model_dir, out):
     names = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
     for (i, proj), per in sorted(experts.items()):
         stacked = torch.stack([per[e] for e in sorted(per)]).numpy()
-        if proj == "down_proj":
+        if proj in q8_experts:
             q = gguf.quants.quantize(stacked, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(f"blk.{i}.{names[proj]}.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -137,13 +149,15 @@ def _write_gguf(kind: str, model_dir, out):
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_moe_gguf_matches_its_weights(kind, tmp_path, default_tokenizer):
+def test_moe_gguf_matches_its_weights(kind, tmp_path, tiny_moe):
     """The GGUF layout (3-D expert tensors, a Q8_0 one among them) gives the safetensors model's tokens and
     logits, that model's down_proj experts replaced by their Q8_0 values."""
     import gguf
     from safetensors.torch import load_file, save_file
 
-    _, path = _tiny(kind, tmp_path, default_tokenizer)
+    import shutil
+
+    path = shutil.copytree(tiny_moe(kind)[1], tmp_path / kind)  # its safetensors are rewritten below
     gguf_path = _write_gguf(kind, path, tmp_path / f"{kind}.gguf")
     st = load_file(str(path / "model.safetensors"))
     for name, t in st.items():  # what the GGUF holds: down experts through Q8_0
@@ -248,3 +262,29 @@ def test_cpu_moe_placement_flag_and_plan(tmp_path, capsys):
     assert out["num_experts"] == 8 and out["active_params"] < out["num_params"]
     assert 0 < out["cpu_moe_bytes"] < out["expert_bytes"] < out["weights_bytes"]
     assert out["cpu_moe_bytes"] * 3 == out["expert_bytes"] * 2  # 2 of the 3 MoE blocks (block 3 is dense)
+
+
+def test_moe_gguf_experts_stay_quantized_on_cpu(tmp_path, tiny_moe):
+    """Q8_0 expert tensors with dtype auto on the CPU: each expert kept quantized behind its own Linear (the native
+    kernel where it builds), the first token's logprob near HF's on the float weights, and a prompt alone gives its
+    batched tokens (logprobs within rounding: MoE blocks run the reference attention and a torch GEMM router, not
+    the native blocks)."""
+    from hearthlm.layers.linear import Linear
+
+    hf, path = tiny_moe("qwen3_moe")
+    g = _write_gguf("qwen3_moe", path, tmp_path / "q8.gguf", q8_experts=("gate_proj", "up_proj", "down_proj"))
+    quant = LLM(model=str(g), device="cpu", max_model_len=128)
+    moes = [layer.moe for layer in quant.engine.loaded.model.layers if layer.moe is not None]
+    assert moes and all(m.w13 is None and isinstance(m.linears[0][0], Linear) and m.linears[0][0].packed is not None
+                        for m in moes)
+    prompts = prompts_of(3, [17, 5, 30], seed=9)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    for p, b in zip(prompts, quant.generate(prompts, params, use_tqdm=False)):
+        alone = quant.generate([p], params, use_tqdm=False)[0].outputs[0]
+        assert alone.token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor([d[t] for d, t in zip(alone.logprobs, alone.token_ids)]),
+                                   torch.tensor([d[t] for d, t in zip(b.outputs[0].logprobs, alone.token_ids)]),
+                                   atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            want = hf(torch.tensor([p])).logits[0, -1].float().log_softmax(-1)[alone.token_ids[0]]
+        assert abs(alone.logprobs[0][alone.token_ids[0]] - float(want)) < 0.1

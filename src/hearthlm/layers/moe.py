@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelLoadError
+from ..quant.group_quant import GroupQuant
 from .activation import gated_act
+from .linear import Linear
 
 # checkpoint layouts of one MoE block: (prefix under the block, router, per-expert gate/up/down names)
 _PER_EXPERT = (("mlp.", "gate.weight", ("gate_proj", "up_proj", "down_proj")),  # Qwen3-MoE, transformers 5 Mixtral
@@ -27,23 +29,26 @@ _PER_EXPERT = (("mlp.", "gate.weight", ("gate_proj", "up_proj", "down_proj")),  
 
 def _dense(w: object, dtype: torch.dtype) -> torch.Tensor:
     """A weight as a plain tensor: quantized containers (GroupQuant, ...) dequantized.
-    TODO(issue 19): quantized experts (GGUF Q4_K, --quantization) through the native CPU kernel and
-    fused_moe_quant on CUDA instead of this dense copy."""
+    TODO(issue 19): quantized experts on CUDA through fused_moe_quant instead of this dense copy."""
     if w is None or isinstance(w, torch.Tensor):
         return w
     return w.dequantize(dtype)
 
 
 class MoE:
-    """The router and the experts of one block, stacked [E, ...]; __call__(x [T, H]) -> [T, H]."""
+    """The router and the experts of one block, stacked [E, ...]; __call__(x [T, H]) -> [T, H].
+    Experts kept quantized on the CPU (GGUF blocks, --quantization: GroupQuant) are per-expert Linear layers
+    instead (`linears`: gate_up, down each; the native CPU kernel, one kernel for every row count); w13/w2 None."""
 
-    def __init__(self, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, norm_topk_prob: bool,
-                 act: str = "silu", round_weights: bool = False):
-        self.router, self.w13, self.w2 = router, w13, w2
+    def __init__(self, router: torch.Tensor, w13: torch.Tensor | None, w2: torch.Tensor | None, top_k: int,
+                 norm_topk_prob: bool, act: str = "silu", round_weights: bool = False,
+                 linears: list[tuple[Linear, Linear]] | None = None):
+        self.router, self.w13, self.w2, self.linears = router, w13, w2, linears
         self.top_k, self.norm_topk_prob, self.act, self.round_weights = top_k, norm_topk_prob, act, round_weights
-        self.num_experts = w13.shape[0]
+        self.num_experts = w13.shape[0] if w13 is not None else len(linears)
+        self.device = w13.device if w13 is not None else torch.device("cpu")  # where the experts run
         self.fused = None  # CUDA: kernels/fused_moe.fused_moe (imported where the experts are on a GPU)
-        if w13.is_cuda and act == "silu":
+        if w13 is not None and w13.is_cuda and act == "silu":
             from ..kernels.fused_moe import fused_moe
 
             self.fused = fused_moe
@@ -75,13 +80,19 @@ class MoE:
                 if any(w is None for w in ws):
                     raise ModelLoadError(f"expert {e} of {p + base} is missing from the checkpoint (expected "
                                          f"{num_experts} experts): the file is incomplete; re-download the model")
-                ex.append([_dense(w, dtype) for w in ws])
+                ex.append(ws)
+            if all(isinstance(w, GroupQuant) and w.device.type == "cpu" for ws in ex for w in ws):
+                linears = [(Linear.fused([g, u]), Linear(d)) for g, u, d in ex]
+                return cls(router, None, None, top_k, norm_topk_prob, act, round_weights, linears)
+            ex = [[_dense(w, dtype) for w in ws] for ws in ex]
             w13 = torch.stack([torch.cat([g, u]) for g, u, _ in ex])  # [E, 2I, H]: gate rows, then up rows
             w2 = torch.stack([d for _, _, d in ex])  # [E, H, I]
             return cls(router, w13, w2, top_k, norm_topk_prob, act, round_weights)
         return None
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.linears is not None:
+            return [self.router] + [t for pair in self.linears for lin in pair for t in lin.tensors()]
         return [self.router, self.w13, self.w2]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +110,8 @@ class MoE:
         weights, ids = self.route(x)
         if self.fused is not None and x.is_cuda:
             return self.fused(x, self.w13, self.w2, weights, ids.to(torch.int32))
-        if x.device != self.w13.device:  # --cpu-moe: experts on the CPU, the block on the GPU
-            return self.experts(x.to(self.w13.device), weights.cpu(), ids.cpu()).to(x.device)
+        if x.device != self.device:  # --cpu-moe: experts on the CPU, the block on the GPU
+            return self.experts(x.to(self.device), weights.cpu(), ids.cpu()).to(x.device)
         return self.experts(x, weights, ids)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -109,6 +120,10 @@ class MoE:
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             rank, tok = torch.where(ids.t() == e)  # HF's row order: by rank, then token
-            y = F.linear(gated_act(F.linear(x[tok], self.w13[e]), self.act), self.w2[e])
+            if self.linears is not None:
+                gate_up, down = self.linears[e]
+                y = down(gated_act(gate_up(x[tok]), self.act)).to(x.dtype)
+            else:
+                y = F.linear(gated_act(F.linear(x[tok], self.w13[e]), self.act), self.w2[e])
             out.index_add_(0, tok, (y * w[tok, rank, None]).to(out.dtype))
         return out
