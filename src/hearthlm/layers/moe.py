@@ -7,9 +7,10 @@ Rules (as HF transformers computes them):
 - expert e computes down_e(SiLU(gate_e(x)) * up_e(x)), weighted by the token's routing weight for e.
 Weights: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], router [E, H].
 Batch invariance (a token's sum never depends on the other tokens): on CPU a token's experts are added in
-increasing expert id (index_add_ per expert, as HF); on CUDA kernels/fused_moe.py sums them in rank order (its
-own per-row arithmetic). Per-row matmul rounding of the CPU torch path follows torch's GEMM as the dense torch
-layers do.
+increasing expert id (index_add_ per expert, as HF; an expert's rows in HF's order: by rank, then token); on CUDA
+kernels/fused_moe.py sums them in rank order with its own fixed per-row arithmetic. Quantized CPU experts run the
+native kernel (one kernel for every row count); dense float CPU experts and the router take torch's GEMM, whose
+rounding may follow the row count, as the dense torch layers' does.
 --cpu-moe: experts on the CPU while x is on the GPU: routing on x's device, the experts on the CPU (one hop each way).
 """
 from __future__ import annotations
