@@ -189,3 +189,37 @@ def test_gpu_layout_is_exact():
         ref = dequantize(q, z, s, 128)
         assert torch.equal(w.dequantize(), ref)
         torch.testing.assert_close(w(x), x @ ref.t(), atol=1e-5, rtol=1e-5)
+
+
+class _Tensors:
+    """A SafetensorsWeights stand-in: name -> tensor."""
+
+    def __init__(self, tensors: dict):
+        self.where = tensors
+
+    def get(self, name: str):
+        return self.where.get(name)
+
+
+def test_gptq_8bit_v2_and_compressed_tensors_fp8():
+    """8-bit GPTQ (4 codes a word) in the v2 format (zeros stored as they are) dequantizes to (q - z) * s exactly;
+    a compressed-tensors config with 8-bit float weights reads as FP8."""
+    from hearthlm.loader.quantized_checkpoint import QuantizedCheckpoint
+
+    g = torch.Generator().manual_seed(4)
+    k, n = 256, 32
+    q = torch.randint(0, 256, (k, n), generator=g)
+    z = torch.randint(0, 256, (k // GROUP, n), generator=g)
+    s = (0.001 + 0.001 * torch.rand(k // GROUP, n, generator=g)).half()
+    words = lambda c: _i32(sum(c[..., i].long() << (8 * i) for i in range(4)))  # noqa: E731
+    st = _Tensors({"l.qweight": words(q.view(k // 4, 4, n).transpose(1, 2)), "l.qzeros": words(z.view(-1, n // 4, 4)),
+                   "l.scales": s, "l.g_idx": (torch.arange(k) // GROUP).to(torch.int32)})
+    ck = QuantizedCheckpoint({"quant_method": "gptq", "bits": 8, "group_size": GROUP,
+                              "checkpoint_format": "gptq_v2"}, st)
+    assert ck.name == "int8-gptq-g128"
+    w = ck.get("l.weight", torch.device("cpu"), torch.float32, quantized=True)  # no exact int8 kernel: dense
+    want = ((q - z.repeat_interleave(GROUP, 0)).float() * s.float().repeat_interleave(GROUP, 0)).t()
+    assert torch.equal(w, want)
+    ct = {"quant_method": "compressed-tensors",
+          "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}
+    assert QuantizedCheckpoint(ct, _Tensors({})).method == "fp8"
