@@ -144,6 +144,24 @@ def prompts_of(n: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 49152, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
 
 
+def assert_greedy_like_hf(llm, hf, prompts: list[list[int]], new_tokens: int, atol: float = 1e-4) -> list:
+    """The engine's greedy continuations of prompts equal HF generate's, and their logprobs HF's log-softmax at
+    each chosen token; -> the engine's outputs."""
+    from hearthlm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            lp = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+        assert o.outputs[0].token_ids == want
+        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
+        torch.testing.assert_close(got, lp[torch.arange(new_tokens), torch.tensor(want)], atol=atol, rtol=atol)
+    return outs
+
+
 @pytest.fixture(autouse=True)
 def no_block_leaks():
     """After every test, every engine's KV pool must be fully free again."""

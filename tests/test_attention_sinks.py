@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from hearthlm import LLM, SamplingParams
+from hearthlm import LLM
 
-from .conftest import prompts_of
+from .conftest import assert_greedy_like_hf, prompts_of
 
 
 def test_sinks_match_hf_eager_sink_attention(tiny, monkeypatch):
@@ -29,14 +29,5 @@ def test_sinks_match_hf_eager_sink_attention(tiny, monkeypatch):
         layer.sinks = s.clone()
     prompts = prompts_of(4, [23, 5, 40, 12], seed=7)
     prompts.append(prompts[2][:33] + [9, 9])  # a prefix-cache hit on the third
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            logits = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-        assert o.outputs[0].token_ids == want
-        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
-        torch.testing.assert_close(got, logits[torch.arange(8), torch.tensor(want)], atol=1e-4, rtol=1e-4)
+    outs = assert_greedy_like_hf(llm, hf, prompts, 8)
     assert outs[-1].num_cached_tokens >= 32

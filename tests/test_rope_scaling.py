@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hearthlm import LLM, SamplingParams
+from hearthlm import LLM
 from hearthlm.kernels.rope import rope_attention_factor, rope_inv_freq
 
-from .conftest import prompts_of
+from .conftest import assert_greedy_like_hf, prompts_of
 
 
 @pytest.mark.parametrize("rs", [
@@ -44,16 +44,7 @@ def test_yarn_model_matches_hf(tmp_path, default_tokenizer):
     llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=32)
     assert llm.engine.model_config.rope_scaling["rope_type"] == "yarn"
     prompts = prompts_of(3, [70, 9, 40], seed=3)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
-    for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            lp = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-        assert o.outputs[0].token_ids == want
-        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
-        torch.testing.assert_close(got, lp[torch.arange(8), torch.tensor(want)], atol=1e-4, rtol=1e-4)
-
+    assert_greedy_like_hf(llm, hf, prompts, 8)
 
 def test_yarn_survives_a_gguf_round_trip(tmp_path):
     """llama.cpp's YaRN keys (what hearth quantize writes) read back as the same scaling."""
