@@ -82,7 +82,7 @@ def test_iq_gguf_matches_hf(tmp_path, default_tokenizer):
 
     hcfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                    bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
+                                    bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=True)
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hcfg).eval()
     hf_dir = tmp_path / "hf"
@@ -92,8 +92,7 @@ def test_iq_gguf_matches_hf(tmp_path, default_tokenizer):
     sd = hf.state_dict()
     rng = np.random.default_rng(0)
     tensors = {"token_embd.weight": (None, sd["model.embed_tokens.weight"].numpy()),
-               "output_norm.weight": (None, sd["model.norm.weight"].numpy()),
-               "output.weight": (None, sd["lm_head.weight"].numpy())}
+               "output_norm.weight": (None, sd["model.norm.weight"].numpy())}  # tied head: no output.weight
     for i, kinds in enumerate(_TYPES):
         p = f"model.layers.{i}."
         tensors[f"blk.{i}.attn_norm.weight"] = (None, sd[p + "input_layernorm.weight"].numpy())
@@ -128,9 +127,15 @@ def test_iq_gguf_matches_hf(tmp_path, default_tokenizer):
     # a type the loader does not read: a typed error naming the nearest supported one
     import gguf
 
-    bad = dict(tensors)
+    from hearthlm.loader.gguf import GGUFWeights
+
     t = sd["model.layers.0.self_attn.v_proj.weight"].numpy()
-    bad["blk.0.attn_v.weight"] = ("TQ1_0", gguf.quants.quantize(t, gguf.GGMLQuantizationType.TQ1_0))
-    _write(tmp_path / "tq.gguf", cfg, hf_dir, bad)
+    w = gguf.GGUFWriter(str(tmp_path / "tq.gguf"), "llama")
+    w.add_tensor("blk.0.attn_v.weight", gguf.quants.quantize(t, gguf.GGMLQuantizationType.TQ1_0),
+                 raw_dtype=gguf.GGMLQuantizationType.TQ1_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(UnsupportedModelError, match="TQ1_0.*nearest supported type is IQ1_M"):
-        LLM(model=str(tmp_path / "tq.gguf"), dtype="float32", device="cpu", max_model_len=128)
+        GGUFWeights(tmp_path / "tq.gguf")
