@@ -108,7 +108,7 @@ class QuantizedCheckpoint:
             return None
         base = name.removesuffix(".weight")
         if self.method == "fp8":
-            return self._fp8(base, device, dtype)
+            return self._fp8(base, device, dtype, quantized)
         q, z, s, g_idx = self.codes(base)
         k = q.shape[1]
         group = self.group if self.group > 0 else k
@@ -151,13 +151,13 @@ class QuantizedCheckpoint:
         n = scales.shape[1]
         return q[:n].contiguous(), z[:n].contiguous(), scales.t().float().contiguous(), g_idx
 
-    def _fp8(self, base: str, device: torch.device, dtype: torch.dtype):
+    def _fp8(self, base: str, device: torch.device, dtype: torch.dtype, quantized: bool = True):
         """FP8 weight [N, K] e4m3 and its weight_scale -> Fp8Weight on CUDA (SM 8.9+), else dequantized to dtype."""
         w8 = self.st.get(base + ".weight")
         scale = _fp8_scale(self.st.get(base + ".weight_scale"), w8.shape[0])
         if w8.dtype != torch.float8_e4m3fn:
             raise UnsupportedModelError(f"{base}.weight is {w8.dtype}, not float8_e4m3fn (supported: {SUPPORTED})")
-        if device.type == "cuda":
+        if quantized and device.type == "cuda":
             from ..layers.gpu_quant import Fp8Weight, fp8_supported
 
             if fp8_supported(device) is None:
