@@ -13,9 +13,16 @@ def _section() -> str:
 
 
 def _rows() -> list[list[str]]:
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in _section().splitlines()
-            if line.startswith("|") and not line.startswith("|---")]
-    return rows[1:]
+    """The families table: the section's first table, header row dropped."""
+    lines = _section().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return table[1:]
 
 
 def _names(cell: str) -> set[str]:
