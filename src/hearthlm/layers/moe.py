@@ -82,7 +82,9 @@ class MoE:
                     raise ModelLoadError(f"expert {e} of {p + base} is missing from the checkpoint (expected "
                                          f"{num_experts} experts): the file is incomplete; re-download the model")
                 ex.append(ws)
-            if all(isinstance(w, GroupQuant) and w.device.type == "cpu" for ws in ex for w in ws):
+            # any expert matrix kept quantized on the CPU: per-expert Linears (a Q4_K_M file's Q6_K down experts
+            # come dense, each behind its own kernel), never a float copy of the whole block
+            if any(isinstance(w, GroupQuant) and w.device.type == "cpu" for ws in ex for w in ws):
                 linears = [(Linear.fused([g, u]), Linear(d)) for g, u, d in ex]
                 return cls(router, None, None, top_k, norm_topk_prob, act, round_weights, linears)
             ex = [[_dense(w, dtype) for w in ws] for ws in ex]
