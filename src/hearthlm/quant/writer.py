@@ -1,6 +1,7 @@
 """`quantize_model`: read a model (HF dir or GGUF), write a GGUF of the chosen target, one tensor at a time."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 from collections import Counter
@@ -8,8 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InvalidRequestError
-from .formats import TARGETS, quantize_array, tensor_type_why, type_nbytes
+from .formats import _K_FALLBACK, TARGETS, quantize_array, tensor_type_why, type_nbytes
+from .kquants import QK_K
+
+# types --tensor-type may name (GGML names, lower-case on the command line)
+OVERRIDE_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 from .sources import open_source
 
 
@@ -24,6 +31,8 @@ class QuantizeReport:
     seconds: float = 0.0
     # one per tensor: (name, GGML type, weights, bytes, why that type)
     tensors: list[tuple[str, str, int, int, str]] = field(default_factory=list)
+    # tensor name -> relative quantization error ||W - deq(Q(W))|| / ||W|| (only with measure_error=True)
+    errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -61,9 +70,54 @@ def _part(name: str, num_weights: int) -> str:
     return "norms and other small tensors"
 
 
+def parse_tensor_types(specs: list[str] | None) -> list[tuple[str, str]]:
+    """`PATTERN=TYPE` strings (llama.cpp's --tensor-type) -> (glob pattern, GGML type). PATTERN is a shell glob
+    over llama.cpp tensor names, with or without the trailing `.weight` (`blk.*.ffn_down`, `output`)."""
+    out = []
+    for spec in specs or []:
+        pattern, sep, qtype = spec.rpartition("=")
+        if not sep or not pattern or qtype.upper() not in OVERRIDE_TYPES:
+            raise InvalidRequestError(f"--tensor-type {spec!r}: write PATTERN=TYPE, e.g. blk.*.ffn_down=q6_k, "
+                                      f"TYPE one of {', '.join(t.lower() for t in OVERRIDE_TYPES)}",
+                                      param="tensor_type")
+        out.append((pattern, qtype.upper()))
+    return out
+
+
+def _override(name: str, shape: tuple[int, ...], qtype: str, why: str,
+              overrides: list[tuple[str, str]]) -> tuple[str, str]:
+    """The last matching --tensor-type wins; 1-D tensors and norms stay F32; rows that do not split into blocks
+    fall back as in formats.tensor_type_why."""
+    if qtype == "F32" and (len(shape) < 2 or name.endswith("norm.weight")):
+        return qtype, why
+    for pattern, t in overrides:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.removesuffix(".weight"), pattern):
+            qtype, why = t, f"--tensor-type {pattern}={t.lower()}"
+    cols = shape[-1]
+    if qtype in _K_FALLBACK and cols % QK_K:
+        why, qtype = f"{why}, but rows of {cols} values fall back to {_K_FALLBACK[qtype]}", _K_FALLBACK[qtype]
+    if qtype not in ("F32", "F16") and cols % 32:
+        qtype, why = "F16", f"rows of {cols} values do not split into 32-value blocks: F16"
+    return qtype, why
+
+
+def relative_error(data: np.ndarray, packed: np.ndarray, qtype: str) -> float:
+    """||W - dequantize(quantize(W))|| / ||W||, the per-tensor error `hearth quantize` ranks tensors by."""
+    import gguf
+
+    if qtype == "F32":
+        return 0.0
+    deq = np.asarray(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[qtype]), np.float32)
+    w = np.asarray(data, np.float32).reshape(-1)
+    return float(np.linalg.norm(deq.reshape(-1) - w) / max(float(np.linalg.norm(w)), 1e-30))
+
+
 def quantize_model(model: Path, target: str, out: Path,
-                   progress: Callable[[int, int, str, str], None] | bool | None = None) -> QuantizeReport:
+                   progress: Callable[[int, int, str, str], None] | bool | None = None,
+                   tensor_types: list[tuple[str, str]] | None = None,
+                   measure_error: bool = False) -> QuantizeReport:
     """Write `model` (HF directory or .gguf) as a GGUF of `target` (a key of TARGETS) to `out`.
+    tensor_types: (glob, GGML type) overrides (parse_tensor_types); measure_error: fill report.errors.
     progress: a callback (index, count, tensor name, GGML type) before each tensor, or a bar on stderr per tensor
     (True/False/None as hearthlm.progress: None = on a terminal, after a second). `report.breakdown()` says why
     the file has its bits per weight."""
@@ -80,6 +134,8 @@ def quantize_model(model: Path, target: str, out: Path,
     names = {t.name for t in src.tensors}
     tied = "output.weight" not in names
     whys = [tensor_type_why(t.name, t.shape, tgt, src.n_layers, tied) for t in src.tensors]
+    if tensor_types:
+        whys = [_override(t.name, t.shape, q, why, tensor_types) for t, (q, why) in zip(src.tensors, whys)]
     plan = [(t, qtype) for t, (qtype, _) in zip(src.tensors, whys)]
     tmp = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(tmp, src.arch)
@@ -105,7 +161,11 @@ def quantize_model(model: Path, target: str, out: Path,
                 if callable(progress):
                     progress(i, len(plan), t.name, qtype)
                 ticks.set_postfix_str(f"{t.name} -> {qtype}", refresh=False)
-                writer.write_tensor_data(quantize_array(t.load(), qtype))
+                data = t.load()
+                packed = quantize_array(data, qtype)
+                if measure_error:
+                    report.errors[t.name] = relative_error(data, packed, qtype)
+                writer.write_tensor_data(packed)
                 ticks.update(1)
         finally:
             ticks.close()
