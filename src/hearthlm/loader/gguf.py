@@ -104,7 +104,11 @@ class GGUFWeights:
                                 if len(t.shape) > 1}))
 
     def config(self, name: str = "") -> ModelConfig:
-        return config_from_gguf_metadata(self.metadata, name=name or self.path.stem)
+        cfg = config_from_gguf_metadata(self.metadata, name=name or self.path.stem)
+        if cfg.num_experts:  # MoE blocks have a router; the others (Qwen3-MoE's mlp_only_layers) are dense
+            cfg.dense_layers = [i for i in range(cfg.num_layers)
+                                if f"blk.{i}.ffn_gate_inp.weight" not in self.tensors]
+        return cfg
 
     def dequantize(self, gguf_name: str) -> torch.Tensor:
         import gguf
