@@ -274,6 +274,7 @@ def test_moe_gguf_experts_stay_quantized_on_cpu(tmp_path, tiny_moe):
     hf, path = tiny_moe("qwen3_moe")
     g = _write_gguf("qwen3_moe", path, tmp_path / "q8.gguf", q8_experts=("gate_proj", "up_proj", "down_proj"))
     quant = LLM(model=str(g), device="cpu", max_model_len=128)
+    assert quant.engine.model_config.dense_layers == [1]  # the block without ffn_gate_inp
     moes = [layer.moe for layer in quant.engine.loaded.model.layers if layer.moe is not None]
     assert moes and all(m.w13 is None and isinstance(m.linears[0][0], Linear) and m.linears[0][0].packed is not None
                         for m in moes)
