@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
                    help=f"tokens of the text scored (default {DEFAULT_TOKENS}, in windows of {DEFAULT_CTX})")
     g.add_argument("--max-ppl-increase", type=float, default=DEFAULT_MAX_INCREASE, metavar="PERCENT",
                    help=f"refuse to write when the perplexity rises by more than this (default "
-                        f"{DEFAULT_MAX_INCREASE:g}%%, what llama.cpp's q4_k_m costs small models at most)")
+                        f"{DEFAULT_MAX_INCREASE:g}%%: llama.cpp's q4_k_m mix passes on ~100M-parameter models)")
     g.add_argument("--force", action="store_true", help="write even when the check fails or cannot run (warns)")
     g.add_argument("--no-eval", action="store_true", help="skip the check and write")
     q.set_defaults(func=run_quantize)
@@ -145,9 +145,9 @@ def _quantize_checked(args: argparse.Namespace, model: Path, target: str, out: P
                       overrides: list[tuple[str, str]], text: str) -> int:
     """Quantize to a staging file beside `out`, measure both perplexities, then move it to `out` or delete it.
 
-    The default limit, 10%: llama.cpp's q4_k_m costs 7B-class models about 1-2% perplexity but small models
-    more (a few percent to ~10% for ~100M-parameter models, whose rows are short and few), q8_0 well under 1%;
-    the limit passes every K-quant mix on the default model and stops a damaging type or tensor choice."""
+    The default limit, 10%: llama.cpp's q4_k_m mix costs ~100M-parameter models several times what it costs 7B
+    ones (short rows fall back to Q5_0, few weights per layer); the limit lets that mix pass on the default model
+    and stops a damaging type or tensor choice (figures: BENCHMARKS.md, "hearth quantize's quality check")."""
     import os
 
     from ..quant import quantize_model
