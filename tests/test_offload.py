@@ -137,9 +137,9 @@ def test_offloaded_blocks_read_the_host_metadata_and_their_own_pools(tiny, monke
     seen = []
     real = llama_mod.paged_attention
 
-    def spy(q, k, v, kv_cache, meta, layer, *args):
+    def spy(q, k, v, kv_cache, meta, layer, *args, **kwargs):
         seen.append((layer, meta, kv_cache))
-        return real(q, k, v, kv_cache, meta, layer, *args)
+        return real(q, k, v, kv_cache, meta, layer, *args, **kwargs)
 
     monkeypatch.setattr(llama_mod, "paged_attention", spy)
     ids, pos, meta, _ = runner.prepare(Batch([[5, 6, 7, 8]], [0], [[[1]]], [None]))

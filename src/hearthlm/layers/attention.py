@@ -169,11 +169,12 @@ def paged_attention_ref(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool, sub_b
 # mask and softmax into its own loops, which sum in another order than ATen's softmax.
 _lib = torch.library.Library("hearthlm", "FRAGMENT")
 _lib.define("decode_attention(Tensor q, Tensor k, Tensor? k_scales, Tensor v, Tensor? v_scales, Tensor key_rows, "
-            "Tensor? mask, Tensor? bag_rows, Tensor? bag_offsets, float scale, float? softcap, Tensor? sinks) -> Tensor")
+            "Tensor? mask, Tensor? bag_rows, Tensor? bag_offsets, float scale, float? softcap, Tensor? sinks=None"
+            ") -> Tensor")
 
 
 def _decode_attention_impl(q, k, k_scales, v, v_scales, key_rows, mask, bag_rows, bag_offsets, scale, softcap,
-                           sinks):
+                           sinks=None):
     k_cache = k if k_scales is None else QuantizedKVCache(k, k_scales)
     v_cache = v if v_scales is None else QuantizedKVCache(v, v_scales)
     return _decode_attention(q, k_cache, v_cache, key_rows, mask, bag_rows, bag_offsets, scale, softcap, sinks)

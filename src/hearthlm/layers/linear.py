@@ -34,8 +34,8 @@ def make_kernel(weight: Weight) -> WeightKernel:
 
 def _same_format(a: Weight, b: Weight) -> bool:
     """Whether Linear.fused can concatenate a and b into one weight."""
-    if type(a) is not type(b):
-        return False
+    if type(a) is not type(b) or not isinstance(a, (torch.Tensor, GroupQuant, QuantWeight, Fp8Weight)):
+        return False  # other kernels (e.g. GPTQ act-order's InputPermuted) stay parts of their own
     if isinstance(a, (GroupQuant, QuantWeight)):
         return (a.bits, a.group) == (b.bits, b.group) and \
             (not isinstance(a, GroupQuant) or a.code_dtype == b.code_dtype)

@@ -175,12 +175,11 @@ class InputPermuted(WeightKernel):
 
     @staticmethod
     def of(weight: object, perm: torch.Tensor) -> InputPermuted:
-        """The kernel for `weight` (a GroupQuant, tensor or kernel) behind the gather, each one an instance of its own
-        subclass: Linear.fused fuses only kernels of one type it knows, so it keeps these as separate parts
-        (PartsKernel) instead of recursing on them."""
+        """The kernel for `weight` (a GroupQuant, tensor or kernel) behind the gather; Linear.fused keeps such
+        kernels as separate parts (PartsKernel)."""
         from ..layers.linear import make_kernel
 
-        return type("InputPermuted", (InputPermuted,), {})(make_kernel(weight), perm)
+        return InputPermuted(make_kernel(weight), perm)
 
     def forward(self, x: torch.Tensor, xa: object = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner.forward(x.index_select(-1, self.perm), None, bias)
