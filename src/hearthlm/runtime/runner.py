@@ -89,7 +89,9 @@ class ModelRunner:
         # CUDA: a step returns before its tokens reach the host, so the engine can prepare the next one meanwhile.
         # Offloaded blocks compute on this thread, so there is nothing to overlap: off, and no CUDA graphs.
         self.can_overlap = device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
-        self.can_overlap = self.can_overlap and self.host is None
+        # --cpu-moe: expert blocks copy to the host and back inside the step (no graphs, nothing to overlap)
+        host_work = self.host is not None or bool(place.cpu_moe)
+        self.can_overlap = self.can_overlap and not host_work
         if cache.cpu_compile and device.type == "cpu" and self.host is None:
             model.enable_cpu_compile()
         self.graphs = None
@@ -99,7 +101,7 @@ class ModelRunner:
             pin = device.type == "cuda"
             self._out_host = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
             self._flip = 0
-        if self.backend.supports_graphs and device.type == "cuda" and cache.cuda_graphs and self.host is None:
+        if self.backend.supports_graphs and device.type == "cuda" and cache.cuda_graphs and not host_work:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, min(sched.max_num_seqs, 256),

@@ -53,6 +53,7 @@ class ServeConfig:
     kernels: str = "auto"
     gemv: str = "auto"
     cpu_dense_memory: int = 1 << 30
+    cpu_moe: int = 0  # --cpu-moe: the experts of the first N MoE blocks on the CPU
     keep_alive_s: float | None = 300.0  # None = forever
     stats_interval_s: float = 10.0
     preload: bool = True
@@ -282,7 +283,7 @@ class ModelManager:
                               scheduler=sched, quantization=c.quantization,
                               gpu_layers=c.gpu_layers, batch_invariant=c.batch_invariant, threads=c.threads,
                               cpu_kernel=c.cpu_kernel, weights=c.weights, kernels=c.kernels, gemv=c.gemv,
-                              cpu_dense_memory=c.cpu_dense_memory)
+                              cpu_dense_memory=c.cpu_dense_memory, cpu_moe=c.cpu_moe)
         start = time.perf_counter()
         from ..embed import is_encoder_dir
 
