@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hearthlm import LLM, SamplingParams
+from hearthlm import LLM
 from hearthlm.errors import UnsupportedModelError
 
-from .conftest import prompts_of
+from .conftest import assert_greedy_like_hf, prompts_of
 
 
 def _blocks(name: str, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -114,15 +114,7 @@ def test_iq_gguf_matches_hf(tmp_path, default_tokenizer):
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128)
     assert set(llm.engine.loaded.quantization.split("/")) >= {"IQ4_NL", "IQ4_XS", "IQ1_M", "IQ2_S", "IQ3_S"}
     prompts = prompts_of(2, [21, 8], seed=3)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
-    for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            lp = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-        assert o.outputs[0].token_ids == want
-        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
-        torch.testing.assert_close(got, lp[torch.arange(6), torch.tensor(want)], atol=1e-4, rtol=1e-4)
+    assert_greedy_like_hf(llm, hf, prompts, 6)
 
     # a type the loader does not read: a typed error naming the nearest supported one
     import gguf

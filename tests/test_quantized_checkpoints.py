@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from hearthlm import LLM, SamplingParams
+from hearthlm import LLM
 from hearthlm.errors import UnsupportedModelError
 
-from .conftest import prompts_of
+from .conftest import assert_greedy_like_hf, prompts_of
 
 GROUP = 128
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -113,15 +113,7 @@ def checkpoints(tmp_path_factory, default_tokenizer):
 
 def _check(llm: LLM, hf, atol: float) -> None:
     prompts = prompts_of(2, [23, 9], seed=5)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
-    for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-            lp = hf(torch.tensor([p + want])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-        assert o.outputs[0].token_ids == want
-        got = torch.tensor([next(iter(d.values())) for d in o.outputs[0].logprobs])
-        torch.testing.assert_close(got, lp[torch.arange(6), torch.tensor(want)], atol=atol, rtol=atol)
+    assert_greedy_like_hf(llm, hf, prompts, 6, atol)
 
 
 @pytest.mark.parametrize("kind", list(_CONFIGS))
