@@ -104,15 +104,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             raise ValueError("--force and --no-eval together: --no-eval alone skips the check")
         text = None
         if not args.no_eval:
-            if args.eval_file is not None:
-                ef = Path(args.eval_file).expanduser()
-                if not ef.is_file():
-                    raise FileNotFoundError(f"--eval-file {ef} not found")
-                text = ef.read_text(encoding="utf-8", errors="replace")
-                if not text.strip():
-                    raise ValueError(f"--eval-file {ef} is empty: give it some text to score")
-            else:
-                text = builtin_text()
+            text = _read_text(args.eval_file, "--eval-file") if args.eval_file is not None else builtin_text()
         model = resolve_model_path(args.model)
         if not out.parent.is_dir():
             raise FileNotFoundError(f"output directory {out.parent} does not exist: create it first")
@@ -201,16 +193,23 @@ def _quantize_checked(args: argparse.Namespace, model: Path, target: str, out: P
     return 0
 
 
+def _read_text(name: str, what: str) -> str:
+    """A text file to score: FileNotFoundError / ValueError naming `what` when it is missing or empty."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty: give it some text to score")
+    return text
+
+
 def run_perplexity(args: argparse.Namespace) -> int:
     from ..quant import perplexity, perplexity_llm
 
     try:
         path = Path(args.file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"text file {path} not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise ValueError(f"text file {path} is empty: give it some text to score")
+        text = _read_text(args.file, "text file")
         if args.max_num_seqs < 1:
             raise ValueError(f"{flag_name(args, 'max_num_seqs')} must be >= 1, got {args.max_num_seqs}")
         if args.chunks is not None and args.chunks < 1:
