@@ -75,6 +75,8 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         eos_token_ids=_eos_list(d.get("eos_token_id")),
         name=name,
     )
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "dynamic":  # the context it scales to (vLLM's rule)
+        cfg.max_position_embeddings = int(cfg.max_position_embeddings * cfg.rope_scaling["factor"])
     if family == "gemma2":
         sw = int(d.get("sliding_window") or 4096)
         layer_types = d.get("layer_types")
@@ -122,10 +124,12 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in (None, "default"):
         return None
-    if kind not in ("llama3", "linear", "yarn"):
+    if kind not in ("llama3", "linear", "yarn", "dynamic"):
         raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3, linear, "
-                                    "yarn)")
+                                    "yarn, dynamic)")
     out = dict(rs, rope_type=kind)
+    if kind == "dynamic":  # HF's original length is max_position_embeddings; the base is static (kernels/rope.py)
+        out["original_max_position_embeddings"] = d.get("max_position_embeddings")
     if kind == "yarn":
         out.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings")
                        or d.get("max_position_embeddings"))
