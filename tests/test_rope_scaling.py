@@ -71,3 +71,45 @@ def test_yarn_survives_a_gguf_round_trip(tmp_path):
     w.close()
     got = config_from_gguf_metadata(dict(GGUFFile(tmp_path / "m.gguf").metadata))
     assert got.rope_scaling == rs
+
+
+@pytest.mark.parametrize("factor,original", [(2.0, 32), (4.0, 2048)])
+def test_dynamic_ntk_static_base_is_hf_at_the_scaled_length(factor, original):
+    """Dynamic NTK: our base is fixed (vLLM's rule); it equals HF's at seq_len = factor * original."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=original,
+                                   rope_theta=10000.0, rope_scaling={"rope_type": "dynamic", "factor": factor})
+    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](cfg, "cpu", seq_len=int(factor * original))
+    rs = {"rope_type": "dynamic", "factor": factor, "original_max_position_embeddings": original}
+    assert torch.equal(rope_inv_freq(64, 10000.0, rs), want)
+    assert rope_attention_factor(rs) == 1.0
+
+
+def test_dynamic_ntk_prefill_matches_hf_at_the_scaled_length(tmp_path, default_tokenizer):
+    """HF's per-forward base at a 32-token forward (factor * max_position_embeddings) equals our static one: its
+    logits at position 30 are the next-token logits of our 31-token prompt."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0}, rope_theta=10000.0,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.25)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    default_tokenizer.save(tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=64)
+    assert llm.engine.model_config.rope_scaling["rope_type"] == "dynamic"
+    from hearthlm import SamplingParams
+
+    prompts = prompts_of(2, [31], seed=5)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():  # one forward of 32 tokens (any last one): HF's dynamic base at seq_len 32
+            lp = hf(torch.tensor([p + [3]])).logits[0, -2].float().log_softmax(-1)
+        assert o.outputs[0].token_ids == [int(lp.argmax())]
+        got = next(iter(o.outputs[0].logprobs[0].values()))
+        torch.testing.assert_close(torch.tensor(float(got)), lp.max(), atol=1e-4, rtol=1e-4)

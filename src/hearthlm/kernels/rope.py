@@ -84,8 +84,8 @@ if HAS_TRITON:
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
                   inv_freq_divisors: torch.Tensor | None = None) -> torch.Tensor:
-    """inv_freq [head_dim // 2] fp32, exactly as HF computes it (default, linear, llama3, yarn; yarn's cos/sin
-    scale: rope_attention_factor).
+    """inv_freq [head_dim // 2] fp32, exactly as HF computes it (default, linear, llama3, yarn, dynamic with a static
+    base; yarn's cos/sin scale: rope_attention_factor).
 
     inv_freq_divisors: GGUF `rope_freqs` tensor (llama.cpp's form of Llama-3 scaling): inv_freq / divisors,
     applied instead of rope_scaling.
@@ -129,8 +129,17 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
         pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
         extrapolation = 1 - ramp
         return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    if rope_type == "dynamic":
+        # Dynamic NTK with a static base, as vLLM does: HF rescales per forward from the batch's longest sequence,
+        # which would make a request's tokens depend on its neighbours. The base is HF's at seq_len = factor *
+        # original_max_position_embeddings (the longest context the scaling is meant for), fixed for the engine.
+        factor = rope_scaling["factor"]
+        original = rope_scaling["original_max_position_embeddings"]
+        seq_len = factor * original
+        base = theta * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     raise NotImplementedError(
-        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn); "
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn, dynamic); "
         "use a model without it or add it to hearthlm/kernels/rope.py")
 
 
