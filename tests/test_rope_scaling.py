@@ -113,3 +113,22 @@ def test_dynamic_ntk_prefill_matches_hf_at_the_scaled_length(tmp_path, default_t
         assert o.outputs[0].token_ids == [int(lp.argmax())]
         got = next(iter(o.outputs[0].logprobs[0].values()))
         torch.testing.assert_close(torch.tensor(float(got)), lp.max(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_longrope_tables_match_hf(long):
+    """LongRoPE (Phi-3 'su'): short factors while the engine's context fits the original length, long beyond it
+    (HF's choice at a sequence of that length), and the cos/sin attention factor from the length ratio."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    g = torch.Generator().manual_seed(1)
+    rs = {"rope_type": "longrope", "short_factor": (1 + torch.rand(16, generator=g)).tolist(),
+          "long_factor": (2 + 4 * torch.rand(16, generator=g)).tolist(), "original_max_position_embeddings": 64}
+    cfg = transformers.Phi3Config(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
+                                  original_max_position_embeddings=64, rope_theta=10000.0, rope_scaling=dict(rs))
+    want, factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=200 if long else 64)
+    ours = dict(rs, max_position_embeddings=256, max_model_len=200 if long else 64)
+    assert torch.equal(rope_inv_freq(32, 10000.0, ours), want)
+    assert rope_attention_factor(ours) == pytest.approx(factor, rel=1e-12)
+    assert factor != 1.0

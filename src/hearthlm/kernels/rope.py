@@ -138,16 +138,39 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
         seq_len = factor * original
         base = theta * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type in ("longrope", "su"):
+        # LongRoPE (Phi-3): HF picks long_factor when the current sequence exceeds original_max_position_embeddings,
+        # which would re-rotate earlier positions as a request grows. As vLLM, the choice is fixed for the engine:
+        # long when its context (max_model_len, else max_position_embeddings) exceeds the original length.
+        ext = torch.tensor(rope_scaling["long_factor" if longrope_uses_long(rope_scaling) else "short_factor"],
+                           dtype=torch.float32)
+        return 1.0 / (ext * theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     raise NotImplementedError(
-        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn, dynamic); "
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3, yarn, dynamic, "
+        "longrope); "
         "use a model without it or add it to hearthlm/kernels/rope.py")
 
 
+def longrope_uses_long(rope_scaling: dict) -> bool:
+    """LongRoPE's factor choice for the engine: long_factor iff its context (the dict's max_model_len, else
+    max_position_embeddings) exceeds original_max_position_embeddings."""
+    ctx = rope_scaling.get("max_model_len") or rope_scaling.get("max_position_embeddings") or 0
+    return ctx > rope_scaling["original_max_position_embeddings"]
+
+
 def rope_attention_factor(rope_scaling: dict | None) -> float:
-    """The factor YaRN scales cos and sin by (HF's attention_scaling): attention_factor, else from factor and
-    mscale / mscale_all_dim; 1.0 for every other kind."""
+    """The factor YaRN and LongRoPE scale cos and sin by (HF's attention_scaling): attention_factor, else YaRN's
+    from factor and mscale / mscale_all_dim, LongRoPE's from factor (else max_position_embeddings / original);
+    1.0 for every other kind."""
     rs = rope_scaling or {}
-    if rs.get("rope_type", rs.get("type")) != "yarn":
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in ("longrope", "su"):
+        if rs.get("attention_factor") is not None:
+            return float(rs["attention_factor"])
+        original = rs["original_max_position_embeddings"]
+        factor = rs.get("factor") or (rs.get("max_position_embeddings") or original) / original
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    if kind != "yarn":
         return 1.0
     if rs.get("attention_factor") is not None:
         return float(rs["attention_factor"])
