@@ -17,10 +17,11 @@ HF_FAMILIES = {
     "Gemma3ForCausalLM": "gemma3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Phi3ForCausalLM": "phi3",
 }
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
                "gemma3_text": "gemma3",
-               "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+               "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "phi3": "phi3"}
 
 
 def _eos_list(value: Any) -> list[int]:
@@ -75,6 +76,8 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
         eos_token_ids=_eos_list(d.get("eos_token_id")),
         name=name,
     )
+    if family == "phi3":
+        _phi3_from_hf(cfg, d)
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "dynamic":  # the context it scales to (vLLM's rule)
         cfg.max_position_embeddings = int(cfg.max_position_embeddings * cfg.rope_scaling["factor"])
     if family == "gemma2":
@@ -95,6 +98,14 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     elif family in ("qwen3_moe", "mixtral"):
         _moe_from_hf(cfg, d)
     return cfg
+
+
+def _phi3_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
+    """Phi-3: a sliding window on every layer where the config sets one; partial rotary is not supported yet."""
+    if float(d.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise UnsupportedModelError("Phi with partial_rotary_factor < 1 (Phi-4-mini) is not supported yet")
+    if d.get("sliding_window"):
+        cfg.layer_windows = [int(d["sliding_window"])] * cfg.num_layers
 
 
 def _moe_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
@@ -124,10 +135,15 @@ def _rope_scaling(d: dict[str, Any]) -> dict | None:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in (None, "default"):
         return None
-    if kind not in ("llama3", "linear", "yarn", "dynamic"):
+    if kind not in ("llama3", "linear", "yarn", "dynamic", "longrope", "su"):
         raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported yet (supported: llama3, linear, "
-                                    "yarn, dynamic)")
+                                    "yarn, dynamic, longrope)")
     out = dict(rs, rope_type=kind)
+    if kind in ("longrope", "su"):  # factors fixed by the context the engine allows (kernels/rope.py)
+        out["rope_type"] = "longrope"
+        out.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings")
+                       or d.get("max_position_embeddings"))
+        out["max_position_embeddings"] = d.get("max_position_embeddings")
     if kind == "dynamic":  # HF's original length is max_position_embeddings; the base is static (kernels/rope.py)
         out["original_max_position_embeddings"] = d.get("max_position_embeddings")
     if kind == "yarn":
