@@ -101,9 +101,11 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
 
 
 def _phi3_from_hf(cfg: ModelConfig, d: dict[str, Any]) -> None:
-    """Phi-3: a sliding window on every layer where the config sets one; partial rotary is not supported yet."""
-    if float(d.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise UnsupportedModelError("Phi with partial_rotary_factor < 1 (Phi-4-mini) is not supported yet")
+    """Phi-3: a sliding window on every layer where the config sets one; partial rotary (Phi-4-mini) as
+    rope_scaling's rotary_dim (kernels/rope.py, models/phi3.py)."""
+    rotary_dim = int(cfg.head_dim * float(d.get("partial_rotary_factor") or 1.0))
+    if rotary_dim < cfg.head_dim:
+        cfg.rope_scaling = dict(cfg.rope_scaling or {"rope_type": "default"}, rotary_dim=rotary_dim)
     if d.get("sliding_window"):
         cfg.layer_windows = [int(d["sliding_window"])] * cfg.num_layers
 
