@@ -90,6 +90,11 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
     inv_freq_divisors: GGUF `rope_freqs` tensor (llama.cpp's form of Llama-3 scaling): inv_freq / divisors,
     applied instead of rope_scaling.
     """
+    rotary_dim = (rope_scaling or {}).get("rotary_dim")
+    if rotary_dim and rotary_dim < head_dim:  # partial rotary: the rest 0 (cos 1, sin 0; models/phi3.py's layout)
+        inner = rope_inv_freq(rotary_dim, theta, {k: v for k, v in rope_scaling.items() if k != "rotary_dim"},
+                              inv_freq_divisors)
+        return torch.cat([inner, inner.new_zeros((head_dim - rotary_dim) // 2)])
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if inv_freq_divisors is not None:
         return inv_freq / inv_freq_divisors.float().cpu()
