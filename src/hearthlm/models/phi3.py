@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..errors import UnsupportedModelError
 from ..kernels.rope import rope_attention_factor
 from .llama import LlamaModel, WeightGetter
 
@@ -34,6 +35,9 @@ def split_fused(cfg: ModelConfig, get: WeightGetter) -> WeightGetter:
                     held[fname] = w
                 w = w[start:start + rows]
                 if part in ("self_attn.q_proj.", "self_attn.k_proj.") and rotary_dim < cfg.head_dim:
+                    if not isinstance(w, torch.Tensor):
+                        raise UnsupportedModelError("partial rotary (Phi-4-mini) reorders q/k rows of float weights "
+                                                    "only: load the model without --quantization")
                     w = partial_rotary_rows(w, cfg.head_dim, rotary_dim, factor)
                 return w.contiguous()  # its own storage: the fused tensor is freed
         return get(name)

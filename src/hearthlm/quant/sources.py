@@ -98,6 +98,10 @@ class HFSource:
             w.add_rope_dimension_count(cfg.head_dim)
             w.add_vocab_size(cfg.vocab_size)
         rs = cfg.rope_scaling or {}
+        if rs.get("rope_type") in ("dynamic", "longrope", "su") or rs.get("rotary_dim"):
+            raise UnsupportedModelError(f"{cfg.name or 'this model'}: its RoPE ({rs.get('rope_type')}"
+                                        f"{', partial rotary' if rs.get('rotary_dim') else ''}) has no GGUF form "
+                                        "here yet: serve the safetensors model instead")
         if rs.get("rope_type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(rs["factor"]))
