@@ -35,8 +35,8 @@ def test_inv_freq_divisors():
 
 
 def test_unsupported_scaling_raises():
-    with pytest.raises(NotImplementedError, match="yarn"):
-        rope_inv_freq(64, 1e4, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(NotImplementedError, match="mrope"):
+        rope_inv_freq(64, 1e4, {"rope_type": "mrope", "factor": 4.0})
 
 
 def test_rotation_matches_hf_fp32():
